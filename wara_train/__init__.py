@@ -1,0 +1,1 @@
+"""WaRA core and training."""

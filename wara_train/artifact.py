@@ -1,0 +1,293 @@
+"""The adapter artifact (DESIGN.md section 3): save, load-and-validate, apply.
+
+A directory with ``adapter_config.json`` and ``adapter_model.safetensors``:
+
+* ``<module>.wara_A.<block>`` (r, n_s) and ``<module>.wara_B.<block>`` (m_s, r), blocks named
+  ``a{J}``, ``h{j}``, ``v{j}``, ``d{j}``;
+* ``<module>.<param>`` full tensors for each of ``modules_to_save``.
+
+`load_adapter` checks everything that can be checked without a base model; `check_compatible`
+checks the rest against one (shapes, fingerprint). Nothing is changed until both pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .config import FORMAT, FORMAT_VERSION, WaraConfig
+from .errors import AdapterError, ConfigError, IncompatibleAdapterError
+from .layer import WaraLayer
+from .model import base_weights, inject, wara_layers
+from .wavelets import blocks
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 4 << 30
+
+
+def fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the targeted base weights (name, shape, float32 bytes), sorted by name, so an
+    adapter is never applied to a different base."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(w.shape)};".encode())
+        h.update(w.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class WaraAdapter:
+    """A validated adapter, independent of any model instance."""
+
+    config: WaraConfig  # target_modules: the full module names
+    base_model: str
+    base_fingerprint: str
+    factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # module -> block -> (A, B)
+    saved_modules: dict[str, dict[str, torch.Tensor]]  # module -> param name -> tensor
+    labels: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+
+    def shape(self, module: str) -> tuple[int, int]:
+        """The (m, n) of the base layer, read off the factors of the approximation block."""
+        j = self.config.levels
+        a, b = self.factors[module][f"a{j}"]
+        return b.shape[0] << j, a.shape[1] << j
+
+
+# ------------------------------------------------------------------------------------------
+# save
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str,
+    labels: list[str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the WaRA factors (and ``modules_to_save``) of an injected ``model`` to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    layers = wara_layers(model)
+    config: WaraConfig | None = getattr(model, "wara_config", None)
+    if not layers or config is None:
+        raise ConfigError("the model has no WaRA layers: call inject(model, config) first")
+    dtype = getattr(torch, config.dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for blk in layer.wara_A:
+            tensors[f"{name}.wara_A.{blk}"] = layer.wara_A[blk].detach().to("cpu", dtype).contiguous()
+            tensors[f"{name}.wara_B.{blk}"] = layer.wara_B[blk].detach().to("cpu", dtype).contiguous()
+    for mod in config.modules_to_save:
+        for pname, p in model.get_submodule(mod).state_dict().items():
+            tensors[f"{mod}.{pname}"] = p.detach().to("cpu").contiguous()
+    cfg = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **config.to_dict(),
+        "target_modules": list(layers),
+        "base_model": base_model,
+        "base_fingerprint": fingerprint(base_weights(model, layers)),
+        "labels": list(labels) if labels is not None else None,
+        **({"extra": dict(extra)} if extra else {}),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Write beside, then rename: a reader never sees half an artifact.
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": FORMAT})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=2)
+            f.write("\n")
+        os.replace(os.path.join(tmp, WEIGHTS_NAME), out / WEIGHTS_NAME)
+        os.replace(os.path.join(tmp, CONFIG_NAME), out / CONFIG_NAME)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# load + validate (no model needed)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    f = path / CONFIG_NAME
+    if not f.is_file():
+        raise AdapterError(f"{path}: missing {CONFIG_NAME}")
+    if f.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{f}: {f.stat().st_size} bytes, larger than the {MAX_CONFIG_BYTES}-byte limit")
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{f}: expected a JSON object")
+    return cfg
+
+
+def load_adapter(path: str | os.PathLike) -> WaraAdapter:
+    """Read and validate an artifact directory. Raises `AdapterError` naming the problem."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"{path}: not an adapter directory")
+    raw = _read_config(path)
+    if raw.get("format") != FORMAT:
+        raise AdapterError(f"{path}: format is {raw.get('format')!r}, expected {FORMAT!r}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(
+            f"{path}: format_version {raw.get('format_version')!r} is not supported (this build reads {FORMAT_VERSION})"
+        )
+    for key in ("base_model", "base_fingerprint", "target_modules", "rank", "alpha", "wavelet", "mode", "levels"):
+        if key not in raw:
+            raise AdapterError(f"{path}: {CONFIG_NAME} is missing the key {key!r}")
+    if not isinstance(raw["target_modules"], list) or not raw["target_modules"]:
+        raise AdapterError(f"{path}: target_modules must be a non-empty list of full module names")
+    try:
+        config = WaraConfig.from_dict(raw)
+    except (ConfigError, TypeError) as e:
+        raise AdapterError(f"{path}: {e}") from None
+    labels = raw.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        raise AdapterError(f"{path}: labels must be a list of strings")
+
+    wfile = path / WEIGHTS_NAME
+    if not wfile.is_file():
+        raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
+    if wfile.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise AdapterError(f"{wfile}: {wfile.stat().st_size} bytes exceeds the {MAX_WEIGHTS_BYTES}-byte limit")
+    try:
+        tensors = load_file(str(wfile))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{wfile}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+
+    factors, saved = _split_tensors(path, tensors, config)
+    content = hashlib.sha256((path / CONFIG_NAME).read_bytes() + wfile.read_bytes()).hexdigest()
+    return WaraAdapter(
+        config=config,
+        base_model=str(raw["base_model"]),
+        base_fingerprint=str(raw["base_fingerprint"]),
+        factors=factors,
+        saved_modules=saved,
+        labels=labels,
+        extra=raw.get("extra") or {},
+        content_hash="sha256:" + content,
+    )
+
+
+def _split_tensors(path: Path, tensors: dict[str, torch.Tensor], config: WaraConfig):
+    targets = list(config.target_modules)
+    r, j = config.rank, config.levels
+    names = [b.name for b in blocks(j)]
+    factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    used = set()
+    for mod in targets:
+        factors[mod] = {}
+        for blk in names:
+            ka, kb = f"{mod}.wara_A.{blk}", f"{mod}.wara_B.{blk}"
+            for k in (ka, kb):
+                if k not in tensors:
+                    raise AdapterError(f"{path}: {WEIGHTS_NAME} is missing the tensor {k!r}")
+            factors[mod][blk] = (tensors[ka], tensors[kb])
+            used |= {ka, kb}
+        a_top, b_top = factors[mod][f"a{j}"]
+        if a_top.ndim != 2 or b_top.ndim != 2:
+            raise AdapterError(f"{path}: {mod} factors must be 2-D matrices")
+        m, n = b_top.shape[0] << j, a_top.shape[1] << j
+        for b in blocks(j):
+            a, bb = factors[mod][b.name]
+            ms, ns = b.shape(m, n)
+            if tuple(a.shape) != (r, ns) or tuple(bb.shape) != (ms, r):
+                raise AdapterError(
+                    f"{path}: {mod} block {b.name} has A {tuple(a.shape)} and B {tuple(bb.shape)}; "
+                    f"expected A {(r, ns)} and B {(ms, r)} for rank {r}, levels {j}, layer ({m}, {n})"
+                )
+    saved: dict[str, dict[str, torch.Tensor]] = {mod: {} for mod in config.modules_to_save}
+    for key, t in tensors.items():
+        if key in used:
+            continue
+        owner = next((mod for mod in config.modules_to_save if key.startswith(mod + ".")), None)
+        if owner is None:
+            raise AdapterError(f"{path}: unexpected tensor {key!r} (neither a target factor nor in modules_to_save)")
+        saved[owner][key[len(owner) + 1 :]] = t
+    for mod, params in saved.items():
+        if not params:
+            raise AdapterError(f"{path}: modules_to_save names {mod!r} but the file has no tensors for it")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterError(f"{path}: tensor {key!r} contains NaN or Inf")
+    return factors, saved
+
+
+# ------------------------------------------------------------------------------------------
+# apply to a model
+
+
+def check_compatible(adapter: WaraAdapter, model: nn.Module, *, base_model: str | None = None) -> None:
+    """Raise `IncompatibleAdapterError` unless ``adapter`` fits ``model`` exactly."""
+    if base_model is not None and adapter.base_model != base_model:
+        raise IncompatibleAdapterError(
+            f"adapter was trained for base model {adapter.base_model!r}, not {base_model!r}"
+        )
+    targets = list(adapter.config.target_modules)
+    try:
+        weights = base_weights(model, targets)
+    except ConfigError as e:
+        raise IncompatibleAdapterError(f"adapter targets do not fit this model: {e}") from None
+    for mod, w in weights.items():
+        if tuple(w.shape) != adapter.shape(mod):
+            raise IncompatibleAdapterError(
+                f"{mod}: the base layer is {tuple(w.shape)}, the adapter was made for {adapter.shape(mod)}"
+            )
+    for mod, params in adapter.saved_modules.items():
+        try:
+            own = model.get_submodule(mod).state_dict()
+        except AttributeError:
+            raise IncompatibleAdapterError(f"modules_to_save: the model has no module {mod!r}") from None
+        for pname, t in params.items():
+            if pname not in own:
+                raise IncompatibleAdapterError(f"modules_to_save: {mod} has no parameter {pname!r}")
+            if own[pname].shape != t.shape:
+                raise IncompatibleAdapterError(
+                    f"modules_to_save: {mod}.{pname} is {tuple(own[pname].shape)} in the model, "
+                    f"{tuple(t.shape)} in the adapter"
+                )
+    got = fingerprint(weights)
+    if got != adapter.base_fingerprint:
+        raise IncompatibleAdapterError(
+            f"base fingerprint mismatch: the adapter expects {adapter.base_fingerprint[:19]}..., "
+            f"this model's targeted weights hash to {got[:19]}... (a different or modified base)"
+        )
+
+
+def apply_adapter(model: nn.Module, adapter: WaraAdapter, *, base_model: str | None = None) -> nn.Module:
+    """Inject ``adapter`` into a plain (not yet injected) ``model`` and load its tensors.
+    Everything is validated first; on error the model is unchanged."""
+    if wara_layers(model):
+        raise ConfigError("the model already has WaRA layers; apply an adapter to a fresh base model")
+    check_compatible(adapter, model, base_model=base_model)
+    inject(model, adapter.config)
+    layers = wara_layers(model)
+    with torch.no_grad():
+        for mod, blocks_ in adapter.factors.items():
+            layer: WaraLayer = layers[mod]
+            for blk, (a, b) in blocks_.items():
+                layer.wara_A[blk].copy_(a)
+                layer.wara_B[blk].copy_(b)
+        for mod, params in adapter.saved_modules.items():
+            model.get_submodule(mod).load_state_dict(params, strict=False)
+    return model
+

@@ -1,0 +1,97 @@
+"""The `wara` command. Subcommands: train, demo (export, serve, bench arrive with later issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import WaraError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .config import MODES
+    from .tasks import TASKS
+
+    p = sub.add_parser("train", help="fine-tune a WaRA adapter on a built-in offline task")
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="built-in task")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--rank", type=int, default=4, help="rank r per coefficient block (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="scaling alpha; ΔW is scaled by alpha/r (default 2r)")
+    p.add_argument("--wavelet", default="haar", help="orthogonal wavelet: haar, dbN, symN, coifN (default haar)")
+    p.add_argument("--mode", default="periodization", choices=MODES, help="boundary treatment (default periodization)")
+    p.add_argument("--levels", type=int, default=1, help="wavelet levels J (default 1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the task's)")
+    p.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (smoke run)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the task's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data split and order (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .tasks import train_task
+
+    train_task(
+        args.task, args.out, rank=args.rank, alpha=args.alpha, wavelet=args.wavelet, mode=args.mode,
+        levels=args.levels, epochs=args.epochs, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        seed=args.seed, progress=not args.no_progress,
+    )
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the end-to-end demo on the built-in models")
+    p.add_argument("--out", type=Path, default=Path(".wara-cache/demo"), help="where the demo writes adapters")
+    p.add_argument("--steps", type=int, default=None, help="cap optimizer steps (a quick run)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .artifact import apply_adapter, load_adapter
+    from .bases import build_base
+    from .tasks import train_task
+
+    t0 = time.perf_counter()
+    print("WaRA demo: train a MiniLM topic-classification adapter on chatterbot-corpus (offline)")
+    out = args.out / "minilm-topics"
+    result = train_task("minilm-topics", out, steps=args.steps)
+    # Read the artifact back as a user would, onto a fresh base, and check it reproduces.
+    adapter = load_adapter(out)
+    model = apply_adapter(build_base("minilm", num_labels=len(adapter.labels or [])), adapter, base_model="minilm")
+    print(
+        f"\n  untrained (base + fresh head): {result.before.accuracy:6.1%} held-out accuracy\n"
+        f"  WaRA adapter (r=4, haar, J=1): {result.after.accuracy:6.1%} held-out accuracy, "
+        f"macro-F1 {result.after.macro_f1:.3f}\n"
+        f"  artifact: {out} ({adapter.content_hash[:19]}), reloaded onto a fresh base: "
+        f"{len(model.wara_config.target_modules)} adapted layers\n"
+        f"demo finished in {time.perf_counter() - t0:.0f}s"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wara", description="Train, export and serve WaRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_demo(sub)
+    return parser
+
+
+COMMANDS = {"train": _run_train, "demo": _run_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except WaraError as e:
+        print(f"wara {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wara {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Finding target modules in any torch model and replacing them with WaRA layers."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .config import WaraConfig
+from .errors import ConfigError
+from .layer import Path, WaraLayer, is_pointwise_conv, wrap
+
+
+def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_pointwise_conv(module)
+
+
+def find_targets(model: nn.Module, target_modules: tuple[str, ...] | str) -> list[str]:
+    """Full names of the modules selected by ``target_modules`` (exact names, name suffixes, or
+    one regex matching the whole name), in model order. Errors name what did not match."""
+    if not target_modules:
+        raise ConfigError("target_modules is empty: name the layers to adapt (names, suffixes or a regex)")
+    found, unsupported = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, WaraLayer) or not name or not _matches(name, target_modules):
+            continue
+        if any(name.startswith(f + ".") for f in found):
+            continue
+        (found if _adaptable(module) else unsupported).append(name)
+    if unsupported and isinstance(target_modules, tuple):
+        raise ConfigError(
+            f"target modules {unsupported[:5]} are {type(model.get_submodule(unsupported[0])).__name__}; "
+            "WaRA adapts nn.Linear and 1x1 stride-1 nn.Conv2d layers"
+        )
+    if not found:
+        raise ConfigError(f"no nn.Linear or 1x1 nn.Conv2d module matches target_modules={target_modules!r}")
+    if isinstance(target_modules, tuple):
+        for t in target_modules:
+            if not any(_matches(n, (t,)) for n in found):
+                raise ConfigError(f"target module {t!r} matches no module of the model")
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(model: nn.Module, config: WaraConfig, *, seed: int | None = None) -> nn.Module:
+    """Wrap every target module of ``model`` (in place) and freeze everything but the WaRA
+    factors and ``modules_to_save``. Returns ``model``. Validates all targets before changing
+    anything. ``seed`` makes the A-factor init reproducible."""
+    targets = find_targets(model, config.target_modules)
+    for name in config.modules_to_save:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"modules_to_save: the model has no module {name!r}") from None
+    # Build every wrapper first (validates shapes), then swap them in.
+    frozen_config = config.replace(target_modules=tuple(targets))
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    wrappers = {}
+    for name in targets:
+        try:
+            layer = wrap(model.get_submodule(name), frozen_config)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        if gen is not None:
+            layer.reset_parameters(gen)
+        wrappers[name] = layer
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in wrappers.items():
+        _set_submodule(model, name, layer)
+        for p in list(layer.wara_A.values()) + list(layer.wara_B.values()):
+            p.requires_grad_(True)
+    for name in config.modules_to_save:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.wara_config = frozen_config  # type: ignore[attr-defined]
+    return model
+
+
+def wara_layers(model: nn.Module) -> dict[str, WaraLayer]:
+    """Every WaRA layer of ``model``, by the full name of the module it wraps."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, WaraLayer)}
+
+
+def set_path(model: nn.Module, path: Path) -> None:
+    """Switch every WaRA layer to the ``explicit``, ``folded`` or ``merged`` forward."""
+    for layer in wara_layers(model).values():
+        layer.set_path(path)
+
+
+def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
+    return (p for p in model.parameters() if p.requires_grad)
+
+
+def base_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The frozen base weight of each named module as an (m, n) matrix, whether or not it is
+    wrapped yet."""
+    out = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"the model has no module {name!r}") from None
+        if isinstance(module, WaraLayer):
+            out[name] = module.base_matrix()
+        elif _adaptable(module):
+            out[name] = module.weight.reshape(module.weight.shape[0], module.weight.shape[1])
+        else:
+            raise ConfigError(f"module {name!r} is {type(module).__name__}, not an adaptable layer")
+    return out
