@@ -60,10 +60,8 @@ class WaraAdapter:
     content_hash: str = ""
 
     def shape(self, module: str) -> tuple[int, int]:
-        """The (m, n) of the base layer, read off the factors of the approximation block."""
-        j = self.config.levels
-        a, b = self.factors[module][f"a{j}"]
-        return b.shape[0] << j, a.shape[1] << j
+        """The (m, n) of the base layer, read off the level-1 detail factors."""
+        return _layer_shape(self.factors[module])
 
 
 # ------------------------------------------------------------------------------------------
@@ -188,6 +186,11 @@ def load_adapter(path: str | os.PathLike) -> WaraAdapter:
     )
 
 
+def _layer_shape(blocks_: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+    # h1 = (D_1 rows, A_1 cols) and v1 = (A_1 rows, D_1 cols): both halves of the layer.
+    return 2 * blocks_["h1"][1].shape[0], 2 * blocks_["v1"][0].shape[1]
+
+
 def _split_tensors(path: Path, tensors: dict[str, torch.Tensor], config: WaraConfig):
     targets = list(config.target_modules)
     r, j = config.rank, config.levels
@@ -203,10 +206,14 @@ def _split_tensors(path: Path, tensors: dict[str, torch.Tensor], config: WaraCon
                     raise AdapterError(f"{path}: {WEIGHTS_NAME} is missing the tensor {k!r}")
             factors[mod][blk] = (tensors[ka], tensors[kb])
             used |= {ka, kb}
-        a_top, b_top = factors[mod][f"a{j}"]
-        if a_top.ndim != 2 or b_top.ndim != 2:
+        if any(t.ndim != 2 for pair in factors[mod].values() for t in pair):
             raise AdapterError(f"{path}: {mod} factors must be 2-D matrices")
-        m, n = b_top.shape[0] << j, a_top.shape[1] << j
+        m, n = _layer_shape(factors[mod])
+        try:
+            config.spec.check_length(m, f"{mod}: rows")
+            config.spec.check_length(n, f"{mod}: columns")
+        except ConfigError as e:
+            raise AdapterError(f"{path}: {e}") from None
         for b in blocks(j):
             a, bb = factors[mod][b.name]
             ms, ns = b.shape(m, n)

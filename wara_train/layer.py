@@ -32,6 +32,7 @@ class WaraLayer(nn.Module):
     features are laid out in their inputs."""
 
     def __init__(self, base: nn.Module, config: WaraConfig) -> None:
+        check_wrappable(base, config)
         super().__init__()
         self.base = base
         for p in self.base.parameters():
@@ -39,8 +40,6 @@ class WaraLayer(nn.Module):
         self.config = config
         self.spec = config.spec
         m, n = self.weight_shape
-        self.spec.check_length(m, f"{type(base).__name__} out_features")
-        self.spec.check_length(n, f"{type(base).__name__} in_features")
         dtype = getattr(torch, config.dtype)
         dev = self.base.weight.device
         self.wara_A = nn.ParameterDict()
@@ -150,14 +149,6 @@ class WaraLinear(WaraLayer):
 class WaraConv1x1(WaraLayer):
     """WaRA on a pointwise ``nn.Conv2d`` (1x1 kernel, groups 1, stride 1): W0 is (out, in)."""
 
-    def __init__(self, base: nn.Conv2d, config: WaraConfig) -> None:
-        if not is_pointwise_conv(base):
-            raise ConfigError(
-                f"WaRA adapts 1x1 convolutions with stride 1 and groups 1 only; got kernel "
-                f"{base.kernel_size}, stride {base.stride}, groups {base.groups}"
-            )
-        super().__init__(base, config)
-
     @property
     def weight_shape(self) -> tuple[int, int]:
         return self.base.weight.shape[0], self.base.weight.shape[1]
@@ -183,10 +174,22 @@ def is_pointwise_conv(module: nn.Module) -> bool:
     )
 
 
+def check_wrappable(module: nn.Module, config: WaraConfig) -> None:
+    """Raise `ConfigError` unless ``module`` can carry this adapter (type and shape); changes
+    nothing, so callers can validate every target before wrapping any."""
+    if isinstance(module, nn.Conv2d) and not is_pointwise_conv(module):
+        raise ConfigError(
+            f"WaRA adapts 1x1 convolutions with stride 1 and groups 1 only; got kernel "
+            f"{tuple(module.kernel_size)}, stride {tuple(module.stride)}, groups {module.groups}"
+        )
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise ConfigError(f"WaRA adapts nn.Linear and 1x1 nn.Conv2d modules, not {type(module).__name__}")
+    m, n = module.weight.shape[0], module.weight.shape[1]
+    config.spec.check_length(m, f"{type(module).__name__} output size")
+    config.spec.check_length(n, f"{type(module).__name__} input size")
+
+
 def wrap(module: nn.Module, config: WaraConfig) -> WaraLayer:
     """The WaRA wrapper for a supported base module (Linear or pointwise Conv2d)."""
-    if isinstance(module, nn.Linear):
-        return WaraLinear(module, config)
-    if isinstance(module, nn.Conv2d):
-        return WaraConv1x1(module, config)
-    raise ConfigError(f"WaRA adapts nn.Linear and 1x1 nn.Conv2d modules, not {type(module).__name__}")
+    check_wrappable(module, config)
+    return WaraLinear(module, config) if isinstance(module, nn.Linear) else WaraConv1x1(module, config)

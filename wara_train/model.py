@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .config import WaraConfig
 from .errors import ConfigError
-from .layer import Path, WaraLayer, is_pointwise_conv, wrap
+from .layer import Path, WaraLayer, check_wrappable, is_pointwise_conv, wrap
 
 
 def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
@@ -65,15 +65,17 @@ def inject(model: nn.Module, config: WaraConfig, *, seed: int | None = None) -> 
             model.get_submodule(name)
         except AttributeError:
             raise ConfigError(f"modules_to_save: the model has no module {name!r}") from None
-    # Build every wrapper first (validates shapes), then swap them in.
+    # Validate every target first, then wrap and swap them in: a bad config changes nothing.
     frozen_config = config.replace(target_modules=tuple(targets))
+    for name in targets:
+        try:
+            check_wrappable(model.get_submodule(name), frozen_config)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     wrappers = {}
     for name in targets:
-        try:
-            layer = wrap(model.get_submodule(name), frozen_config)
-        except ConfigError as e:
-            raise ConfigError(f"{name}: {e}") from None
+        layer = wrap(model.get_submodule(name), frozen_config)
         if gen is not None:
             layer.reset_parameters(gen)
         wrappers[name] = layer

@@ -1,0 +1,39 @@
+"""WaraConfig validation: every bad value is refused with the valid values listed."""
+
+from __future__ import annotations
+
+import pytest
+
+from wara_train.config import WaraConfig
+from wara_train.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"rank": 0}, "rank must be an integer >= 1"),
+        ({"rank": 2.5}, "rank must be an integer >= 1"),
+        ({"alpha": -1}, "alpha must be a finite number > 0"),
+        ({"alpha": float("nan")}, "alpha must be a finite number > 0"),
+        ({"wavelet": "bior1.3"}, "unknown wavelet 'bior1.3'.*haar, db, sym, coif"),
+        ({"wavelet": "db99"}, "unknown wavelet 'db99'"),
+        ({"mode": "periodic"}, "valid modes are periodization, boundary"),
+        ({"levels": 0}, "levels must be an integer >= 1"),
+        ({"factorization": "full"}, "valid values are subband"),
+        ({"dtype": "int8"}, "valid values are float32, float16, bfloat16, float64"),
+        ({"target_modules": [""]}, "target_modules must be a list of module names"),
+    ],
+)
+def test_bad_values_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        WaraConfig(**kwargs)
+
+
+def test_round_trip_through_dict_and_defaults():
+    cfg = WaraConfig(rank=8, alpha=16, wavelet="sym4", mode="boundary", levels=2, target_modules=["q", "v"])
+    assert cfg.target_modules == ("q", "v") and cfg.scale == 2.0
+    assert WaraConfig.from_dict(cfg.to_dict()) == cfg
+    regex = WaraConfig(target_modules=r"layer\.\d+\.query")
+    assert WaraConfig.from_dict(regex.to_dict()) == regex
+    d = WaraConfig().to_dict()
+    assert d["wavelet"] == "haar" and d["mode"] == "periodization" and d["factorization"] == "subband"

@@ -1,0 +1,27 @@
+"""Lean imports (STYLE.md 11): the core does not pull training-only or optional dependencies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+HEAVY = ["transformers", "sentence_transformers", "sklearn", "efficientnet_lite_pytorch", "yaml", "onnxruntime"]
+
+
+def _loaded_after(stmt: str) -> set[str]:
+    code = f"import sys; {stmt}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def test_core_import_is_lean():
+    mods = _loaded_after(
+        "import wara_train, wara_train.config, wara_train.wavelets, wara_train.delta, "
+        "wara_train.layer, wara_train.model, wara_train.artifact, wara_train.bases"
+    )
+    assert not [m for m in HEAVY if m in mods]
+
+
+def test_runtime_and_exporter_do_not_import_training():
+    mods = _loaded_after("import runtime, exporter")
+    assert "wara_train.trainer" not in mods and "wara_train.tasks" not in mods and "torch" not in mods
