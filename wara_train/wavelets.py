@@ -230,16 +230,30 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=256)
-def _conv_bank(wavelet: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def conv_bank(wavelet: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     w = _pywt_wavelet(wavelet)
     bank = torch.tensor([w.dec_lo[::-1], w.dec_hi[::-1]], dtype=dtype, device=device)
     return bank.unsqueeze(1)  # (2, 1, F): flipped taps, since conv1d is a correlation
 
 
 @functools.lru_cache(maxsize=256)
-def _wrap_index(length: int, taps: int, device: torch.device) -> torch.Tensor:
-    # x_ext[p] = x[(p + 1 - F/2) mod N], p in [0, N + F - 2): the periodic extension conv1d reads.
-    return (torch.arange(length + taps - 2, device=device) + 1 - taps // 2) % length
+def periodic_index(length: int, start: int, size: int, device: torch.device) -> torch.Tensor:
+    """Indices ``(start + p) mod length`` for p in [0, size): a periodic extension by Gather."""
+    return (torch.arange(size, device=device) + start) % length
+
+
+def analysis_extension(length: int, taps: int) -> tuple[int, int]:
+    """(start, size) of the periodic extension the strided analysis conv reads:
+    ``x_ext[p] = x[(p + 1 - F/2) mod N]``, p in [0, N + F - 2)."""
+    return 1 - taps // 2, length + taps - 2
+
+
+def synthesis_extension(half: int, taps: int) -> tuple[int, int, int]:
+    """(start, size, crop) for the inverse: extend the N/2 coefficients periodically by
+    E = ceil(F/4) on each side, run the stride-2 transposed conv, and keep N outputs from
+    ``crop = 2E + F/2 - 1`` on."""
+    e = -(-taps // 4)
+    return -e, half + 2 * e, 2 * e + taps // 2 - 1
 
 
 def _dwt_level(x: torch.Tensor, spec: WaveletSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,22 +263,24 @@ def _dwt_level(x: torch.Tensor, spec: WaveletSpec) -> tuple[torch.Tensor, torch.
         m = level_matrix(n, wavelet=spec.wavelet, mode="boundary").to(x.device, x.dtype)
         y = x @ m.T
         return y[:, : n // 2], y[:, n // 2 :]
-    bank = _conv_bank(spec.wavelet, x.dtype, x.device)
-    ext = x[:, _wrap_index(n, bank.shape[-1], x.device)]
+    bank = conv_bank(spec.wavelet, x.dtype, x.device)
+    start, size = analysis_extension(n, bank.shape[-1])
+    ext = x[:, periodic_index(n, start, size, x.device)]
     y = F.conv1d(ext.unsqueeze(1), bank, stride=2)
     return y[:, 0], y[:, 1]
 
 
 def _idwt_level(a: torch.Tensor, d: torch.Tensor, spec: WaveletSpec) -> torch.Tensor:
     """Adjoint (= inverse, by orthogonality) of `_dwt_level`."""
-    n = 2 * a.shape[-1]
+    half = a.shape[-1]
     if spec.effective_mode == "boundary":
-        m = level_matrix(n, wavelet=spec.wavelet, mode="boundary").to(a.device, a.dtype)
+        m = level_matrix(2 * half, wavelet=spec.wavelet, mode="boundary").to(a.device, a.dtype)
         return torch.cat([a, d], dim=-1) @ m
-    bank = _conv_bank(spec.wavelet, a.dtype, a.device)
-    ext = F.conv_transpose1d(torch.stack([a, d], dim=1), bank, stride=2)[:, 0]
-    out = torch.zeros(a.shape[0], n, dtype=a.dtype, device=a.device)
-    return out.index_add(1, _wrap_index(n, bank.shape[-1], a.device), ext)
+    bank = conv_bank(spec.wavelet, a.dtype, a.device)
+    start, size, crop = synthesis_extension(half, bank.shape[-1])
+    ext = torch.stack([a, d], dim=1)[:, :, periodic_index(half, start, size, a.device)]
+    y = F.conv_transpose1d(ext, bank, stride=2)[:, 0]
+    return y[:, crop : crop + 2 * half]
 
 
 @dataclass

@@ -1,0 +1,362 @@
+"""ONNX export in four forms: base, merged, unmerged (explicit WaRA ops), multi (slot factors).
+
+How the adapter paths get into the graph: the base model is exported once by
+``torch.onnx.export`` with a *probe* wrapper that also returns, for every layer to adapt, its
+input X and output Y as extra graph outputs. Those outputs name the exact values in the graph,
+whatever the exporter did inside. The adapter sub-graph is then spliced in: the node that made Y
+now writes ``Y/base``, and ``Y = Y/base + Δ(X)`` is rebuilt under the old name, so every consumer
+reads the adapted value. The probe outputs are dropped and dead nodes removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import onnx
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper
+
+from wara_train.artifact import WaraAdapter
+from wara_train.errors import ConfigError
+from wara_train.layer import is_pointwise_conv
+
+from .merge import merged_model
+from .onnx_ops import DOMAIN, DOMAIN_VERSION, OPSET, GraphBuilder, explicit_delta, wara_functions
+
+Form = Literal["base", "merged", "unmerged", "multi"]
+FORMS: tuple[str, ...] = ("base", "merged", "unmerged", "multi")
+INDEX_INPUT = "adapter_index"
+FEATURES_OUTPUT = "features"
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """How a base model is called: input names, a sample, which axes are dynamic."""
+
+    input_names: tuple[str, ...]
+    sample: tuple[torch.Tensor, ...]
+    dynamic: tuple[dict[int, str], ...]
+    output_name: str = "logits"
+
+
+def model_io(base_model: str, *, batch: int = 2, seq: int = 16, image_size: int = 64) -> ModelIO:
+    if base_model == "minilm":
+        ids = torch.randint(1000, 2000, (batch, seq))
+        ids[:, 0], ids[:, -1] = 101, 102
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        return ModelIO(("input_ids", "attention_mask"), (ids, mask), ({0: "batch", 1: "seq"},) * 2)
+    if base_model == "effnet-lite0":
+        return ModelIO(("images",), (torch.randn(batch, 3, image_size, image_size),), ({0: "batch"},))
+    raise ConfigError(f"no ONNX input recipe for base model {base_model!r}: built-in bases are minilm, effnet-lite0")
+
+
+# ------------------------------------------------------------------------------------------
+# export with probes
+
+
+@dataclass
+class Probe:
+    module: str
+    x: str  # graph value names
+    y: str
+    x_rank: int
+    conv: bool
+
+
+def _export(model: nn.Module, io: ModelIO, probe_modules: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[Probe]]:
+    captured: list[torch.Tensor] = []
+    ranks: dict[str, int] = {}
+
+    def hook(name):
+        def fn(_mod, inputs, output):
+            ranks[name] = inputs[0].dim()
+            captured.extend([inputs[0], output])
+        return fn
+
+    class ProbeWrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            captured.clear()
+            out = self.inner(*args)
+            return (out, *captured)
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in probe_modules]
+    out_names = [io.output_name]
+    for i, _ in enumerate(probe_modules):
+        out_names += [f"wara_probe/{i}/x", f"wara_probe/{i}/y"]
+    dims = {}
+    dynamic = []
+    for spec in io.dynamic:
+        dynamic.append({axis: dims.setdefault(name, torch.export.Dim(name, min=1) if name == "batch" else torch.export.Dim(name, min=2, max=512)) for axis, name in spec.items()})
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                ProbeWrapper(model).eval(), io.sample, dynamo=True, opset_version=OPSET,
+                input_names=list(io.input_names), output_names=out_names, dynamic_shapes=(tuple(dynamic),),
+                verbose=False,
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    proto = program.model_proto
+    probes = [
+        Probe(n, f"wara_probe/{i}/x", f"wara_probe/{i}/y", ranks[n], is_pointwise_conv(model.get_submodule(n)))
+        for i, n in enumerate(probe_modules)
+    ]
+    return proto, probes
+
+
+def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _source(graph: onnx.GraphProto, name: str) -> str:
+    """Follow Identity nodes back to the value that really holds ``name``."""
+    prod = _producer_map(graph)
+    while name in prod and prod[name].op_type == "Identity":
+        name = prod[name].input[0]
+    return name
+
+
+def _rename_output(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, o in enumerate(node.output):
+            if o == old:
+                node.output[i] = new
+                return
+    raise ConfigError(f"internal: no node produces {old!r}")
+
+
+def _toposort_and_prune(graph: onnx.GraphProto) -> None:
+    """Order nodes so every input is produced first; drop nodes no output depends on."""
+    prod = _producer_map(graph)
+    needed: set[int] = set()
+    stack = [o.name for o in graph.output]
+    index = {id(n): i for i, n in enumerate(graph.node)}
+    while stack:
+        v = stack.pop()
+        n = prod.get(v)
+        if n is None or index[id(n)] in needed:
+            continue
+        needed.add(index[id(n)])
+        stack.extend(i for i in n.input if i)
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    pending = [n for i, n in enumerate(graph.node) if i in needed]
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        progressed = []
+        rest = []
+        for n in pending:
+            if all(not i or i in available for i in n.input):
+                progressed.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if not progressed:
+            raise ConfigError(f"internal: graph has a cycle or a dangling input near {rest[0].name}")
+        ordered += progressed
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _shape_prefix(g: GraphBuilder, x: str, end: int, last: int) -> str:
+    """Concat(Shape(x)[:end], [last]) as an int64 shape tensor."""
+    s = g.node("Shape", [x], "shape", end=end)
+    return g.node("Concat", [s, g.ints(f"wara.i{last}", [last])], "outshape", axis=0)
+
+
+Splice = Callable[[GraphBuilder, Probe, str, str], None]  # (builder, probe, x, y_base) -> writes probe.y
+
+
+def _splice(proto: onnx.ModelProto, probes: list[Probe], build: Splice) -> onnx.ModelProto:
+    model = copy.deepcopy(proto)
+    graph = model.graph
+    builders = []
+    for p in probes:
+        x = p.x
+        y = _source(graph, p.y)
+        y_base = f"{y}/base"
+        _rename_output(graph, y, y_base)
+        g = GraphBuilder(prefix=f"wara/{p.module}")
+        build(g, Probe(p.module, x, y, p.x_rank, p.conv), x, y_base)
+        graph.node.extend(g.nodes)
+        builders.append(g)
+    seen = {t.name for t in graph.initializer}
+    for g in builders:
+        for name, t in g.initializers.items():
+            if name not in seen:
+                graph.initializer.append(t)
+                seen.add(name)
+    probe_outs = {n for p in probes for n in (p.x, p.y)}
+    keep = [o for o in graph.output if o.name not in probe_outs]
+    del graph.output[:]
+    graph.output.extend(keep)
+    return model
+
+
+def _drop_probe_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    model = copy.deepcopy(proto)
+    keep = [o for o in model.graph.output if not o.name.startswith("wara_probe/")]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    return model
+
+
+def _finish(model: onnx.ModelProto, *, metadata: dict[str, str]) -> onnx.ModelProto:
+    graph = model.graph
+    _toposort_and_prune(graph)
+    del graph.value_info[:]  # stale after surgery; ORT re-infers shapes
+    if any(n.domain == DOMAIN for n in graph.node):
+        existing = {f.name for f in model.functions}
+        model.functions.extend(f for f in wara_functions() if f.name not in existing)
+        if not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    used_functions = {n.op_type for n in graph.node if n.domain == DOMAIN}
+    keep = [f for f in model.functions if f.domain != DOMAIN or f.name in used_functions]
+    del model.functions[:]
+    model.functions.extend(keep)
+    for k, v in metadata.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# the forms
+
+
+def _unmerged_splice(adapter: WaraAdapter) -> Splice:
+    def build(g: GraphBuilder, p: Probe, x: str, y_base: str) -> None:
+        m, n = adapter.shape(p.module)
+        if p.conv:
+            xt = g.node("Transpose", [x], "nhwc", perm=[0, 2, 3, 1])
+            x2 = g.node("Reshape", [xt, g.ints(f"wara.rows{n}", [-1, n])], "x2d")
+            out_shape = _shape_prefix(g, xt, 3, m)
+        else:
+            x2 = g.node("Reshape", [x, g.ints(f"wara.rows{n}", [-1, n])], "x2d")
+            out_shape = _shape_prefix(g, x, p.x_rank - 1, m)
+        d2 = explicit_delta(g, x2, adapter.factors[p.module], shape=(m, n), spec=adapter.config.spec,
+                            scale=adapter.config.scale, layer=p.module)
+        d = g.node("Reshape", [d2, out_shape], "delta")
+        if p.conv:
+            d = g.node("Transpose", [d], "nchw", perm=[0, 3, 1, 2])
+        g.node("Add", [y_base, d], "adapted", out=p.y)
+
+    return build
+
+
+def _multi_inputs(name: str, dims: list[str | int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _multi_splice(shapes: dict[str, tuple[int, int]], heads: set[str], new_inputs: list) -> Splice:
+    def build(g: GraphBuilder, p: Probe, x: str, y_base: str) -> None:
+        m, n = shapes[p.module]
+        if p.module in heads:
+            # A per-row task head: Y = X W[slot]ᵀ + b[slot] replaces the base head.
+            w_in, b_in = f"wara.{p.module}.weight", f"wara.{p.module}.bias"
+            new_inputs.append(_multi_inputs(w_in, ["slots", "labels", n]))
+            new_inputs.append(_multi_inputs(b_in, ["slots", "labels"]))
+            w = g.node("Transpose", [g.node("Gather", [w_in, INDEX_INPUT], "w", axis=0)], "wT", perm=[0, 2, 1])
+            x3 = g.node("Unsqueeze", [x, g.ints("wara.i1", [1])], "x3")
+            z = g.node("Squeeze", [g.node("MatMul", [x3, w], "xw"), g.ints("wara.i1", [1])], "z")
+            b = g.node("Gather", [b_in, INDEX_INPUT], "b", axis=0)
+            g.node("Add", [z, b], "head", out=p.y)
+            g.node("Identity", [x], "features", out=FEATURES_OUTPUT)
+            return
+        a_in, b_in = f"wara.{p.module}.lora_A", f"wara.{p.module}.lora_B"
+        new_inputs.append(_multi_inputs(a_in, ["slots", "rank", n]))
+        new_inputs.append(_multi_inputs(b_in, ["slots", m, "rank"]))
+        a_sel = g.node("Gather", [a_in, INDEX_INPUT], "A", axis=0)  # (B, R, n)
+        b_sel = g.node("Gather", [b_in, INDEX_INPUT], "B", axis=0)  # (B, m, R)
+        if p.conv:
+            xr = g.node("Reshape", [x, g.ints("wara.bc_flat", [0, 0, -1])], "xflat")  # (B, n, HW)
+            z = g.node("MatMul", [a_sel, xr], "z")  # (B, R, HW)
+            d = g.node("MatMul", [b_sel, z], "d")  # (B, m, HW)
+            d = g.node("Reshape", [d, g.node("Shape", [y_base], "yshape")], "delta")
+        else:
+            xs = x if p.x_rank == 3 else g.node("Unsqueeze", [x, g.ints("wara.i1", [1])], "x3")
+            z = g.node("MatMul", [xs, g.node("Transpose", [a_sel], "AT", perm=[0, 2, 1])], "z")  # (B, T, R)
+            d = g.node("MatMul", [z, g.node("Transpose", [b_sel], "BT", perm=[0, 2, 1])], "d")  # (B, T, m)
+            if p.x_rank != 3:
+                d = g.node("Squeeze", [d, g.ints("wara.i1", [1])], "delta")
+        g.node("Add", [y_base, d], "adapted", out=p.y)
+
+    return build
+
+
+def export_onnx(
+    adapter: WaraAdapter,
+    base: nn.Module,
+    form: Form,
+    out: str | Path,
+    *,
+    io: ModelIO | None = None,
+    log: Callable[[str], None] = print,
+    _cache: dict | None = None,
+) -> Path:
+    """Export one form to ``out`` (a .onnx file), checked with ``onnx.checker`` (full check).
+
+    ``base`` is the plain base model the adapter fits (see `exporter.common.base_for`).
+    ``multi`` takes the (folded, rank-padded) factors of any set of adapters as inputs; the
+    given adapter only decides which layers and heads are adaptable."""
+    if form not in FORMS:
+        raise ConfigError(f"unknown ONNX form {form!r}: valid forms are {', '.join(FORMS)}")
+    io = io or model_io(adapter.base_model)
+    t0 = time.perf_counter()
+    head_model = copy.deepcopy(base)
+    for mod, params in adapter.saved_modules.items():
+        head_model.get_submodule(mod).load_state_dict(params, strict=False)
+    meta = {"wara.form": form, "wara.base_model": adapter.base_model, "wara.adapter": adapter.content_hash,
+            "wara.labels": json.dumps(adapter.labels), "wara.inputs": json.dumps(list(io.input_names))}
+    targets = list(adapter.config.target_modules)
+    if form == "merged":
+        log(f"exporting merged {adapter.base_model} ...")
+        proto, _ = _export(merged_model(base, [(adapter, 1.0)]).eval(), io)
+        model = _finish(proto, metadata=meta)
+    elif form == "base":
+        log(f"exporting base {adapter.base_model} ...")
+        proto, _ = _export(head_model.eval(), io)
+        model = _finish(proto, metadata=meta)
+    else:
+        heads = {m for m in adapter.saved_modules if isinstance(base.get_submodule(m), nn.Linear)} if form == "multi" else set()
+        key = (adapter.base_model, tuple(targets + sorted(heads)), form == "multi")
+        cached = _cache.get(key) if _cache is not None else None
+        if cached is None:
+            log(f"exporting {adapter.base_model} with probes on {len(targets) + len(heads)} layers ...")
+            cached = _export(head_model.eval(), io, targets + sorted(heads))
+            if _cache is not None:
+                _cache[key] = cached
+        proto, probes = cached
+        log(f"splicing the {form} WaRA path into {len(probes)} layers ...")
+        if form == "unmerged":
+            model = _splice(proto, probes, _unmerged_splice(adapter))
+        else:
+            shapes = {m: tuple(base.get_submodule(m).weight.shape[:2]) for m in targets + sorted(heads)}
+            new_inputs: list = []
+            model = _splice(proto, probes, _multi_splice(shapes, heads, new_inputs))
+            model.graph.input.append(helper.make_tensor_value_info(INDEX_INPUT, TensorProto.INT64, ["batch"]))
+            model.graph.input.extend(new_inputs)
+            if heads:
+                model.graph.output.append(helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, ["batch", "hidden"]))
+            meta["wara.slot_inputs"] = json.dumps([i.name for i in new_inputs])
+        model = _finish(model, metadata=meta)
+    onnx.checker.check_model(model, full_check=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(model.graph.node)} nodes) in {time.perf_counter() - t0:.1f}s")
+    return out
