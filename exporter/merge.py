@@ -87,6 +87,33 @@ def merged_model(base: nn.Module, adapters: Sequence[tuple[WaraAdapter, float]],
     return model
 
 
+def load_merged(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a built-in base model and load a merged ``model.safetensors`` into it."""
+    from safetensors.torch import load_file
+
+    from wara_train.bases import build_base
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        state = load_file(str(path / "model.safetensors"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a merged model directory ({e})") from None
+    labels = config.get("labels")
+    model = build_base(config["base_model"], num_labels=len(labels) if labels else None)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval()
+
+
+def model_config(base: nn.Module) -> dict[str, Any] | None:
+    """The Hugging Face config of the base (if it has one), so the merged weights are usable."""
+    for module in base.modules():
+        cfg = getattr(module, "config", None)
+        if hasattr(cfg, "to_dict"):
+            return cfg.to_dict()
+    return None
+
+
 def save_merged(
     state: dict[str, torch.Tensor], out_dir: str | os.PathLike, *, config: dict[str, Any]
 ) -> Path:

@@ -10,9 +10,12 @@ reads the adapted value. The probe outputs are dropped and dead nodes removed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -98,7 +101,7 @@ def _export(model: nn.Module, io: ModelIO, probe_modules: Sequence[str] = ()) ->
     for spec in io.dynamic:
         dynamic.append({axis: dims.setdefault(name, torch.export.Dim(name, min=1) if name == "batch" else torch.export.Dim(name, min=2, max=512)) for axis, name in spec.items()})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
                 ProbeWrapper(model).eval(), io.sample, dynamo=True, opset_version=OPSET,
                 input_names=list(io.input_names), output_names=out_names, dynamic_shapes=(tuple(dynamic),),
@@ -113,6 +116,21 @@ def _export(model: nn.Module, io: ModelIO, probe_modules: Sequence[str] = ()) ->
         for i, n in enumerate(probe_modules)
     ]
     return proto, probes
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's own notices (torchvision ops skipped, axis renames, deprecations) are
+    noise to our users; errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -238,8 +256,18 @@ def _finish(model: onnx.ModelProto, *, metadata: dict[str, str]) -> onnx.ModelPr
 # the forms
 
 
-def _unmerged_splice(adapter: WaraAdapter) -> Splice:
+def _unmerged_splice(adapter: WaraAdapter, heads: set[str]) -> Splice:
     def build(g: GraphBuilder, p: Probe, x: str, y_base: str) -> None:
+        if p.module in heads:
+            # The adapter's own task head, as constants: Y = X Wᵀ + b.
+            params = adapter.saved_modules[p.module]
+            wt = g.tensor(f"{p.module}.weight.T", params["weight"].float().T.contiguous())
+            y = g.node("MatMul", [x, wt], "head")
+            if "bias" in params:
+                g.node("Add", [y, g.tensor(f"{p.module}.bias", params["bias"].float())], "head_bias", out=p.y)
+            else:
+                g.node("Identity", [y], "head_out", out=p.y)
+            return
         m, n = adapter.shape(p.module)
         if p.conv:
             xt = g.node("Transpose", [x], "nhwc", perm=[0, 2, 3, 1])
@@ -332,8 +360,11 @@ def export_onnx(
         proto, _ = _export(head_model.eval(), io)
         model = _finish(proto, metadata=meta)
     else:
-        heads = {m for m in adapter.saved_modules if isinstance(base.get_submodule(m), nn.Linear)} if form == "multi" else set()
-        key = (adapter.base_model, tuple(targets + sorted(heads)), form == "multi")
+        # Linear task heads are spliced per adapter, so one probe export serves every adapter
+        # of a base; any other saved module is baked in (and then keys the cache).
+        heads = {m for m in adapter.saved_modules if isinstance(base.get_submodule(m), nn.Linear)}
+        baked = sorted(set(adapter.saved_modules) - heads)
+        key = (adapter.base_model, tuple(targets + sorted(heads)), adapter.content_hash if baked else "")
         cached = _cache.get(key) if _cache is not None else None
         if cached is None:
             log(f"exporting {adapter.base_model} with probes on {len(targets) + len(heads)} layers ...")
@@ -343,7 +374,7 @@ def export_onnx(
         proto, probes = cached
         log(f"splicing the {form} WaRA path into {len(probes)} layers ...")
         if form == "unmerged":
-            model = _splice(proto, probes, _unmerged_splice(adapter))
+            model = _splice(proto, probes, _unmerged_splice(adapter, heads))
         else:
             shapes = {m: tuple(base.get_submodule(m).weight.shape[:2]) for m in targets + sorted(heads)}
             new_inputs: list = []

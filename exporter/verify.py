@@ -153,3 +153,42 @@ def describe(path: str) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: (json.loads(p.value) if p.key in ("wara.labels", "wara.inputs", "wara.slot_inputs") else p.value)
             for p in model.metadata_props}
+
+
+def _compare_torch(form: str, model: nn.Module, adapter: WaraAdapter, base: nn.Module, io: ModelIO, atol: float) -> VerifyResult:
+    with torch.no_grad():
+        want = reference_model(adapter, base)(*io.sample)
+        got = model(*io.sample)
+    diff = (got - want).abs()
+    rel = diff / want.abs().clamp_min(1e-6)
+    return VerifyResult(form, float(diff.max()), float(rel.max()), atol, "torch CPU")
+
+
+def verify_exported(adapter_dir, exported, *, atol: float = DEFAULT_ATOL) -> VerifyResult:
+    """Verify any exported form (an .onnx file, a merged directory, or a peft LoRA directory)
+    of the adapter in ``adapter_dir`` against the PyTorch unmerged model."""
+    from pathlib import Path
+
+    from .common import load_with_base
+
+    adapter, base = load_with_base(adapter_dir)
+    exported = Path(exported)
+    io = model_io(adapter.base_model, batch=3, seq=24)
+    if exported.suffix == ".onnx" and exported.is_file():
+        rows = [0, -1, 0] if describe(str(exported)).get("wara.form") == "multi" else None
+        return verify_onnx(str(exported), [adapter], base, io=io, rows=rows, atol=atol)
+    if (exported / "model.safetensors").is_file():
+        from .merge import load_merged
+
+        return _compare_torch("merged weights", load_merged(exported), adapter, base, io, atol)
+    if (exported / "adapter_config.json").is_file():
+        cfg = json.loads((exported / "adapter_config.json").read_text())
+        if cfg.get("peft_type") != "LORA":
+            raise ConfigError(f"{exported}: adapter_config.json is not a peft LoRA adapter")
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise ConfigError(f"verifying a LoRA export needs peft installed ({e})") from None
+        model = PeftModel.from_pretrained(copy.deepcopy(base), str(exported)).eval()
+        return _compare_torch("peft LoRA", model, adapter, base, io, atol)
+    raise ConfigError(f"{exported}: not an .onnx file, a merged directory or a peft LoRA directory")

@@ -1,4 +1,4 @@
-"""The `wara` command. Subcommands: train, demo (export, serve, bench arrive with later issues)."""
+"""The `wara` command. Subcommands: train, demo, export (serve and bench arrive with later issues)."""
 
 from __future__ import annotations
 
@@ -75,10 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_demo(sub)
+    from exporter.cli import add_parser as add_export
+
+    add_export(sub)
     return parser
 
 
-COMMANDS = {"train": _run_train, "demo": _run_demo}
+def _run_export(args: argparse.Namespace) -> int:
+    from exporter.cli import run
+
+    return run(args)
+
+
+COMMANDS = {"train": _run_train, "demo": _run_demo, "export": _run_export}
 
 
 def main(argv: list[str] | None = None) -> int:

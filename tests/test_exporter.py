@@ -1,0 +1,228 @@
+"""Exporter invariance: every exported form == the PyTorch unmerged model (STYLE.md 5)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_layer import randomize
+
+from exporter.common import base_for, conv_targets
+from exporter.lora import save_peft_lora
+from exporter.merge import merged_model, merged_state_dict
+from exporter.onnx_export import export_onnx, model_io
+from exporter.verify import ort_session, reference_model, verify_onnx
+from wara_train.artifact import load_adapter, save_adapter
+from wara_train.bases import build_base, get_base
+from wara_train.config import WaraConfig
+from wara_train.errors import ConfigError, IncompatibleAdapterError
+from wara_train.model import inject, wara_layers
+
+ATOL = 1e-4  # the issue's bar for every form
+MODELS = ["minilm", "effnet-lite0"]
+ADAPTERS = [("haar", 1), ("db2", 2)]
+NUM_LABELS = 5
+
+
+def make_adapter(base_name: str, wavelet: str, levels: int, out, seed: int = 0):
+    """An adapter with random (non-zero) factors and head: a stricter check than a trained one."""
+    torch.manual_seed(seed)
+    recipe = get_base(base_name)
+    model = build_base(base_name, num_labels=NUM_LABELS)
+    inject(model, WaraConfig(rank=2, alpha=4, wavelet=wavelet, levels=levels, target_modules=recipe.default_targets,
+                             modules_to_save=(recipe.head,)), seed=seed)
+    for i, layer in enumerate(wara_layers(model).values()):
+        randomize(layer, seed * 1000 + i)
+        with torch.no_grad():
+            for b in layer.wara_B.values():
+                b.mul_(0.5)
+    with torch.no_grad():
+        for p in model.get_submodule(recipe.head).parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    save_adapter(model, out, base_model=base_name, labels=[f"l{i}" for i in range(NUM_LABELS)])
+    return load_adapter(out)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Adapters for both models and both wavelet settings, their bases and one export cache."""
+    root = tmp_path_factory.mktemp("exports")
+    made = {}
+    for base_name in MODELS:
+        for k, (wavelet, levels) in enumerate(ADAPTERS):
+            adapter = make_adapter(base_name, wavelet, levels, root / f"{base_name}-{wavelet}", seed=k + 1)
+            made[(base_name, wavelet)] = (adapter, base_for(adapter))
+    return root, made, {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_name", MODELS)
+@pytest.mark.parametrize("wavelet,levels", ADAPTERS)
+@pytest.mark.parametrize("form", ["merged", "unmerged"])
+def test_onnx_single_adapter_forms_match_pytorch(exports, base_name, wavelet, levels, form):
+    root, made, cache = exports
+    adapter, base = made[(base_name, wavelet)]
+    path = export_onnx(adapter, base, form, root / f"{base_name}-{wavelet}-{form}.onnx", log=lambda s: None, _cache=cache)
+    model = onnx.load(str(path))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 20
+    functions = {f.name for f in model.functions if f.domain == "wara"}
+    ops = {n.op_type for n in model.graph.node if n.domain == "wara"}
+    if form == "unmerged":
+        assert ops and ops <= {"WaraDWT1D", "WaraIDWT1D"} and ops == functions
+    else:
+        assert not ops and not functions
+    dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == "batch" and (base_name != "minilm" or dims[1] == "seq")
+    # A batch and sequence length different from the export sample: the axes are dynamic.
+    result = verify_onnx(str(path), [adapter], base, io=model_io(base_name, batch=3, seq=24), atol=ATOL)
+    assert result.provider == "CPUExecutionProvider"
+    assert result.ok, str(result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_name", MODELS)
+def test_onnx_multi_serves_a_heterogeneous_batch(exports, base_name):
+    """One graph, slot factors as inputs: rows of two adapters (folded ranks 8 and 14, padded)
+    and of the base in one batch, each equal to its own PyTorch model."""
+    root, made, cache = exports
+    a1, base = made[(base_name, "haar")]
+    a2, _ = made[(base_name, "db2")]
+    path = export_onnx(a1, base, "multi", root / f"{base_name}-multi.onnx", log=lambda s: None, _cache=cache)
+    rows = [0, 1, -1, 1, 0]
+    result = verify_onnx(str(path), [a1, a2], base, io=model_io(base_name, batch=len(rows), seq=20), rows=rows, atol=ATOL)
+    assert result.provider == "CPUExecutionProvider"
+    assert result.ok, str(result)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_name", MODELS)
+@pytest.mark.parametrize("wavelet,levels", ADAPTERS)
+def test_folded_lora_reproduces_outputs_through_peft(exports, tmp_path, base_name, wavelet, levels):
+    from peft import PeftModel
+
+    _, made, _ = exports
+    adapter, base = made[(base_name, wavelet)]
+    out = save_peft_lora(adapter, tmp_path / "lora", conv_modules=conv_targets(adapter, base))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == (3 * levels + 1) * 2 and cfg["lora_alpha"] == cfg["r"]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    io = model_io(base_name, batch=3, seq=24)
+    with torch.no_grad():
+        want = reference_model(adapter, base)(*io.sample)
+        got = peft_model(*io.sample)
+    assert (got - want).abs().max().item() <= ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_name", MODELS)
+def test_merge_matches_unmerged_and_leaves_base_bit_identical(exports, base_name):
+    _, made, _ = exports
+    adapter, base = made[(base_name, "db2")]
+    pristine = {k: v.clone() for k, v in base.state_dict().items()}
+    io = model_io(base_name, batch=3, seq=24)
+    for _ in range(3):  # repeated merges never drift: each starts from the pristine base
+        merged = merged_model(base, [(adapter, 1.0)]).eval()
+    assert all(torch.equal(pristine[k], v) for k, v in base.state_dict().items())
+    with torch.no_grad():
+        assert (merged(*io.sample) - reference_model(adapter, base)(*io.sample)).abs().max().item() <= ATOL
+    # Parameter names are the base model's own.
+    assert set(merged_state_dict(base, [(adapter, 1.0)])) == set(base.state_dict())
+
+
+def test_blend_is_the_weighted_sum_of_deltas(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    adapters = []
+    for k in range(2):
+        model = copy.deepcopy(net)
+        inject(model, WaraConfig(rank=2, target_modules=("0",)), seed=k)
+        randomize(wara_layers(model)["0"], k)
+        save_adapter(model, tmp_path / str(k), base_model="toy")
+        adapters.append((load_adapter(tmp_path / str(k)), wara_layers(model)["0"].delta_weight()))
+    state = merged_state_dict(net, [(adapters[0][0], 0.25), (adapters[1][0], 0.75)])
+    want = net[0].weight + 0.25 * adapters[0][1] + 0.75 * adapters[1][1]
+    assert torch.allclose(state["0.weight"], want, atol=1e-6)
+    bf16 = merged_state_dict(net, [(adapters[0][0], 1.0)], dtype=torch.bfloat16)
+    assert bf16["0.weight"].dtype == torch.bfloat16
+    other = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    with pytest.raises(IncompatibleAdapterError, match="fingerprint"):
+        merged_state_dict(other, [(adapters[0][0], 1.0)])
+
+
+def test_ort_session_asserts_the_provider(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    sess = ort_session(str(path))
+    assert sess.get_providers()[0] == "CPUExecutionProvider"
+    np.testing.assert_array_equal(sess.run(None, {"x": np.array([-1.0, 2.0], dtype=np.float32)})[0], [0.0, 2.0])
+    # onnxruntime only warns and falls back to CPU for a provider it lacks; we refuse instead.
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="runs on CPUExecutionProvider, not the requested"):
+        ort_session(str(path), providers=("NoSuchExecutionProvider",))
+
+
+def test_tensorrt_absent_gives_an_error_naming_the_extra():
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        from exporter.tensorrt import build_engine
+
+        with pytest.raises(ConfigError, match="'tensorrt' extra"):
+            build_engine("model.onnx", "model.plan")
+    else:
+        pytest.skip("tensorrt is installed: the engine build test below covers it")
+
+
+@pytest.mark.slow
+def test_tensorrt_engine_builds(exports, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installable on these CPU machines (DESIGN.md 6)")
+    from exporter.tensorrt import build_engine
+
+    root, made, cache = exports
+    adapter, base = made[("minilm", "haar")]
+    path = export_onnx(adapter, base, "unmerged", tmp_path / "u.onnx", log=lambda s: None, _cache=cache)
+    assert build_engine(path, tmp_path / "u.plan", precision="fp16", log=lambda s: None).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cli_export_and_verify(exports, tmp_path):
+    root, _, _ = exports
+    adapter_dir = root / "effnet-lite0-db2"
+
+    def wara(*args):
+        return subprocess.run([sys.executable, "-m", "wara_train.cli", "export", *args], capture_output=True, text=True)
+
+    proc = wara("onnx", "--adapter", str(adapter_dir), "--form", "unmerged", "--out", str(tmp_path / "u.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "splicing" in proc.stdout
+    proc = wara("verify", "--adapter", str(adapter_dir), "--exported", str(tmp_path / "u.onnx"))
+    assert proc.returncode == 0 and "unmerged: max abs error" in proc.stdout and "OK" in proc.stdout, proc.stdout + proc.stderr
+    proc = wara("merge", "--adapter", str(adapter_dir), "--out", str(tmp_path / "m"), "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    proc = wara("verify", "--adapter", str(adapter_dir), "--exported", str(tmp_path / "m"))
+    assert proc.returncode == 1 and "FAILED" in proc.stdout  # bf16 weights are past 1e-4: non-zero exit
+    proc = wara("verify", "--adapter", str(adapter_dir), "--exported", str(tmp_path / "m"), "--atol", "0.5")
+    assert proc.returncode == 0
+    proc = wara("merge", "--adapter", str(adapter_dir), "--weight", "0.5", "--weight", "0.5", "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "2 --weight values for 1 --adapter" in proc.stderr
+
+
+def test_export_refuses_a_wrong_base(tmp_path):
+    adapter = make_adapter("effnet-lite0", "haar", 1, tmp_path / "a")
+    other = build_base("effnet-lite0", num_labels=NUM_LABELS)
+    with torch.no_grad():
+        other._blocks[1]._expand_conv.weight.add_(0.01)
+    with pytest.raises(IncompatibleAdapterError, match="base fingerprint mismatch"):
+        merged_state_dict(other, [(adapter, 1.0)])
