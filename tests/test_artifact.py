@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from test_layer import randomize
 
 from wara_train.artifact import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, check_compatible, load_adapter, save_adapter
 from wara_train.config import WaraConfig
 from wara_train.errors import AdapterError, IncompatibleAdapterError
 from wara_train.model import inject, wara_layers
+from wara_train.synthetic import randomize_factors as randomize
 
 
 class Tiny(nn.Module):

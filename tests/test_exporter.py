@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_layer import randomize
 
 from exporter.common import base_for, conv_targets
 from exporter.lora import save_peft_lora
@@ -19,9 +18,11 @@ from exporter.merge import merged_model, merged_state_dict
 from exporter.onnx_export import export_onnx, model_io
 from exporter.verify import ort_session, reference_model, verify_onnx
 from wara_train.artifact import load_adapter, save_adapter
-from wara_train.bases import build_base, get_base
+from wara_train.bases import build_base
 from wara_train.config import WaraConfig
 from wara_train.errors import ConfigError, IncompatibleAdapterError
+from wara_train.synthetic import randomize_factors as randomize
+from wara_train.synthetic import random_adapter
 from wara_train.model import inject, wara_layers
 
 ATOL = 1e-4  # the issue's bar for every form
@@ -31,22 +32,7 @@ NUM_LABELS = 5
 
 
 def make_adapter(base_name: str, wavelet: str, levels: int, out, seed: int = 0):
-    """An adapter with random (non-zero) factors and head: a stricter check than a trained one."""
-    torch.manual_seed(seed)
-    recipe = get_base(base_name)
-    model = build_base(base_name, num_labels=NUM_LABELS)
-    inject(model, WaraConfig(rank=2, alpha=4, wavelet=wavelet, levels=levels, target_modules=recipe.default_targets,
-                             modules_to_save=(recipe.head,)), seed=seed)
-    for i, layer in enumerate(wara_layers(model).values()):
-        randomize(layer, seed * 1000 + i)
-        with torch.no_grad():
-            for b in layer.wara_B.values():
-                b.mul_(0.5)
-    with torch.no_grad():
-        for p in model.get_submodule(recipe.head).parameters():
-            p.add_(torch.randn(p.shape) * 0.1)
-    save_adapter(model, out, base_model=base_name, labels=[f"l{i}" for i in range(NUM_LABELS)])
-    return load_adapter(out)
+    return random_adapter(base_name, out, wavelet=wavelet, levels=levels, rank=2, num_labels=NUM_LABELS, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,8 @@ from wara_train.config import WaraConfig, wara_param_count
 from wara_train.errors import ConfigError
 from wara_train.layer import PATHS, WaraConv1x1, WaraLinear
 from wara_train.model import find_targets, inject, set_path, wara_layers
+from wara_train.synthetic import randomize_factors as randomize
 from wara_train.wavelets import blocks
-
-
-def randomize(layer, seed=0):
-    """Non-zero factors (B is zero at init) so ΔW is non-trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in list(layer.wara_A.values()) + list(layer.wara_B.values()):
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
 
 
 def pywt_delta(layer) -> torch.Tensor:

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close
-from test_layer import pywt_delta, randomize
+from test_layer import pywt_delta
+
+from wara_train.synthetic import randomize_factors as randomize
 
 from wara_train.bases import get_base
 from wara_train.config import WaraConfig

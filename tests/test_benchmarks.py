@@ -1,0 +1,21 @@
+"""Benchmarks are not tests, but each must keep running: a tiny size here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_onnx_forms_benchmark_runs_quick(tmp_path):
+    out = tmp_path / "onnx_forms.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.onnx_forms", "--quick", "--base", "effnet-lite0",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {r["form"] for r in report["results"]} == {"base", "merged", "unmerged", "multi"}
+    assert all(err <= 1e-4 for err in report["verified_max_abs_error"].values())
+    assert all(r["median_ms"] > 0 for r in report["results"])
