@@ -1,4 +1,4 @@
-"""The `wara` command. Subcommands: train, demo, export (serve and bench arrive with later issues)."""
+"""The `wara` command. Subcommands: train, demo, export, serve (bench arrives with a later issue)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     from exporter.cli import add_parser as add_export
 
     add_export(sub)
+    from runtime.cli import add_parser as add_serve
+
+    add_serve(sub)
     return parser
 
 
@@ -87,7 +90,13 @@ def _run_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"train": _run_train, "demo": _run_demo, "export": _run_export}
+def _run_serve(args: argparse.Namespace) -> int:
+    from runtime.cli import run
+
+    return run(args)
+
+
+COMMANDS = {"train": _run_train, "demo": _run_demo, "export": _run_export, "serve": _run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

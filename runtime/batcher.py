@@ -1,0 +1,177 @@
+"""Dynamic batching across adapters: one worker thread per base model.
+
+Requests queue up; the worker takes the first, then keeps adding requests (of any adapter, or
+the base) until the batch holds ``max_batch`` rows or ``max_delay`` has passed since the first
+arrived. Text rows are padded to the longest sequence (the attention mask keeps the result the
+same); images must share a size to share a batch. Each request's future gets its own rows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+import torch
+
+from .engine import TorchEngine
+from .errors import DeadlineExceeded, Draining, Overloaded
+from .registry import Registry, Version
+
+
+@dataclass(eq=False)
+class Request:
+    inputs: tuple[torch.Tensor, ...]  # each (rows, ...)
+    version: Version | None  # None: the base model
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.inputs[0].shape[0]
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    rows: int = 0
+    mixed_batches: int = 0  # batches holding rows of two or more different models
+    max_models_in_batch: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class Batcher:
+    def __init__(self, engine: TorchEngine, registry: Registry, *, max_batch: int = 32, max_delay_ms: float = 5.0,
+                 max_queue: int = 1024, on_batch=None) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self.queue: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.stats = BatchStats()
+        self.on_batch = on_batch
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name=f"batcher-{engine.base_model}", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: Request) -> Future:
+        with self.cond:
+            if not self.running:
+                raise Draining("the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                raise Overloaded(f"queue full ({self.max_queue} requests)")
+            self.queue.append(request)
+            self.cond.notify()
+        return request.future
+
+    def pending(self) -> int:
+        with self.cond:
+            return len(self.queue)
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        with self.cond:
+            self.running = False
+            self.cond.notify()
+        self.thread.join()
+
+    def _take(self) -> list[Request]:
+        with self.cond:
+            while not self.queue and self.running:
+                self.cond.wait()
+            if not self.queue:
+                return []
+            first = self.queue[0]
+            until = first.arrived + self.max_delay
+            while self.running:
+                rows = sum(r.rows for r in self.queue)
+                left = until - time.perf_counter()
+                if rows >= self.max_batch or left <= 0:
+                    break
+                self.cond.wait(timeout=left)
+            batch, rows, models = [], 0, set()
+            limit = self.engine.num_slots - 1
+            keep: deque[Request] = deque()
+            while self.queue:
+                r = self.queue.popleft()
+                model = id(r.version) if r.version is not None else None
+                fits = rows + r.rows <= self.max_batch or not batch
+                same_shape = not batch or self._compatible(batch[0], r)
+                new_model = model is not None and model not in models
+                if fits and same_shape and not (new_model and len(models) >= limit):
+                    batch.append(r)
+                    rows += r.rows
+                    if model is not None:
+                        models.add(model)
+                else:
+                    keep.append(r)
+            self.queue.extendleft(reversed(keep))
+            return batch
+
+    def _compatible(self, a: Request, b: Request) -> bool:
+        if len(a.inputs) != len(b.inputs):
+            return False
+        if a.inputs[0].dtype in (torch.int64, torch.int32):  # token ids: pad sequences
+            return True
+        return a.inputs[0].shape[1:] == b.inputs[0].shape[1:]
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                return
+            now = time.perf_counter()
+            live = []
+            for r in batch:
+                if r.deadline is not None and now > r.deadline:
+                    r.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+                else:
+                    live.append(r)
+            if live:
+                self._run(live)
+
+    def _run(self, batch: list[Request]) -> None:
+        try:
+            versions = [r.version for r in batch if r.version is not None]
+            slot_of = self.registry.assign_slots(self.engine.base_model, versions) if versions else {}
+            slots: list[int] = []
+            for r in batch:
+                slots += [slot_of[id(r.version)] if r.version is not None else 0] * r.rows
+            inputs = _concat([r.inputs for r in batch])
+            outputs = self.engine.forward(inputs, slots)
+        except Exception as e:  # a failed batch fails its own requests, never the worker
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_exception(e)
+            return
+        s = self.stats
+        s.batches += 1
+        s.rows += len(slots)
+        s.batch_sizes.append(len(slots))
+        distinct = {id(r.version) if r.version is not None else None for r in batch}
+        s.max_models_in_batch = max(s.max_models_in_batch, len(distinct))
+        if len(distinct) > 1:
+            s.mixed_batches += 1
+        if self.on_batch is not None:
+            self.on_batch(self.engine.base_model, len(slots))
+        start = 0
+        for r in batch:
+            r.future.set_result(outputs[start : start + r.rows])
+            start += r.rows
+
+
+def _concat(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Stack requests' inputs along the batch; integer (token) inputs are right-padded with 0."""
+    out = []
+    for k in range(len(parts[0])):
+        ts = [p[k] for p in parts]
+        if ts[0].dim() == 2 and ts[0].dtype in (torch.int64, torch.int32):
+            width = max(t.shape[1] for t in ts)
+            ts = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]
+        out.append(torch.cat(ts, 0))
+    return tuple(out)
+

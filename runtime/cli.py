@@ -1,0 +1,44 @@
+"""`wara serve`: the KServe-v2 gRPC server for the built-in bases and their adapters."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve base models and WaRA adapters over gRPC (KServe v2)")
+    p.add_argument("--config", type=Path, help="TOML config ([serve] table; flags override it)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8001; 0 picks a free one)")
+    p.add_argument("--adapter-root", help="directory of adapters, each loaded at start and loadable by name")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from .config import ServeConfig
+    from .server import create_server, stop_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
+    config = config.replace(host=args.host, port=args.port, adapter_root=args.adapter_root,
+                            metrics_port=args.metrics_port)
+    server, port, service = create_server(config)
+    if config.metrics_port is not None:
+        service.metrics.serve(config.metrics_port, config.host)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    loaded = [v.name for v in service.registry.index()]
+    print(f"adapters: {', '.join(loaded) or 'none'}; bases: {', '.join(config.bases)}", file=sys.stderr)
+    print(f"serving on {config.host}:{port}", flush=True)
+    stop.wait()
+    print(f"draining (grace {config.grace_s:.0f}s) ...", file=sys.stderr, flush=True)
+    stop_server(server, service, config.grace_s)
+    print("stopped", file=sys.stderr, flush=True)
+    return 0

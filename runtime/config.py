@@ -1,0 +1,74 @@
+"""`ServeConfig`: what `wara serve` reads from TOML and flags, validated in one place."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from wara_train.bases import BASES
+from wara_train.errors import ConfigError
+
+BACKENDS = ("torch",)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8001  # 0: any free port
+    adapter_root: str | None = None  # every sub-directory with an adapter is loaded at start
+    bases: tuple[str, ...] = ("minilm", "effnet-lite0")
+    backend: str = "torch"
+    device: str | None = None  # default: cuda when present, else cpu
+    slots: int = 16  # device-tier adapter slots per base (slot 0 is the base)
+    max_rank: int = 32  # folded rank the slots are padded to
+    max_batch: int = 32  # rows per forward pass
+    max_delay_ms: float = 5.0  # how long the first request of a batch may wait for company
+    max_queue: int = 1024  # queued requests per base before RESOURCE_EXHAUSTED
+    host_budget_mb: float = 1024.0  # folded adapters kept in memory (LRU beyond it)
+    max_message_mb: int = 64  # largest gRPC message
+    request_timeout_s: float = 30.0  # when the client sets no deadline
+    grace_s: float = 10.0  # drain time on SIGTERM / Ctrl-C
+    workers: int = 32  # gRPC handler threads
+    metrics_port: int | None = None  # Prometheus /metrics; None: off
+    max_text_length: int = 128  # tokens per text input (server-side tokenization)
+    pinned: tuple[str, ...] = ()  # adapters never evicted from the host tier
+
+    def __post_init__(self) -> None:
+        for name in ("bases", "pinned"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        unknown = [b for b in self.bases if b not in BASES]
+        if unknown or not self.bases:
+            raise ConfigError(f"bases {unknown or '[]'}: valid base models are {', '.join(BASES)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}: valid backends are {', '.join(BACKENDS)}")
+        for name in ("slots", "max_rank", "max_batch", "max_queue", "max_message_mb", "workers", "max_text_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.slots < 2:
+            raise ConfigError("slots must be >= 2 (slot 0 is the base)")
+        if not (0 <= self.port <= 65535):
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.max_delay_ms < 0 or self.host_budget_mb <= 0 or self.request_timeout_s <= 0 or self.grace_s < 0:
+            raise ConfigError("max_delay_ms, grace_s must be >= 0; host_budget_mb, request_timeout_s > 0")
+        if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
+            raise ConfigError(f"adapter_root {self.adapter_root!r} is not a directory")
+
+    def replace(self, **changes: Any) -> "ServeConfig":
+        return ServeConfig(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "ServeConfig":
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        section = data.get("serve", data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {unknown}; valid keys are {', '.join(sorted(known))}")
+        return cls(**section)

@@ -1,0 +1,232 @@
+"""The PyTorch engine: one base model, a device tier of fixed adapter slots, per-row routing.
+
+Every adaptable layer of the base becomes a `SlotLayer` holding ``lora_A`` (S, R, n) and
+``lora_B`` (S, m, R): the folded factors (DESIGN.md 2.2) of up to S-1 adapters, zero-padded to
+the max rank R, so writing or clearing a slot never reallocates (STYLE.md 7). Slot 0 is the base
+(all zeros). The task head is tapped: the model returns its features and each row gets its own
+adapter's head, so adapters with different label sets share one forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wara_train.artifact import WaraAdapter, fingerprint
+from wara_train.bases import build_base, get_base
+from wara_train.delta import fold
+from wara_train.errors import ConfigError, IncompatibleAdapterError
+from wara_train.layer import is_pointwise_conv
+from wara_train.model import find_targets
+
+from .kernels import LoraKernel, grouped_lora
+
+
+@dataclass
+class Routing:
+    """Which slot each row of the current batch uses; set by the engine before a forward."""
+
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
+class SlotLayer(nn.Module):
+    """``y = W0 x + lora_B[s] (lora_A[s] x)`` for each row's slot s (Linear or 1x1 Conv2d)."""
+
+    def __init__(self, base: nn.Module, *, slots: int, max_rank: int, routing: Routing, kernel: LoraKernel) -> None:
+        super().__init__()
+        self.base = base
+        self.conv = is_pointwise_conv(base)
+        m, n = base.weight.shape[0], base.weight.shape[1]
+        dev, dt = base.weight.device, base.weight.dtype
+        self.register_buffer("lora_A", torch.zeros(slots, max_rank, n, device=dev, dtype=dt), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(slots, m, max_rank, device=dev, dtype=dt), persistent=False)
+        self.routing = routing
+        self.kernel = kernel
+
+    def set_slot(self, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write folded factors (r <= max rank) into a slot, zeroing the padding."""
+        r = a.shape[0]
+        if r > self.lora_A.shape[1]:
+            raise ConfigError(f"folded rank {r} exceeds the server's max_rank {self.lora_A.shape[1]}")
+        self.lora_A[index].zero_()
+        self.lora_B[index].zero_()
+        self.lora_A[index, :r].copy_(a)
+        self.lora_B[index, :, :r].copy_(b)
+
+    def reset_slot(self, index: int) -> None:
+        self.lora_A[index].zero_()
+        self.lora_B[index].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.routing.groups:
+            return y
+        if self.conv:  # (B, C, H, W) -> (B, HW, C) rows of features
+            xs = x.flatten(2).transpose(1, 2)
+            d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups)
+            return y + d.transpose(1, 2).reshape(y.shape)
+        xs = x if x.dim() == 3 else x.unsqueeze(1)
+        d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups)
+        return y + (d if x.dim() == 3 else d.squeeze(1))
+
+
+class HeadTap(nn.Module):
+    """Stands where the task head was: passes the features through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class Folded:
+    """An adapter prepared for the device tier: folded factors and head, float32, CPU."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    head: tuple[torch.Tensor, torch.Tensor | None] | None
+    labels: list[str] | None
+
+    @property
+    def nbytes(self) -> int:
+        total = sum(a.numel() + b.numel() for a, b in self.factors.values())
+        if self.head is not None:
+            total += self.head[0].numel() + (self.head[1].numel() if self.head[1] is not None else 0)
+        return 4 * total
+
+
+class TorchEngine:
+    """A base model with S adapter slots; runs heterogeneous batches in one forward."""
+
+    platform = "wara_pytorch"
+
+    def __init__(self, base_model: str, *, slots: int = 16, max_rank: int = 32, device: str | None = None,
+                 kernel: LoraKernel = grouped_lora) -> None:
+        if slots < 2:
+            raise ConfigError("slots must be >= 2 (slot 0 is the base)")
+        self.base_model = base_model
+        self.recipe = get_base(base_model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = build_base(base_model, num_labels=None)
+        self.targets = find_targets(model, self.recipe.default_targets)
+        self.routing = Routing()
+        self.fingerprints: dict[str, torch.Tensor] = {}
+        for name in self.targets:
+            base = model.get_submodule(name)
+            self.fingerprints[name] = base.weight.detach().reshape(base.weight.shape[0], base.weight.shape[1]).clone()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    SlotLayer(base, slots=slots, max_rank=max_rank, routing=self.routing, kernel=kernel))
+        head_name = self.recipe.head
+        self.base_head: nn.Module | None = getattr(model, head_name, None)
+        setattr(model, head_name, HeadTap())
+        self.model = model.to(self.device).eval()
+        if self.base_head is not None:
+            self.base_head = self.base_head.to(self.device).eval()
+        self.layers: dict[str, SlotLayer] = {n: model.get_submodule(n) for n in self.targets}
+        self.num_slots = slots
+        self.max_rank = max_rank
+        feat = self._feature_dim()
+        self.head_w = torch.zeros(slots, 1, feat, device=self.device)
+        self.head_b = torch.zeros(slots, 1, device=self.device)
+        self.slot_labels: list[int] = [0] * slots
+        self.lock = threading.Lock()  # one forward or slot write at a time
+
+    def _feature_dim(self) -> int:
+        head = self.base_head
+        if isinstance(head, nn.Linear):
+            return head.in_features
+        return self.model.bert.config.hidden_size  # the MiniLM classifier without a head
+
+    # --- adapters -------------------------------------------------------------------------
+    def prepare(self, adapter: WaraAdapter) -> Folded:
+        """Validate ``adapter`` against this base and fold it (load time, not per request)."""
+        if adapter.base_model != self.base_model:
+            raise IncompatibleAdapterError(f"adapter is for base model {adapter.base_model!r}, not {self.base_model!r}")
+        unknown = [t for t in adapter.config.target_modules if t not in self.layers]
+        if unknown:
+            raise IncompatibleAdapterError(f"this server adapts {len(self.layers)} layers of {self.base_model}; "
+                                           f"the adapter targets others: {unknown[:3]}")
+        weights = {}
+        for t in adapter.config.target_modules:
+            w = self.fingerprints[t]
+            if tuple(w.shape) != adapter.shape(t):
+                raise IncompatibleAdapterError(f"{t}: base layer {tuple(w.shape)}, adapter made for {adapter.shape(t)}")
+            weights[t] = w
+        if fingerprint(weights) != adapter.base_fingerprint:
+            raise IncompatibleAdapterError("base fingerprint mismatch: the adapter was trained on a different base")
+        factors = {}
+        for t in adapter.config.target_modules:
+            fac = {blk: (a.float(), b.float()) for blk, (a, b) in adapter.factors[t].items()}
+            la, lb = fold(fac, shape=adapter.shape(t), spec=adapter.config.spec, scale=adapter.config.scale)
+            if la.shape[0] > self.max_rank:
+                raise IncompatibleAdapterError(
+                    f"folded rank {la.shape[0]} exceeds the server's max_rank {self.max_rank}; raise max_rank")
+            factors[t] = (la, lb)
+        head = None
+        params = adapter.saved_modules.get(self.recipe.head)
+        if params is not None:
+            w = params.get("weight")
+            if w is None or w.dim() != 2 or w.shape[1] != self.head_w.shape[2]:
+                raise IncompatibleAdapterError(f"task head {self.recipe.head} must be a Linear on {self.head_w.shape[2]} features")
+            head = (w.float(), params["bias"].float() if "bias" in params else None)
+        return Folded(factors, head, adapter.labels)
+
+    def write_slot(self, index: int, folded: Folded) -> None:
+        """Device tier: copy an adapter into slot ``index`` (1..S-1) in place."""
+        with self.lock:
+            for name, layer in self.layers.items():
+                if name in folded.factors:
+                    a, b = folded.factors[name]
+                    layer.set_slot(index, a.to(self.device), b.to(self.device))
+                else:
+                    layer.reset_slot(index)
+            if folded.head is not None:
+                w, b = folded.head
+                if w.shape[0] > self.head_w.shape[1]:  # grow the head bank (rare: more labels)
+                    grow = w.shape[0] - self.head_w.shape[1]
+                    self.head_w = F.pad(self.head_w, (0, 0, 0, grow))
+                    self.head_b = F.pad(self.head_b, (0, grow))
+                self.head_w[index].zero_()
+                self.head_b[index].zero_()
+                self.head_w[index, : w.shape[0]] = w.to(self.device)
+                if b is not None:
+                    self.head_b[index, : b.shape[0]] = b.to(self.device)
+                self.slot_labels[index] = w.shape[0]
+            else:
+                self.slot_labels[index] = 0
+
+    # --- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, inputs: Sequence[torch.Tensor], slots: Sequence[int]) -> list[dict[str, Any]]:
+        """Run one batch; row b uses slot ``slots[b]`` (0 = base). Returns per-row outputs:
+        ``logits`` for adapter rows with a head, the base's own output otherwise."""
+        slot_t = torch.as_tensor(list(slots), dtype=torch.long)
+        groups = [(int(s), (slot_t == s).nonzero().flatten().to(self.device)) for s in sorted(set(slots)) if s != 0]
+        with self.lock:
+            self.routing.groups = groups
+            try:
+                feats = self.model(*[t.to(self.device) for t in inputs])
+            finally:
+                self.routing.groups = []
+            out: list[dict[str, Any]] = [dict() for _ in slots]
+            base_rows = [i for i, s in enumerate(slots) if s == 0 or self.slot_labels[s] == 0]
+            if base_rows:
+                base_out = self._base_output(feats[base_rows])
+                for j, i in enumerate(base_rows):
+                    out[i] = {k: v[j] for k, v in base_out.items()}
+            for s, rows in groups:
+                if self.slot_labels[s] == 0:
+                    continue
+                logits = feats[rows] @ self.head_w[s].T + self.head_b[s]
+                for j, i in enumerate(rows.tolist()):
+                    out[i] = {"logits": logits[j, : self.slot_labels[s]].float().cpu()}
+        return out
+
+    def _base_output(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.base_head is None:  # MiniLM: the sentence embedding
+            return {"embeddings": F.normalize(feats, dim=-1).float().cpu()}
+        return {"logits": self.base_head(feats).float().cpu()}

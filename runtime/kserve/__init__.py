@@ -1,0 +1,1 @@
+"""Generated KServe v2 gRPC stubs (proto/runtime/kserve/inference.proto); do not edit."""

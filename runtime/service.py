@@ -1,0 +1,226 @@
+"""The serving core, independent of gRPC: models, inputs, outputs, load/unload, drain.
+
+The gRPC servicer only translates protobuf to these calls and back; tests and benchmarks can
+call the same methods in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wara_train.artifact import CONFIG_NAME
+
+from .batcher import Batcher, Request
+from .config import ServeConfig
+from .engine import TorchEngine
+from .errors import Draining, InvalidRequest, ModelNotFound
+from .metrics import Metrics
+from .registry import Registry, Version, read_dir
+
+log = logging.getLogger("wara.serve")
+SERVER_NAME = "wara-serve"
+SERVER_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+def input_specs(base_model: str) -> list[TensorSpec]:
+    if base_model == "minilm":
+        return [TensorSpec("text", "BYTES", (-1,)), TensorSpec("input_ids", "INT64", (-1, -1)),
+                TensorSpec("attention_mask", "INT64", (-1, -1))]
+    return [TensorSpec("images", "FP32", (-1, 3, -1, -1))]
+
+
+def output_specs(base_model: str, version: Version | None) -> list[TensorSpec]:
+    if version is None:
+        if base_model == "minilm":
+            return [TensorSpec("embeddings", "FP32", (-1, 384))]
+        return [TensorSpec("logits", "FP32", (-1, 1000))]
+    n = len(version.labels) if version.labels else -1
+    specs = [TensorSpec("logits", "FP32", (-1, n))]
+    if version.labels:
+        specs.append(TensorSpec("labels", "BYTES", (-1,)))
+    return specs
+
+
+class Service:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.engines = {b: TorchEngine(b, slots=config.slots, max_rank=config.max_rank, device=config.device)
+                        for b in config.bases}
+        self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)))
+        self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
+                                    max_queue=config.max_queue, on_batch=self.metrics.observe_batch)
+                         for b, e in self.engines.items()}
+        self._tokenizer = None
+        self._tok_lock = threading.Lock()
+        self.ready = False
+        self.draining = False
+        if config.adapter_root:
+            for d in sorted(Path(config.adapter_root).iterdir()):
+                if (d / CONFIG_NAME).is_file():
+                    try:
+                        self.load(d.name)
+                    except Exception as e:  # one bad adapter must not stop the server
+                        log.warning("skipping adapter %s: %s", d.name, e)
+        self.ready = True
+
+    # --- repository -------------------------------------------------------------------------
+    def load(self, name: str, files: dict[str, bytes] | None = None) -> Version:
+        t0 = time.perf_counter()
+        if files is None:
+            if not self.config.adapter_root:
+                raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
+            files = read_dir(Path(self.config.adapter_root) / name)
+        version = self.registry.load(name, files, pinned=name in self.config.pinned)
+        self.metrics.loads.inc()
+        self.metrics.load_latency.observe(time.perf_counter() - t0)
+        return version
+
+    def unload(self, name: str) -> None:
+        if name in self.engines:
+            raise InvalidRequest(f"{name!r} is a base model; only adapters can be unloaded")
+        self.registry.unload(name)
+        self.metrics.unloads.inc()
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for bases, loaded adapters and unloaded ones on disk."""
+        rows = [(b, "1", "READY", "") for b in self.engines]
+        loaded = {v.name: v for v in self.registry.index()}
+        rows += [(v.name, v.version, "READY", "") for v in loaded.values()]
+        if self.config.adapter_root:
+            for d in sorted(Path(self.config.adapter_root).iterdir()):
+                if (d / CONFIG_NAME).is_file() and d.name not in loaded:
+                    rows.append((d.name, "", "UNAVAILABLE", "not loaded"))
+        return rows
+
+    def resolve(self, name: str) -> tuple[str, Version | None]:
+        """(base model, leased version or None for the base). Caller must `release`."""
+        if name in self.engines:
+            return name, None
+        version = self.registry.lease(name)
+        return version.base_model, version
+
+    def describe(self, name: str) -> tuple[str, list[str], list[TensorSpec], list[TensorSpec]]:
+        base, version = self.resolve(name)
+        try:
+            versions = [version.version] if version else ["1"]
+            return base, versions, input_specs(base), output_specs(base, version)
+        finally:
+            if version is not None:
+                self.registry.release(version)
+
+    # --- inference ------------------------------------------------------------------------
+    def infer(self, name: str, inputs: dict[str, np.ndarray], *, timeout: float | None = None,
+              requested_version: str = "") -> tuple[str, dict[str, np.ndarray]]:
+        """Run one request; returns (version that ran, outputs)."""
+        if self.draining:
+            raise Draining("the server is draining and takes no new requests")
+        t0 = time.perf_counter()
+        base, version = self.resolve(name)
+        label = name
+        self.metrics.waiting.labels(label).inc()
+        try:
+            if requested_version and requested_version != (version.version if version else "1"):
+                raise ModelNotFound(f"model {name!r} has no version {requested_version!r}")
+            tensors = self._model_inputs(base, inputs)
+            deadline = time.perf_counter() + (timeout or self.config.request_timeout_s)
+            req = Request(tensors, version, deadline=deadline)
+            future = self.batchers[base].submit(req)
+            rows = future.result(timeout=max(0.0, deadline - time.perf_counter()) + 1.0)
+        except Exception as e:
+            self.metrics.requests.labels(label, type(e).__name__).inc()
+            raise
+        finally:
+            self.metrics.waiting.labels(label).dec()
+            if version is not None:
+                self.registry.release(version)
+        outputs = self._outputs(rows, version)
+        self.metrics.requests.labels(label, "ok").inc()
+        self.metrics.latency.observe(time.perf_counter() - t0)
+        return (version.version if version else "1"), outputs
+
+    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from wara_train.bases import MiniLMTokenizer
+
+        with self._tok_lock:
+            if self._tokenizer is None:
+                self._tokenizer = MiniLMTokenizer(max_length=self.config.max_text_length)
+            enc = self._tokenizer(texts)
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _model_inputs(self, base: str, inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        for name, arr in inputs.items():
+            if arr.ndim == 0 or arr.shape[0] == 0:
+                raise InvalidRequest(f"input {name!r} has an empty batch (shape {list(arr.shape)})")
+        if base == "minilm":
+            if "text" in inputs:
+                extra = set(inputs) - {"text"}
+                if extra:
+                    raise InvalidRequest(f"send either 'text' or 'input_ids' + 'attention_mask', not both ({sorted(extra)})")
+                arr = inputs["text"]
+                if arr.dtype != object:
+                    raise InvalidRequest("input 'text' must be BYTES")
+                if arr.ndim == 2 and arr.shape[1] == 1:
+                    arr = arr[:, 0]
+                if arr.ndim != 1:
+                    raise InvalidRequest(f"input 'text' must have shape [batch] or [batch, 1], got {list(arr.shape)}")
+                try:
+                    texts = [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in arr]
+                except UnicodeDecodeError:
+                    raise InvalidRequest("input 'text' is not valid UTF-8") from None
+                return self._tokenize(texts)
+            missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
+            if missing:
+                raise InvalidRequest(f"missing input {missing[0]!r}: minilm takes 'text' (BYTES) or 'input_ids' + 'attention_mask' (INT64)")
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            for n, a in (("input_ids", ids), ("attention_mask", mask)):
+                if a.dtype != np.int64:
+                    raise InvalidRequest(f"input {n!r} must be INT64, got {a.dtype}")
+                if a.ndim != 2:
+                    raise InvalidRequest(f"input {n!r} must have shape [batch, seq], got {list(a.shape)}")
+            if ids.shape != mask.shape:
+                raise InvalidRequest(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ in shape")
+            if ids.shape[1] > 512 or ids.min() < 0 or ids.max() >= 30522:
+                raise InvalidRequest("input_ids must be token ids in [0, 30522) with at most 512 per row")
+            return torch.from_numpy(ids.copy()), torch.from_numpy(mask.copy())
+        if "images" not in inputs:
+            raise InvalidRequest(f"missing input 'images': {base} takes FP32 images [batch, 3, H, W]")
+        img = inputs["images"]
+        if img.dtype != np.float32:
+            raise InvalidRequest(f"input 'images' must be FP32, got {img.dtype}")
+        if img.ndim != 4 or img.shape[1] != 3 or not (32 <= img.shape[2] <= 512 and 32 <= img.shape[3] <= 512):
+            raise InvalidRequest(f"input 'images' must have shape [batch, 3, H, W] with 32 <= H, W <= 512, got {list(img.shape)}")
+        if not np.isfinite(img).all():
+            raise InvalidRequest("input 'images' contains NaN or Inf")
+        return (torch.from_numpy(img.copy()),)
+
+    def _outputs(self, rows: list[dict[str, Any]], version: Version | None) -> dict[str, np.ndarray]:
+        keys = rows[0].keys()
+        out = {k: torch.stack([r[k] for r in rows]).numpy() for k in keys}
+        if version is not None and version.labels and "logits" in out:
+            idx = out["logits"].argmax(-1)
+            out["labels"] = np.array([version.labels[i].encode() for i in idx], dtype=object)
+        return out
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Refuse new requests, let queued ones finish, stop the workers."""
+        self.draining = True
+        self.ready = False
+        for b in self.batchers.values():
+            b.stop()
