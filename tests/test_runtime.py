@@ -1,0 +1,259 @@
+"""The server as users run it: a real server on port 0, tritonclient in another process, and
+every answer checked against the single-request PyTorch reference of the version it names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from helpers import tol
+
+from exporter.common import base_for
+from exporter.verify import reference_model
+from runtime.config import ServeConfig
+from runtime.kserve import inference_pb2 as pb
+from runtime.kserve import inference_pb2_grpc as pb_grpc
+from runtime.server import create_server, stop_server
+from wara_train.artifact import load_adapter
+from wara_train.bases import MiniLMTokenizer
+from wara_train.synthetic import random_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = Path(__file__).parent / "clients" / "triton_client.py"
+TOPICS = [f"topic-{c}" for c in "abcdefgh"]
+TEXTS = ["what is artificial intelligence", "tell me a joke", "do you like football?", "how are you today",
+         "the stock market fell", "who wrote hamlet"]
+
+
+def test_generated_stubs_are_current():
+    proc = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+class Reference:
+    """Single-request PyTorch outputs for any adapter version, computed once per (hash, text)."""
+
+    def __init__(self) -> None:
+        self.tok = MiniLMTokenizer(max_length=128)
+        self.models: dict[str, torch.nn.Module] = {}
+        self.cache: dict[tuple[str, str], np.ndarray] = {}
+        self.bases: dict[str, torch.nn.Module] = {}
+
+    def add(self, adapter) -> None:
+        if adapter.content_hash not in self.models:
+            if adapter.base_model not in self.bases:
+                self.bases[adapter.base_model] = base_for(adapter)
+            self.models[adapter.content_hash] = reference_model(adapter, self.bases[adapter.base_model])
+
+    def logits(self, version: str, text: str) -> np.ndarray:
+        key = (version, text)
+        if key not in self.cache:
+            with torch.no_grad():
+                self.cache[key] = self.models[version](**self.tok([text]))[0].numpy()
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    ref = Reference()
+    for k, name in enumerate(TOPICS):
+        wavelet, levels = ("db2", 2) if k % 2 else ("haar", 1)
+        ref.add(random_adapter("minilm", root / name, wavelet=wavelet, levels=levels, rank=2, seed=10 + k))
+    random_adapter("effnet-lite0", root / "digits", rank=2, num_labels=4, seed=3)
+    variants = tmp_path_factory.mktemp("variants")
+    for v in range(4):  # new contents for the hot-swap test
+        ref.add(random_adapter("minilm", variants / str(v), rank=2, seed=100 + v))
+    config = ServeConfig(port=0, adapter_root=str(root), slots=12, max_delay_ms=20.0, max_message_mb=4)
+    server, port, service = create_server(config)
+    try:
+        yield {"port": port, "service": service, "root": root, "variants": variants, "ref": ref}
+    finally:
+        stop_server(server, service, grace=2.0)
+
+
+def _client(*args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLIENT), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _stub(port):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return channel, pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _assert_matches(ref: Reference, rec: dict) -> None:
+    rtol, atol = tol(torch.float32)
+    got = np.asarray(rec["logits"][0])
+    want = ref.logits(rec["version"], rec["text"])
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"{rec['model']} @ {rec['version'][:16]}")
+
+
+@pytest.mark.slow
+def test_tritonclient_smoke_from_another_process(served):
+    ref, root = served["ref"], served["root"]
+    proc = _client("smoke", served["port"], root / "topic-a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["live"] and out["ready"] and "model_repository" in out["extensions"]
+    version = load_adapter(root / "topic-a").content_hash
+    assert out["metadata"]["versions"] == [version]
+    assert out["metadata"]["inputs"] == ["text", "input_ids", "attention_mask"]
+    assert out["metadata"]["outputs"] == ["logits", "labels"]
+    texts = ["what is artificial intelligence", "tell me a joke"]
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(out["adapter"]["logits"][i], ref.logits(version, text), rtol=1e-4, atol=1e-4)
+    assert out["adapter"]["labels"][0].startswith("label")
+    assert np.allclose(np.linalg.norm(out["base"]["embeddings"], axis=1), 1.0, atol=1e-5)
+    assert len(out["vision"]["logits"][0]) == 4 and len(out["vision"]["labels"]) == 2
+    assert ("topic-a", "READY") in [tuple(x) for x in out["index_before"]]
+    assert out["ready_after_unload"] is False and out["after_unload"] == "StatusCode.NOT_FOUND"
+    assert out["ready_after_load"] is True
+    np.testing.assert_allclose(out["by_files"]["logits"], out["adapter"]["logits"], rtol=1e-5, atol=1e-5)
+    assert ("sent-by-files", "READY") in [tuple(x) for x in out["index_after"]]
+
+
+@pytest.mark.slow
+def test_sixteen_clients_over_eight_adapters_and_base(served):
+    ref, service = served["ref"], served["service"]
+    before = service.batchers["minilm"].stats.mixed_batches
+    models = TOPICS + ["minilm"]
+    plan = {"clients": [{"model": models[k % len(models)], "texts": TEXTS[k % 3:] + TEXTS[: k % 3], "requests": 8}
+                        for k in range(16)]}
+    plan_file = served["root"].parent / "plan16.json"
+    plan_file.write_text(json.dumps(plan))
+    proc = _client("load", served["port"], plan_file)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    done = records.pop()
+    assert done["done"] and len(records) == 16 * 8
+    assert all(r["status"] == "OK" for r in records), [r for r in records if r["status"] != "OK"][:2]
+    for r in records:
+        if r["model"] == "minilm":
+            assert len(r["embeddings"][0]) == 384
+        else:
+            assert r["version"] == load_adapter(served["root"] / r["model"]).content_hash
+            _assert_matches(ref, r)
+    stats = service.batchers["minilm"].stats
+    assert stats.mixed_batches > before and stats.max_models_in_batch >= 2
+    print(f"\n16 clients x 8 requests: {len(records) / done['seconds']:.1f} req/s; "
+          f"{stats.batches} batches, mean {np.mean(stats.batch_sizes):.1f} rows, up to {stats.max_models_in_batch} models in one")
+
+
+@pytest.mark.slow
+def test_hot_swap_under_load(served):
+    """Reload topic-c with new content 20 times and unload/load topic-d while clients run:
+    nothing fails but NOT_FOUND on topic-d while it is unloaded, and every answer matches the
+    version the response names."""
+    ref, root, variants = served["ref"], served["root"], served["variants"]
+    plan = {"clients": [{"model": m, "texts": TEXTS, "requests": 30} for m in ["topic-c", "topic-c", "topic-d", "topic-e"]],
+            "max_seconds": 240}
+    plan_file = root.parent / "plan_swap.json"
+    plan_file.write_text(json.dumps(plan))
+    proc = subprocess.Popen([sys.executable, str(CLIENT), "load", str(served["port"]), str(plan_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    channel, stub = _stub(served["port"])
+    loaded_versions = set()
+    try:
+        def files(path):
+            return {"config": pb.ModelRepositoryParameter(string_param=(path / "adapter_config.json").read_text()),
+                    "file:adapter_model.safetensors": pb.ModelRepositoryParameter(bytes_param=(path / "adapter_model.safetensors").read_bytes())}
+
+        for i in range(20):
+            path = variants / str(i % 4)
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="topic-c", parameters=files(path)))
+            loaded_versions.add(load_adapter(path).content_hash)
+            if i % 5 == 2:
+                stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="topic-d"))
+                time.sleep(0.2)
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="topic-d"))
+            time.sleep(0.05)
+    finally:
+        out, err = proc.communicate(timeout=600)
+        channel.close()
+    assert proc.returncode == 0, err[-3000:]
+    records = [json.loads(line) for line in out.splitlines()][:-1]
+    assert len(records) == 4 * 30
+    for r in records:
+        if r["status"] != "OK":
+            assert r["model"] == "topic-d" and r["status"] == "StatusCode.NOT_FOUND", r
+            continue
+        _assert_matches(ref, r)  # the answer belongs to the version the response names
+    seen = {r["version"] for r in records if r["model"] == "topic-c" and r["status"] == "OK"}
+    assert len(seen) >= 2  # requests really ran on several versions
+    assert seen <= loaded_versions | {load_adapter(root / "topic-c").content_hash}
+
+
+def _infer(stub, model, inputs, raw=None, **kw):
+    req = pb.ModelInferRequest(model_name=model)
+    for name, datatype, shape, contents in inputs:
+        t = req.inputs.add(name=name, datatype=datatype, shape=shape)
+        if contents is not None:
+            getattr(t.contents, contents[0]).extend(contents[1])
+    if raw is not None:
+        req.raw_input_contents.extend(raw)
+    return stub.ModelInfer(req, timeout=60, **kw)
+
+
+@pytest.mark.slow
+def test_bad_requests_get_the_right_code_and_the_server_keeps_serving(served):
+    channel, stub = _stub(served["port"])
+    good = [("text", "BYTES", [1], ("bytes_contents", [b"hello"]))]
+    cases = {
+        "wrong datatype": ("topic-a", [("text", "FP32", [1], ("fp32_contents", [1.0]))], None, grpc.StatusCode.INVALID_ARGUMENT),
+        "wrong shape": ("digits", [("images", "FP32", [1, 3, 8], ("fp32_contents", [0.0] * 24))], None, grpc.StatusCode.INVALID_ARGUMENT),
+        "shape/content mismatch": ("topic-a", [("text", "BYTES", [2], ("bytes_contents", [b"x"]))], None, grpc.StatusCode.INVALID_ARGUMENT),
+        "missing input": ("topic-a", [("input_ids", "INT64", [1, 3], ("int64_contents", [101, 7592, 102]))], None, grpc.StatusCode.INVALID_ARGUMENT),
+        "raw wrong byte length": ("digits", [("images", "FP32", [1, 3, 64, 64], None)], [b"\0" * 100], grpc.StatusCode.INVALID_ARGUMENT),
+        "raw BYTES truncated": ("topic-a", [("text", "BYTES", [1], None)], [struct.pack("<I", 50) + b"short"], grpc.StatusCode.INVALID_ARGUMENT),
+        "unknown adapter": ("no-such-adapter", good, None, grpc.StatusCode.NOT_FOUND),
+        "empty batch": ("topic-a", [("text", "BYTES", [0], ("bytes_contents", []))], None, grpc.StatusCode.INVALID_ARGUMENT),
+        "oversize message": ("digits", [("images", "FP32", [1, 3, 512, 512], None)], [b"\0" * (5 << 20)], grpc.StatusCode.RESOURCE_EXHAUSTED),
+    }
+    try:
+        for label, (model, inputs, raw, code) in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                _infer(stub, model, inputs, raw)
+            assert info.value.code() == code, f"{label}: {info.value.code()} {info.value.details()}"
+            assert info.value.details(), label
+            ok = _infer(stub, "topic-a", good)  # still serving
+            assert ok.outputs[0].name == "logits"
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="bad", parameters={
+                "config": pb.ModelRepositoryParameter(string_param="{}"),
+                "file:adapter_model.safetensors": pb.ModelRepositoryParameter(bytes_param=b"junk")}))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format" in info.value.details()
+        assert "bad" not in [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models]
+    finally:
+        channel.close()
+
+
+@pytest.mark.slow
+def test_serve_cli_prints_its_address_and_drains_on_sigterm(tmp_path):
+    shutil.copytree(Path(__file__).parent / "clients", tmp_path / "unused")  # any directory works as a root
+    proc = subprocess.Popen([sys.executable, "-m", "wara_train.cli", "serve", "--port", "0", "--adapter-root", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        t0 = time.time()
+        while time.time() - t0 < 120 and not line.startswith("serving on"):
+            line = proc.stdout.readline()
+        assert line.startswith("serving on 127.0.0.1:"), proc.stderr.read()[-2000:]
+        port = int(line.strip().rsplit(":", 1)[1])
+        channel, stub = _stub(port)
+        assert stub.ServerReady(pb.ServerReadyRequest()).ready
+        channel.close()
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()
