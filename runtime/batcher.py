@@ -39,6 +39,7 @@ class BatchStats:
     rows: int = 0
     mixed_batches: int = 0  # batches holding rows of two or more different models
     max_models_in_batch: int = 0
+    merged_batches: int = 0  # batches run on a merged copy (one merged adapter only)
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -136,6 +137,11 @@ class Batcher:
 
     def _run(self, batch: list[Request]) -> None:
         try:
+            first = batch[0].version
+            if first is not None and first.merged is not None and all(r.version is first for r in batch):
+                outputs = self.engine.forward_merged(first.merged, first.folded, _concat([r.inputs for r in batch]))
+                self._finish(batch, outputs, merged=True)
+                return
             versions = [r.version for r in batch if r.version is not None]
             slot_of = self.registry.assign_slots(self.engine.base_model, versions) if versions else {}
             slots: list[int] = []
@@ -148,16 +154,22 @@ class Batcher:
                 if not r.future.done():
                     r.future.set_exception(e)
             return
+        self._finish(batch, outputs)
+
+    def _finish(self, batch: list[Request], outputs: list, *, merged: bool = False) -> None:
         s = self.stats
+        rows = len(outputs)
         s.batches += 1
-        s.rows += len(slots)
-        s.batch_sizes.append(len(slots))
+        s.rows += rows
+        s.batch_sizes.append(rows)
+        if merged:
+            s.merged_batches += 1
         distinct = {id(r.version) if r.version is not None else None for r in batch}
         s.max_models_in_batch = max(s.max_models_in_batch, len(distinct))
         if len(distinct) > 1:
             s.mixed_batches += 1
         if self.on_batch is not None:
-            self.on_batch(self.engine.base_model, len(slots))
+            self.on_batch(self.engine.base_model, rows)
         start = 0
         for r in batch:
             r.future.set_result(outputs[start : start + r.rows])

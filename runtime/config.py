@@ -34,9 +34,10 @@ class ServeConfig:
     metrics_port: int | None = None  # Prometheus /metrics; None: off
     max_text_length: int = 128  # tokens per text input (server-side tokenization)
     pinned: tuple[str, ...] = ()  # adapters never evicted from the host tier
+    merged: tuple[str, ...] = ()  # adapters also kept as a merged copy: their own batches skip the adapter math
 
     def __post_init__(self) -> None:
-        for name in ("bases", "pinned"):
+        for name in ("bases", "pinned", "merged"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))

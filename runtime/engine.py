@@ -199,6 +199,36 @@ class TorchEngine:
             else:
                 self.slot_labels[index] = 0
 
+    # --- merged fast path -------------------------------------------------------------------
+    def build_merged(self, folded: Folded) -> nn.Module:
+        """A copy of the base whose adapted weights are ``W0 + lora_B lora_A`` (float32 math,
+        one cast), for a hot adapter's batches. The served base is never modified."""
+        import copy
+
+        merged = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                plain = copy.deepcopy(layer.base)
+                if name in folded.factors:
+                    a, b = folded.factors[name]
+                    w = plain.weight.float() + (b.to(self.device) @ a.to(self.device)).reshape(plain.weight.shape)
+                    plain.weight.copy_(w.to(plain.weight.dtype))
+                parent, _, child = name.rpartition(".")
+                setattr(merged.get_submodule(parent) if parent else merged, child, plain)
+        return merged.eval()
+
+    @torch.no_grad()
+    def forward_merged(self, merged: nn.Module, folded: Folded, inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+        """All rows on one merged adapter: one plain forward, then its head."""
+        with self.lock:
+            feats = merged(*[t.to(self.device) for t in inputs])
+            if folded.head is None:
+                out = self._base_output(feats)
+                return [{k: v[i] for k, v in out.items()} for i in range(feats.shape[0])]
+            w, b = folded.head
+            logits = feats @ w.to(self.device).T + (b.to(self.device) if b is not None else 0)
+            return [{"logits": row.float().cpu()} for row in logits]
+
     # --- inference ------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, inputs: Sequence[torch.Tensor], slots: Sequence[int]) -> list[dict[str, Any]]:

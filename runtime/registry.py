@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from wara_train.artifact import CONFIG_NAME, WEIGHTS_NAME, WaraAdapter, load_adapter
 from wara_train.errors import AdapterError, ConfigError
@@ -38,6 +39,7 @@ class Version:
     folded: Folded | None
     nbytes: int
     pinned: bool = False
+    merged: Any = None  # a merged copy of the base for this adapter (the fast path), or None
     leases: int = 0
     retired: bool = False
     slot: int | None = None
@@ -84,7 +86,7 @@ class Registry:
         self.stats = {"loads": 0, "unloads": 0, "host_evictions": 0, "slot_evictions": 0}
 
     # --- load / unload --------------------------------------------------------------------
-    def load(self, name: str, files: dict[str, bytes], *, pinned: bool = False) -> Version:
+    def load(self, name: str, files: dict[str, bytes], *, pinned: bool = False, merged: bool = False) -> Version:
         """Validate and fold a new version of ``name``; only then make it current. On any error
         nothing changes."""
         if not name or "/" in name or name in self.engines:
@@ -95,7 +97,9 @@ class Registry:
             raise ModelNotFound(f"adapter {name!r} needs base model {adapter.base_model!r}, which this server does not serve")
         folded = engine.prepare(adapter)  # validates against the base, folds
         version = Version(name, adapter.content_hash, adapter.base_model, adapter.labels, dict(files), folded,
-                          folded.nbytes, pinned=pinned)
+                          folded.nbytes, pinned=pinned or merged)
+        if merged:
+            version.merged = engine.build_merged(folded)
         with self.lock:
             old = self.current.get(name)
             self.current[name] = version
@@ -126,6 +130,7 @@ class Registry:
             self.slot_lru[version.base_model].pop(version.slot, None)
             version.slot = None
         version.folded = None
+        version.merged = None
 
     def _enforce_host_budget(self) -> None:
         used = sum(v.nbytes for v in self.host.values() if v.folded is not None)

@@ -101,6 +101,18 @@ def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarra
         response.raw_output_contents.append(raw)
 
 
+def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Client side: a response's raw outputs as numpy arrays."""
+    out = {}
+    for t, raw in zip(response.outputs, response.raw_output_contents):
+        shape = tuple(t.shape)
+        if t.datatype == "BYTES":
+            out[t.name] = _decode_bytes(raw, int(np.prod(shape)), t.name).reshape(shape)
+        else:
+            out[t.name] = np.frombuffer(raw, dtype=np.dtype(NUMPY[t.datatype]).newbyteorder("<")).reshape(shape)
+    return out
+
+
 def _guard(fn: Callable) -> Callable:
     """Run a handler; project errors become their status code, anything else INTERNAL."""
 

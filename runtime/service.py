@@ -86,7 +86,7 @@ class Service:
             if not self.config.adapter_root:
                 raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
             files = read_dir(Path(self.config.adapter_root) / name)
-        version = self.registry.load(name, files, pinned=name in self.config.pinned)
+        version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged)
         self.metrics.loads.inc()
         self.metrics.load_latency.observe(time.perf_counter() - t0)
         return version

@@ -74,7 +74,8 @@ def served(tmp_path_factory):
     variants = tmp_path_factory.mktemp("variants")
     for v in range(4):  # new contents for the hot-swap test
         ref.add(random_adapter("minilm", variants / str(v), rank=2, seed=100 + v))
-    config = ServeConfig(port=0, adapter_root=str(root), slots=12, max_delay_ms=20.0, max_message_mb=4)
+    config = ServeConfig(port=0, adapter_root=str(root), slots=12, max_delay_ms=20.0, max_message_mb=4,
+                         merged=("topic-h",))
     server, port, service = create_server(config)
     try:
         yield {"port": port, "service": service, "root": root, "variants": variants, "ref": ref}
@@ -191,6 +192,28 @@ def test_hot_swap_under_load(served):
     seen = {r["version"] for r in records if r["model"] == "topic-c" and r["status"] == "OK"}
     assert len(seen) >= 2  # requests really ran on several versions
     assert seen <= loaded_versions | {load_adapter(root / "topic-c").content_hash}
+
+
+@pytest.mark.slow
+def test_merged_fast_path_answers_like_the_reference_and_base_stays_pristine(served):
+    from runtime.server import decode_outputs
+
+    service, ref = served["service"], served["ref"]
+    engine = service.engines["minilm"]
+    pristine = {n: layer.base.weight.clone() for n, layer in engine.layers.items()}
+    before = service.batchers["minilm"].stats.merged_batches
+    version = load_adapter(served["root"] / "topic-h").content_hash
+    channel, stub = _stub(served["port"])
+    try:
+        for text in TEXTS[:3]:  # one request at a time: batches of topic-h alone
+            resp = _infer(stub, "topic-h", [("text", "BYTES", [1], ("bytes_contents", [text.encode()]))])
+            _assert_matches(ref, {"model": "topic-h", "version": resp.model_version, "text": text,
+                                  "logits": decode_outputs(resp)["logits"].tolist()})
+            assert resp.model_version == version
+    finally:
+        channel.close()
+    assert service.batchers["minilm"].stats.merged_batches >= before + 3
+    assert all(torch.equal(pristine[n], layer.base.weight) for n, layer in engine.layers.items())
 
 
 def _infer(stub, model, inputs, raw=None, **kw):

@@ -43,31 +43,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the end-to-end demo on the built-in models")
-    p.add_argument("--out", type=Path, default=Path(".wara-cache/demo"), help="where the demo writes adapters")
-    p.add_argument("--steps", type=int, default=None, help="cap optimizer steps (a quick run)")
+    p.add_argument("--out", type=Path, default=Path(".wara-cache/demo"), help="where the demo keeps its adapters")
+    p.add_argument("--steps", type=int, default=None, help="cap optimizer steps per adapter (a quick run)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .artifact import apply_adapter, load_adapter
-    from .bases import build_base
-    from .tasks import train_task
+    from runtime.demo import run_demo
 
-    t0 = time.perf_counter()
-    print("WaRA demo: train a MiniLM topic-classification adapter on chatterbot-corpus (offline)")
-    out = args.out / "minilm-topics"
-    result = train_task("minilm-topics", out, steps=args.steps)
-    # Read the artifact back as a user would, onto a fresh base, and check it reproduces.
-    adapter = load_adapter(out)
-    model = apply_adapter(build_base("minilm", num_labels=len(adapter.labels or [])), adapter, base_model="minilm")
-    print(
-        f"\n  untrained (base + fresh head): {result.before.accuracy:6.1%} held-out accuracy\n"
-        f"  WaRA adapter (r=4, haar, J=1): {result.after.accuracy:6.1%} held-out accuracy, "
-        f"macro-F1 {result.after.macro_f1:.3f}\n"
-        f"  artifact: {out} ({adapter.content_hash[:19]}), reloaded onto a fresh base: "
-        f"{len(model.wara_config.target_modules)} adapted layers\n"
-        f"demo finished in {time.perf_counter() - t0:.0f}s"
-    )
-    return 0
+    return run_demo(args.out, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
