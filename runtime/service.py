@@ -64,7 +64,7 @@ class Service:
                         for b in config.bases}
         self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)))
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
-                                    max_queue=config.max_queue, on_batch=self.metrics.observe_batch)
+                                    max_queue=config.max_queue, on_batch=self._on_batch)
                          for b, e in self.engines.items()}
         self._tokenizer = None
         self._tok_lock = threading.Lock()
@@ -78,6 +78,11 @@ class Service:
                     except Exception as e:  # one bad adapter must not stop the server
                         log.warning("skipping adapter %s: %s", d.name, e)
         self.ready = True
+
+    def _on_batch(self, base: str, rows: int) -> None:
+        self.metrics.observe_batch(base, rows)
+        self.metrics.evictions.labels("host").set(self.registry.stats["host_evictions"])
+        self.metrics.evictions.labels("slot").set(self.registry.stats["slot_evictions"])
 
     # --- repository -------------------------------------------------------------------------
     def load(self, name: str, files: dict[str, bytes] | None = None) -> Version:

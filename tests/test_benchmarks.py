@@ -19,3 +19,13 @@ def test_onnx_forms_benchmark_runs_quick(tmp_path):
     assert {r["form"] for r in report["results"]} == {"base", "merged", "unmerged", "multi"}
     assert all(err <= 1e-4 for err in report["verified_max_abs_error"].values())
     assert all(r["median_ms"] > 0 for r in report["results"])
+
+
+@pytest.mark.slow
+def test_grpc_overhead_benchmark_runs_quick(tmp_path):
+    out = tmp_path / "grpc.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.grpc_overhead", "--quick", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())["results"]
+    assert r["grpc"]["p50_ms"] > 0 and r["in_process"]["p50_ms"] > 0

@@ -280,3 +280,19 @@ def test_serve_cli_prints_its_address_and_drains_on_sigterm(tmp_path):
         assert "stopped" in proc.stderr.read()
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+def test_metrics_count_requests_batches_and_loads(served):
+    channel, stub = _stub(served["port"])
+    try:
+        _infer(stub, "topic-a", [("text", "BYTES", [1], ("bytes_contents", [b"hi"]))])
+        with pytest.raises(grpc.RpcError):
+            _infer(stub, "nobody", [("text", "BYTES", [1], ("bytes_contents", [b"hi"]))])
+    finally:
+        channel.close()
+    text = served["service"].metrics.text().decode()
+    for name in ("wara_requests_total", "wara_request_latency_seconds", "wara_batch_size", "wara_requests_in_flight",
+                 "wara_adapter_loads_total", "wara_adapter_load_seconds", "wara_adapter_evictions"):
+        assert name in text, name
+    assert 'outcome="ok"' in text and 'outcome="ModelNotFound"' in text
