@@ -112,7 +112,7 @@ def _export(model: nn.Module, io: ModelIO, probe_modules: Sequence[str] = ()) ->
             h.remove()
     proto = program.model_proto
     probes = [
-        Probe(n, f"wara_probe/{i}/x", f"wara_probe/{i}/y", ranks[n], is_pointwise_conv(model.get_submodule(n)))
+        Probe(n, f"wara_probe/{i}/x", f"wara_probe/{i}/y", ranks[n], _is_conv(model.get_submodule(n)))
         for i, n in enumerate(probe_modules)
     ]
     return proto, probes
@@ -131,6 +131,27 @@ def _quiet_exporter():
             yield
     finally:
         logger.setLevel(level)
+
+
+def _is_conv(module: nn.Module) -> bool:
+    """A pointwise conv, or a wrapper of one (the runtime's slot layers say so themselves)."""
+    return is_pointwise_conv(module) or bool(getattr(module, "conv", False))
+
+
+def export_multi_graph(model: nn.Module, targets: list[str], shapes: dict[str, tuple[int, int]], io: ModelIO,
+                       out: str | Path) -> Path:
+    """The ``multi`` graph of any model (no task head spliced: its output is what the model
+    returns), for engines that bind slot factors themselves."""
+    proto, probes = _export(model.eval(), io, targets)
+    new_inputs: list = []
+    graph = _splice(proto, probes, _multi_splice(shapes, set(), new_inputs))
+    graph.graph.input.append(helper.make_tensor_value_info(INDEX_INPUT, TensorProto.INT64, ["batch"]))
+    graph.graph.input.extend(new_inputs)
+    graph = _finish(graph, metadata={"wara.form": "multi", "wara.slot_inputs": json.dumps([i.name for i in new_inputs])})
+    onnx.checker.check_model(graph, full_check=True)
+    out = Path(out)
+    onnx.save(graph, str(out))
+    return out
 
 
 def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

@@ -10,7 +10,7 @@ from typing import Any
 from wara_train.bases import BASES
 from wara_train.errors import ConfigError
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class ServeConfig:
     port: int = 8001  # 0: any free port
     adapter_root: str | None = None  # every sub-directory with an adapter is loaded at start
     bases: tuple[str, ...] = ("minilm", "effnet-lite0")
-    backend: str = "torch"
+    backend: str = "torch"  # or "onnxruntime": the exporter's multi graph with slot factors as inputs
     device: str | None = None  # default: cuda when present, else cpu
     slots: int = 16  # device-tier adapter slots per base (slot 0 is the base)
     max_rank: int = 32  # folded rank the slots are padded to

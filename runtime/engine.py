@@ -237,11 +237,7 @@ class TorchEngine:
         slot_t = torch.as_tensor(list(slots), dtype=torch.long)
         groups = [(int(s), (slot_t == s).nonzero().flatten().to(self.device)) for s in sorted(set(slots)) if s != 0]
         with self.lock:
-            self.routing.groups = groups
-            try:
-                feats = self.model(*[t.to(self.device) for t in inputs])
-            finally:
-                self.routing.groups = []
+            feats = self._features(inputs, slot_t, groups)
             out: list[dict[str, Any]] = [dict() for _ in slots]
             base_rows = [i for i, s in enumerate(slots) if s == 0 or self.slot_labels[s] == 0]
             if base_rows:
@@ -255,6 +251,15 @@ class TorchEngine:
                 for j, i in enumerate(rows.tolist()):
                     out[i] = {"logits": logits[j, : self.slot_labels[s]].float().cpu()}
         return out
+
+    def _features(self, inputs: Sequence[torch.Tensor], slot_t: torch.Tensor,
+                  groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """The model's features (its head input) for a batch routed by ``groups``."""
+        self.routing.groups = groups
+        try:
+            return self.model(*[t.to(self.device) for t in inputs])
+        finally:
+            self.routing.groups = []
 
     def _base_output(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.base_head is None:  # MiniLM: the sentence embedding

@@ -56,12 +56,20 @@ def output_specs(base_model: str, version: Version | None) -> list[TensorSpec]:
     return specs
 
 
+def make_engine(config: ServeConfig, base: str) -> TorchEngine:
+    """The configured backend for one base model (a registry of two)."""
+    if config.backend == "onnxruntime":
+        from .ort_engine import OrtEngine
+
+        return OrtEngine(base, slots=config.slots, max_rank=config.max_rank)
+    return TorchEngine(base, slots=config.slots, max_rank=config.max_rank, device=config.device)
+
+
 class Service:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.engines = {b: TorchEngine(b, slots=config.slots, max_rank=config.max_rank, device=config.device)
-                        for b in config.bases}
+        self.engines = {b: make_engine(config, b) for b in config.bases}
         self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)))
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
                                     max_queue=config.max_queue, on_batch=self._on_batch)
@@ -136,7 +144,11 @@ class Service:
         if self.draining:
             raise Draining("the server is draining and takes no new requests")
         t0 = time.perf_counter()
-        base, version = self.resolve(name)
+        try:
+            base, version = self.resolve(name)
+        except ModelNotFound:  # one label for every unknown name: clients cannot grow the metric
+            self.metrics.requests.labels("<unknown>", "ModelNotFound").inc()
+            raise
         label = name
         self.metrics.waiting.labels(label).inc()
         try:

@@ -63,8 +63,9 @@ class Reference:
         return self.cache[key]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def served(request, tmp_path_factory):
+    """One server per engine backend; every test below runs against both."""
     root = tmp_path_factory.mktemp("adapters")
     ref = Reference()
     for k, name in enumerate(TOPICS):
@@ -75,7 +76,7 @@ def served(tmp_path_factory):
     for v in range(4):  # new contents for the hot-swap test
         ref.add(random_adapter("minilm", variants / str(v), rank=2, seed=100 + v))
     config = ServeConfig(port=0, adapter_root=str(root), slots=12, max_delay_ms=20.0, max_message_mb=4,
-                         merged=("topic-h",))
+                         merged=("topic-h",), backend=request.param)
     server, port, service = create_server(config)
     try:
         yield {"port": port, "service": service, "root": root, "variants": variants, "ref": ref}

@@ -1,0 +1,56 @@
+"""The onnxruntime engine: the exporter's ``multi`` graph with the slot factors bound as inputs.
+
+It shares everything but the forward with `TorchEngine` (validation, folding, the slot tensors,
+per-row heads): the graph's slot inputs are zero-copy numpy views of the same CPU buffers, so a
+slot written for one backend is written for both.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from wara_train.errors import ConfigError
+
+from .engine import TorchEngine
+from .errors import InvalidRequest
+
+
+class OrtEngine(TorchEngine):
+    platform = "wara_onnxruntime"
+
+    def __init__(self, base_model: str, *, slots: int = 16, max_rank: int = 32, device: str | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        super().__init__(base_model, slots=slots, max_rank=max_rank, device="cpu")
+        try:
+            from exporter.onnx_export import INDEX_INPUT, export_multi_graph, model_io
+            from exporter.verify import ort_session
+        except ImportError as e:
+            raise ConfigError(f"the onnxruntime backend needs the 'export' and 'cpu' extras ({e})") from None
+        self._index_input = INDEX_INPUT
+        self.io = model_io(base_model)
+        shapes = {n: (layer.base.weight.shape[0], layer.base.weight.shape[1]) for n, layer in self.layers.items()}
+        self._tmp = tempfile.TemporaryDirectory(prefix="wara-ort-")
+        path = export_multi_graph(self.model, list(self.layers), shapes, self.io, Path(self._tmp.name) / "multi.onnx")
+        self.session = ort_session(str(path), providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.slot_feeds = {}
+        for name, layer in self.layers.items():
+            self.slot_feeds[f"wara.{name}.lora_A"] = layer.lora_A.numpy()  # views: no copy, always current
+            self.slot_feeds[f"wara.{name}.lora_B"] = layer.lora_B.numpy()
+        missing = [n for n in self.input_names if n.startswith("wara.") and n not in self.slot_feeds]
+        if missing:
+            raise ConfigError(f"internal: the multi graph wants unknown slot inputs {missing[:3]}")
+
+    def _features(self, inputs, slot_t, groups) -> torch.Tensor:
+        if self.base_model != "minilm" and tuple(inputs[0].shape[1:]) != tuple(self.io.sample[0].shape[1:]):
+            raise InvalidRequest(f"the onnxruntime backend of {self.base_model} takes images of shape "
+                                 f"{list(self.io.sample[0].shape[1:])}, got {list(inputs[0].shape[1:])}")
+        feeds = {n: t.numpy() for n, t in zip(self.io.input_names, inputs)}
+        feeds[self._index_input] = slot_t.numpy().astype(np.int64)
+        feeds.update(self.slot_feeds)
+        return torch.from_numpy(self.session.run(None, feeds)[0])
