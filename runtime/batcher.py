@@ -24,6 +24,7 @@ from .registry import Registry, Version
 class Request:
     inputs: tuple[torch.Tensor, ...]  # each (rows, ...)
     version: Version | None  # None: the base model
+    model: str = ""  # the name the client asked for (metrics)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.perf_counter)
     deadline: float | None = None
@@ -45,7 +46,7 @@ class BatchStats:
 
 class Batcher:
     def __init__(self, engine: TorchEngine, registry: Registry, *, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 max_queue: int = 1024, on_batch=None) -> None:
+                 max_queue: int = 1024, on_batch=None, on_start=None, on_end=None) -> None:
         self.engine = engine
         self.registry = registry
         self.max_batch = max_batch
@@ -55,6 +56,8 @@ class Batcher:
         self.cond = threading.Condition()
         self.stats = BatchStats()
         self.on_batch = on_batch
+        self.on_start = on_start  # called with a batch's requests before its forward
+        self.on_end = on_end  # ... and after it, whatever happened
         self.running = True
         self.thread = threading.Thread(target=self._loop, name=f"batcher-{engine.base_model}", daemon=True)
         self.thread.start()
@@ -136,6 +139,15 @@ class Batcher:
                 self._run(live)
 
     def _run(self, batch: list[Request]) -> None:
+        if self.on_start is not None:
+            self.on_start(batch)
+        try:
+            self._forward(batch)
+        finally:
+            if self.on_end is not None:
+                self.on_end(batch)
+
+    def _forward(self, batch: list[Request]) -> None:
         try:
             first = batch[0].version
             if first is not None and first.merged is not None and all(r.version is first for r in batch):

@@ -35,6 +35,9 @@ class ServeConfig:
     max_text_length: int = 128  # tokens per text input (server-side tokenization)
     pinned: tuple[str, ...] = ()  # adapters never evicted from the host tier
     merged: tuple[str, ...] = ()  # adapters also kept as a merged copy: their own batches skip the adapter math
+    auto_merge: bool = True  # also merge, per base, the one adapter that dominates recent traffic
+    auto_merge_window: int = 200  # recent requests looked at
+    auto_merge_share: float = 0.9  # share of them one adapter must have
 
     def __post_init__(self) -> None:
         for name in ("bases", "pinned", "merged"):
@@ -55,6 +58,8 @@ class ServeConfig:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if self.max_delay_ms < 0 or self.host_budget_mb <= 0 or self.request_timeout_s <= 0 or self.grace_s < 0:
             raise ConfigError("max_delay_ms, grace_s must be >= 0; host_budget_mb, request_timeout_s > 0")
+        if not (0.5 < self.auto_merge_share <= 1.0) or self.auto_merge_window < 1:
+            raise ConfigError("auto_merge_share must be in (0.5, 1] and auto_merge_window >= 1")
         if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
             raise ConfigError(f"adapter_root {self.adapter_root!r} is not a directory")
 

@@ -14,7 +14,8 @@ class Metrics:
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.batch_size = Histogram("wara_batch_size", "Rows per forward pass", ["base"], registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.waiting = Gauge("wara_requests_in_flight", "Requests queued or running, per model", ["model"], registry=r)
+        self.waiting = Gauge("wara_requests_waiting", "Requests queued for a batch, per model", ["model"], registry=r)
+        self.running = Gauge("wara_requests_running", "Requests in the forward pass now, per model", ["model"], registry=r)
         self.loads = Counter("wara_adapter_loads", "Adapter loads (and reloads)", registry=r)
         self.unloads = Counter("wara_adapter_unloads", "Adapter unloads", registry=r)
         self.evictions = Gauge("wara_adapter_evictions", "Host-tier and slot evictions so far", ["tier"], registry=r)

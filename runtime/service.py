@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,12 @@ class Service:
         self.engines = {b: make_engine(config, b) for b in config.bases}
         self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)))
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
-                                    max_queue=config.max_queue, on_batch=self._on_batch)
+                                    max_queue=config.max_queue, on_batch=self._on_batch,
+                                    on_start=self._on_start, on_end=self._on_end)
                          for b, e in self.engines.items()}
+        self._recent: deque = deque(maxlen=config.auto_merge_window)
+        self._auto_merged: dict[str, Version] = {}
+        self._merge_lock = threading.Lock()
         self._tokenizer = None
         self._tok_lock = threading.Lock()
         self.ready = False
@@ -91,6 +96,15 @@ class Service:
         self.metrics.observe_batch(base, rows)
         self.metrics.evictions.labels("host").set(self.registry.stats["host_evictions"])
         self.metrics.evictions.labels("slot").set(self.registry.stats["slot_evictions"])
+
+    def _on_start(self, batch: list[Request]) -> None:
+        for r in batch:
+            self.metrics.waiting.labels(r.model).dec()
+            self.metrics.running.labels(r.model).inc()
+
+    def _on_end(self, batch: list[Request]) -> None:
+        for r in batch:
+            self.metrics.running.labels(r.model).dec()
 
     # --- repository -------------------------------------------------------------------------
     def load(self, name: str, files: dict[str, bytes] | None = None) -> Version:
@@ -150,26 +164,65 @@ class Service:
             self.metrics.requests.labels("<unknown>", "ModelNotFound").inc()
             raise
         label = name
-        self.metrics.waiting.labels(label).inc()
         try:
             if requested_version and requested_version != (version.version if version else "1"):
                 raise ModelNotFound(f"model {name!r} has no version {requested_version!r}")
             tensors = self._model_inputs(base, inputs)
             deadline = time.perf_counter() + (timeout or self.config.request_timeout_s)
-            req = Request(tensors, version, deadline=deadline)
-            future = self.batchers[base].submit(req)
+            req = Request(tensors, version, model=label, deadline=deadline)
+            self.metrics.waiting.labels(label).inc()
+            try:
+                future = self.batchers[base].submit(req)
+            except Exception:
+                self.metrics.waiting.labels(label).dec()
+                raise
+            self._track(version)
             rows = future.result(timeout=max(0.0, deadline - time.perf_counter()) + 1.0)
         except Exception as e:
             self.metrics.requests.labels(label, type(e).__name__).inc()
             raise
         finally:
-            self.metrics.waiting.labels(label).dec()
             if version is not None:
                 self.registry.release(version)
         outputs = self._outputs(rows, version)
         self.metrics.requests.labels(label, "ok").inc()
         self.metrics.latency.observe(time.perf_counter() - t0)
         return (version.version if version else "1"), outputs
+
+    def _track(self, version: Version | None) -> None:
+        """Automatic merged fast path: when one adapter has `auto_merge_share` of the last
+        `auto_merge_window` requests, build its merged copy in the background (one per base);
+        the previous one's copy is dropped."""
+        if not self.config.auto_merge:
+            return
+        with self._merge_lock:
+            self._recent.append(version)
+            if len(self._recent) < self._recent.maxlen:
+                return
+            counts = Counter(id(v) for v in self._recent if v is not None)
+            if not counts:
+                return
+            vid, n = counts.most_common(1)[0]
+            if n < self.config.auto_merge_share * len(self._recent):
+                return
+            dominant = next(v for v in self._recent if v is not None and id(v) == vid)
+            previous = self._auto_merged.get(dominant.base_model)
+            if previous is dominant or dominant.merged is not None or dominant.retired or dominant.folded is None:
+                return
+            if previous is not None and previous.name not in self.config.merged:
+                previous.merged = None
+                previous.pinned = previous.name in self.config.pinned
+            self._auto_merged[dominant.base_model] = dominant
+            dominant.pinned = True  # its folded head must stay while the copy serves
+            folded, engine = dominant.folded, self.engines[dominant.base_model]
+
+        def build() -> None:
+            merged = engine.build_merged(folded)
+            if not dominant.retired and self._auto_merged.get(dominant.base_model) is dominant:
+                dominant.merged = merged
+                log.info("auto-merged %s (%s of the last %d requests)", dominant.name, n, len(self._recent))
+
+        threading.Thread(target=build, name="auto-merge", daemon=True).start()
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from wara_train.bases import MiniLMTokenizer

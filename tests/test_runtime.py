@@ -293,7 +293,57 @@ def test_metrics_count_requests_batches_and_loads(served):
     finally:
         channel.close()
     text = served["service"].metrics.text().decode()
-    for name in ("wara_requests_total", "wara_request_latency_seconds", "wara_batch_size", "wara_requests_in_flight",
+    for name in ("wara_requests_total", "wara_request_latency_seconds", "wara_batch_size", "wara_requests_waiting", "wara_requests_running",
                  "wara_adapter_loads_total", "wara_adapter_load_seconds", "wara_adapter_evictions"):
         assert name in text, name
     assert 'outcome="ok"' in text and 'outcome="ModelNotFound"' in text
+
+
+def test_auto_merge_takes_the_dominant_adapter_to_the_merged_path(tmp_path):
+    """In-process: after a window where one adapter dominates, its batches run merged, and
+    answers stay those of the reference."""
+    from runtime.service import Service
+
+    ref = Reference()
+    adapter = random_adapter("minilm", tmp_path / "hot", rank=2, seed=5)
+    ref.add(adapter)
+    random_adapter("minilm", tmp_path / "cold", rank=2, seed=6)
+    service = Service(ServeConfig(port=0, adapter_root=str(tmp_path), bases=("minilm",), max_delay_ms=0.0,
+                                  auto_merge_window=10, auto_merge_share=0.9))
+    try:
+        text = np.array([b"tell me a joke"], dtype=object)
+        service.infer("cold", {"text": text})
+        for _ in range(12):
+            version, out = service.infer("hot", {"text": text})
+        deadline = time.time() + 30
+        while service.registry.current["hot"].merged is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert service.registry.current["hot"].merged is not None
+        before = service.batchers["minilm"].stats.merged_batches
+        version, out = service.infer("hot", {"text": text})
+        assert service.batchers["minilm"].stats.merged_batches == before + 1
+        _assert_matches(ref, {"model": "hot", "version": version, "text": "tell me a joke", "logits": out["logits"].tolist()})
+        assert service.registry.current["cold"].merged is None
+    finally:
+        service.drain()
+
+
+@pytest.mark.slow
+def test_health_per_model_and_reflection(served):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{served['port']}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == serving
+        assert health.Check(health_pb2.HealthCheckRequest(service="topic-e")).status == serving
+        assert health.Check(health_pb2.HealthCheckRequest(service="minilm")).status == serving
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(service="nobody"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+    finally:
+        channel.close()
