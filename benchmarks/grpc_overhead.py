@@ -23,7 +23,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def run(n: int, workdir: Path) -> dict:
+def run(n: int, workdir: Path, backend: str = "torch") -> dict:
     import grpc
 
     from runtime.config import ServeConfig
@@ -33,7 +33,8 @@ def run(n: int, workdir: Path) -> dict:
     from wara_train.synthetic import random_adapter
 
     random_adapter("minilm", workdir / "tenant", rank=4, seed=0)
-    config = ServeConfig(port=0, adapter_root=str(workdir), bases=("minilm",), max_delay_ms=0.0)
+    config = ServeConfig(port=0, adapter_root=str(workdir), bases=("minilm",), max_delay_ms=0.0, backend=backend,
+                         auto_merge=False)
     server, port, service = create_server(config)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -62,7 +63,7 @@ def run(n: int, workdir: Path) -> dict:
         stop_server(server, service, grace=1.0)
     report = {k: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99), "mean_ms": statistics.mean(v)} for k, v in times.items()}
     report["grpc_overhead_p50_ms"] = report["grpc"]["p50_ms"] - report["in_process"]["p50_ms"]
-    return {"benchmark": "grpc_overhead", "requests_each": n, "model": "minilm + WaRA r=4 haar J=1 (random)",
+    return {"benchmark": "grpc_overhead", "backend": backend, "requests_each": n, "model": "minilm + WaRA r=4 haar J=1 (random)",
             "input": "BYTES text, server-side tokenization, batch 1", "results": report}
 
 
@@ -70,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/grpc_overhead.json"))
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/grpc_overhead_<backend>.json")
     args = p.parse_args(argv)
+    args.out = args.out or Path(f"benchmarks/results/grpc_overhead_{args.backend}.json")
     with tempfile.TemporaryDirectory() as tmp:
-        report = run(5 if args.quick else args.requests, Path(tmp))
+        report = run(5 if args.quick else args.requests, Path(tmp), args.backend)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     r = report["results"]

@@ -73,13 +73,13 @@ class Probe:
 
 
 def _export(model: nn.Module, io: ModelIO, probe_modules: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[Probe]]:
-    captured: list[torch.Tensor] = []
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     ranks: dict[str, int] = {}
 
     def hook(name):
         def fn(_mod, inputs, output):
             ranks[name] = inputs[0].dim()
-            captured.extend([inputs[0], output])
+            captured[name] = (inputs[0], output)
         return fn
 
     class ProbeWrapper(nn.Module):
@@ -90,7 +90,8 @@ def _export(model: nn.Module, io: ModelIO, probe_modules: Sequence[str] = ()) ->
         def forward(self, *args):
             captured.clear()
             out = self.inner(*args)
-            return (out, *captured)
+            # In the order of probe_modules, whatever order the model ran them in.
+            return (out, *[t for name in probe_modules for t in captured[name]])
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in probe_modules]
     out_names = [io.output_name]

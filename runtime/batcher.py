@@ -46,7 +46,7 @@ class BatchStats:
 
 class Batcher:
     def __init__(self, engine: TorchEngine, registry: Registry, *, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 max_queue: int = 1024, on_batch=None, on_start=None, on_end=None) -> None:
+                 max_queue: int = 1024, on_batch=None, on_start=None, on_end=None, on_expire=None) -> None:
         self.engine = engine
         self.registry = registry
         self.max_batch = max_batch
@@ -58,6 +58,7 @@ class Batcher:
         self.on_batch = on_batch
         self.on_start = on_start  # called with a batch's requests before its forward
         self.on_end = on_end  # ... and after it, whatever happened
+        self.on_expire = on_expire  # called with requests dropped because their deadline passed
         self.running = True
         self.thread = threading.Thread(target=self._loop, name=f"batcher-{engine.base_model}", daemon=True)
         self.thread.start()
@@ -129,12 +130,13 @@ class Batcher:
             if not batch:
                 return
             now = time.perf_counter()
-            live = []
+            live, expired = [], []
             for r in batch:
-                if r.deadline is not None and now > r.deadline:
-                    r.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
-                else:
-                    live.append(r)
+                (expired if r.deadline is not None and now > r.deadline else live).append(r)
+            if expired and self.on_expire is not None:
+                self.on_expire(expired)
+            for r in expired:
+                r.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
             if live:
                 self._run(live)
 
@@ -150,8 +152,10 @@ class Batcher:
     def _forward(self, batch: list[Request]) -> None:
         try:
             first = batch[0].version
-            if first is not None and first.merged is not None and all(r.version is first for r in batch):
-                outputs = self.engine.forward_merged(first.merged, first.folded, _concat([r.inputs for r in batch]))
+            # Read once: another thread may drop the merged copy between a check and a use.
+            merged, folded = (first.merged, first.folded) if first is not None else (None, None)
+            if merged is not None and folded is not None and all(r.version is first for r in batch):
+                outputs = self.engine.forward_merged(merged, folded, _concat([r.inputs for r in batch]))
                 self._finish(batch, outputs, merged=True)
                 return
             versions = [r.version for r in batch if r.version is not None]

@@ -42,8 +42,17 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name in ("bases", "pinned", "merged"):
             value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of names, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{f.name} must be a number, got {value!r}")
+            if f.type == "int" and not isinstance(value, int):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
         unknown = [b for b in self.bases if b not in BASES]
         if unknown or not self.bases:
             raise ConfigError(f"bases {unknown or '[]'}: valid base models are {', '.join(BASES)}")
@@ -77,4 +86,7 @@ class ServeConfig:
         unknown = sorted(set(section) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown keys {unknown}; valid keys are {', '.join(sorted(known))}")
-        return cls(**section)
+        try:
+            return cls(**section)
+        except TypeError as e:
+            raise ConfigError(f"{path}: {e}") from None

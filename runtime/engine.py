@@ -166,13 +166,24 @@ class TorchEngine:
                 raise IncompatibleAdapterError(
                     f"folded rank {la.shape[0]} exceeds the server's max_rank {self.max_rank}; raise max_rank")
             factors[t] = (la, lb)
+        extra = sorted(set(adapter.saved_modules) - {self.recipe.head})
+        if extra:
+            raise IncompatibleAdapterError(f"this server applies only the task head {self.recipe.head!r} from "
+                                           f"modules_to_save; the adapter also saves {extra}")
         head = None
         params = adapter.saved_modules.get(self.recipe.head)
         if params is not None:
-            w = params.get("weight")
-            if w is None or w.dim() != 2 or w.shape[1] != self.head_w.shape[2]:
+            w, b = params.get("weight"), params.get("bias")
+            if w is None or w.dim() != 2 or w.shape[1] != self.head_w.shape[2] or set(params) - {"weight", "bias"}:
                 raise IncompatibleAdapterError(f"task head {self.recipe.head} must be a Linear on {self.head_w.shape[2]} features")
-            head = (w.float(), params["bias"].float() if "bias" in params else None)
+            if b is not None and tuple(b.shape) != (w.shape[0],):
+                raise IncompatibleAdapterError(f"task head bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+            head = (w.float(), b.float() if b is not None else None)
+        if adapter.labels is not None:
+            if head is None:
+                raise IncompatibleAdapterError("the adapter names labels but saves no task head")
+            if len(adapter.labels) != head[0].shape[0]:
+                raise IncompatibleAdapterError(f"{len(adapter.labels)} labels for a head of {head[0].shape[0]} outputs")
         return Folded(factors, head, adapter.labels)
 
     def write_slot(self, index: int, folded: Folded) -> None:

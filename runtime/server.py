@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from concurrent import futures
 from typing import Callable
@@ -26,6 +27,7 @@ log = logging.getLogger("wara.serve")
 NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
          "FP32": np.float32, "FP64": np.float64}
+MAX_ELEMENTS = 1 << 28  # per input tensor; the message size limit usually bites first
 CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
             "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
@@ -63,9 +65,13 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         shape = tuple(int(d) for d in t.shape)
         if not shape or any(d < 0 for d in shape):
             raise InvalidRequest(f"input {t.name!r} has an invalid shape {list(shape)}")
-        count = int(np.prod(shape))
+        count = math.prod(shape)
+        if count > MAX_ELEMENTS:
+            raise InvalidRequest(f"input {t.name!r} has {count} elements, more than the {MAX_ELEMENTS} allowed")
         if t.datatype != "BYTES" and t.datatype not in NUMPY:
             raise InvalidRequest(f"input {t.name!r} has unknown datatype {t.datatype!r}")
+        if not raw and t.datatype not in CONTENTS:
+            raise InvalidRequest(f"input {t.name!r}: {t.datatype} has no typed contents field; send it as raw_input_contents")
         if raw:
             if t.datatype == "BYTES":
                 arr = _decode_bytes(raw[i], count, t.name)
@@ -79,7 +85,10 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             values = getattr(t.contents, CONTENTS[t.datatype])
             if len(values) != count:
                 raise InvalidRequest(f"input {t.name!r} has {len(values)} {t.datatype} values for shape {list(shape)}")
-            arr = np.array(list(values), dtype=object if t.datatype == "BYTES" else NUMPY[t.datatype])
+            try:
+                arr = np.array(list(values), dtype=object if t.datatype == "BYTES" else NUMPY[t.datatype])
+            except (OverflowError, ValueError):
+                raise InvalidRequest(f"input {t.name!r}: values out of range for {t.datatype}") from None
         out[t.name] = arr.reshape(shape)
     return out
 

@@ -7,9 +7,11 @@ call the same methods in-process.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,14 @@ from wara_train.artifact import CONFIG_NAME
 from .batcher import Batcher, Request
 from .config import ServeConfig
 from .engine import TorchEngine
-from .errors import Draining, InvalidRequest, ModelNotFound
+from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound
 from .metrics import Metrics
 from .registry import Registry, Version, read_dir
 
 log = logging.getLogger("wara.serve")
 SERVER_NAME = "wara-serve"
 SERVER_VERSION = "0.1.0"
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class Service:
         self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)))
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
                                     max_queue=config.max_queue, on_batch=self._on_batch,
-                                    on_start=self._on_start, on_end=self._on_end)
+                                    on_start=self._on_start, on_end=self._on_end, on_expire=self._on_expire)
                          for b, e in self.engines.items()}
         self._recent: deque = deque(maxlen=config.auto_merge_window)
         self._auto_merged: dict[str, Version] = {}
@@ -102,6 +105,10 @@ class Service:
             self.metrics.waiting.labels(r.model).dec()
             self.metrics.running.labels(r.model).inc()
 
+    def _on_expire(self, requests: list[Request]) -> None:
+        for r in requests:
+            self.metrics.waiting.labels(r.model).dec()
+
     def _on_end(self, batch: list[Request]) -> None:
         for r in batch:
             self.metrics.running.labels(r.model).dec()
@@ -109,6 +116,8 @@ class Service:
     # --- repository -------------------------------------------------------------------------
     def load(self, name: str, files: dict[str, bytes] | None = None) -> Version:
         t0 = time.perf_counter()
+        if not ADAPTER_NAME.match(name) or ".." in name:
+            raise InvalidRequest(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
         if files is None:
             if not self.config.adapter_root:
                 raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
@@ -164,11 +173,13 @@ class Service:
             self.metrics.requests.labels("<unknown>", "ModelNotFound").inc()
             raise
         label = name
+        submitted = False
         try:
             if requested_version and requested_version != (version.version if version else "1"):
                 raise ModelNotFound(f"model {name!r} has no version {requested_version!r}")
             tensors = self._model_inputs(base, inputs)
-            deadline = time.perf_counter() + (timeout or self.config.request_timeout_s)
+            wait = self.config.request_timeout_s if timeout is None else timeout
+            deadline = time.perf_counter() + wait
             req = Request(tensors, version, model=label, deadline=deadline)
             self.metrics.waiting.labels(label).inc()
             try:
@@ -176,13 +187,21 @@ class Service:
             except Exception:
                 self.metrics.waiting.labels(label).dec()
                 raise
+            submitted = True
+            if version is not None:
+                # The lease ends when the batch is done with it, not when this caller stops
+                # waiting: a timed-out request may still be queued or running.
+                future.add_done_callback(lambda _f, v=version: self.registry.release(v))
             self._track(version)
-            rows = future.result(timeout=max(0.0, deadline - time.perf_counter()) + 1.0)
+            try:
+                rows = future.result(timeout=max(0.0, deadline - time.perf_counter()) + 1.0)
+            except FutureTimeout:
+                raise DeadlineExceeded(f"no answer within {wait:.1f}s") from None
         except Exception as e:
             self.metrics.requests.labels(label, type(e).__name__).inc()
             raise
         finally:
-            if version is not None:
+            if version is not None and not submitted:
                 self.registry.release(version)
         outputs = self._outputs(rows, version)
         self.metrics.requests.labels(label, "ok").inc()
@@ -195,7 +214,7 @@ class Service:
         the previous one's copy is dropped."""
         if not self.config.auto_merge:
             return
-        with self._merge_lock:
+        with self._merge_lock, self.registry.lock:
             self._recent.append(version)
             if len(self._recent) < self._recent.maxlen:
                 return
@@ -209,20 +228,33 @@ class Service:
             previous = self._auto_merged.get(dominant.base_model)
             if previous is dominant or dominant.merged is not None or dominant.retired or dominant.folded is None:
                 return
-            if previous is not None and previous.name not in self.config.merged:
-                previous.merged = None
-                previous.pinned = previous.name in self.config.pinned
+            if previous is not None:
+                self._demote(previous)
             self._auto_merged[dominant.base_model] = dominant
-            dominant.pinned = True  # its folded head must stay while the copy serves
+            dominant.pinned = True  # its folded factors and head must stay while the copy serves
             folded, engine = dominant.folded, self.engines[dominant.base_model]
 
         def build() -> None:
-            merged = engine.build_merged(folded)
-            if not dominant.retired and self._auto_merged.get(dominant.base_model) is dominant:
-                dominant.merged = merged
-                log.info("auto-merged %s (%s of the last %d requests)", dominant.name, n, len(self._recent))
+            try:
+                merged = engine.build_merged(folded)
+            except Exception:
+                log.exception("auto-merge of %s failed", dominant.name)
+                merged = None
+            with self._merge_lock, self.registry.lock:
+                if merged is not None and not dominant.retired and self._auto_merged.get(dominant.base_model) is dominant:
+                    dominant.merged = merged
+                    log.info("auto-merged %s (%d of the last %d requests)", dominant.name, n, len(self._recent))
+                elif self._auto_merged.get(dominant.base_model) is dominant:
+                    self._demote(dominant)
+                    del self._auto_merged[dominant.base_model]
 
         threading.Thread(target=build, name="auto-merge", daemon=True).start()
+
+    def _demote(self, version: Version) -> None:
+        """Drop an automatic merged copy (configured ones stay)."""
+        if version.name not in self.config.merged:
+            version.merged = None
+            version.pinned = version.name in self.config.pinned
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from wara_train.bases import MiniLMTokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -212,3 +213,20 @@ def test_export_refuses_a_wrong_base(tmp_path):
         other._blocks[1]._expand_conv.weight.add_(0.01)
     with pytest.raises(IncompatibleAdapterError, match="base fingerprint mismatch"):
         merged_state_dict(other, [(adapter, 1.0)])
+
+
+@pytest.mark.slow
+def test_target_order_in_the_artifact_does_not_matter(exports, tmp_path):
+    """A hand-edited artifact listing its targets out of model order still exports right: probe
+    outputs are matched to layers by name, not by the order the model ran them."""
+    root, made, _ = exports
+    src = root / "effnet-lite0-haar"
+    shutil.copytree(src, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["target_modules"] = list(reversed(cfg["target_modules"]))
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    adapter = load_adapter(tmp_path / "a")
+    base = made[("effnet-lite0", "haar")][1]
+    path = export_onnx(adapter, base, "unmerged", tmp_path / "u.onnx", log=lambda s: None)
+    result = verify_onnx(str(path), [adapter], base, io=model_io("effnet-lite0", batch=2), atol=ATOL)
+    assert result.ok, str(result)

@@ -225,7 +225,8 @@ def _infer(stub, model, inputs, raw=None, **kw):
             getattr(t.contents, contents[0]).extend(contents[1])
     if raw is not None:
         req.raw_input_contents.extend(raw)
-    return stub.ModelInfer(req, timeout=60, **kw)
+    kw.setdefault("timeout", 60)
+    return stub.ModelInfer(req, **kw)
 
 
 @pytest.mark.slow
@@ -241,6 +242,9 @@ def test_bad_requests_get_the_right_code_and_the_server_keeps_serving(served):
         "raw BYTES truncated": ("topic-a", [("text", "BYTES", [1], None)], [struct.pack("<I", 50) + b"short"], grpc.StatusCode.INVALID_ARGUMENT),
         "unknown adapter": ("no-such-adapter", good, None, grpc.StatusCode.NOT_FOUND),
         "empty batch": ("topic-a", [("text", "BYTES", [0], ("bytes_contents", []))], None, grpc.StatusCode.INVALID_ARGUMENT),
+        "FP16 as typed contents": ("digits", [("images", "FP16", [1], ("fp32_contents", [0.0]))], None, grpc.StatusCode.INVALID_ARGUMENT),
+        "INT8 out of range": ("topic-a", [("input_ids", "INT8", [1, 1], ("int_contents", [300]))], None, grpc.StatusCode.INVALID_ARGUMENT),
+        "absurd shape": ("topic-a", [("text", "BYTES", [2**40, 2**40], ("bytes_contents", []))], None, grpc.StatusCode.INVALID_ARGUMENT),
         "oversize message": ("digits", [("images", "FP32", [1, 3, 512, 512], None)], [b"\0" * (5 << 20)], grpc.StatusCode.RESOURCE_EXHAUSTED),
     }
     try:
@@ -257,6 +261,24 @@ def test_bad_requests_get_the_right_code_and_the_server_keeps_serving(served):
                 "file:adapter_model.safetensors": pb.ModelRepositoryParameter(bytes_param=b"junk")}))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "format" in info.value.details()
         assert "bad" not in [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models]
+        for name in ("..", "../topic-a", "/etc"):  # never a path outside the adapter root
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid adapter name" in info.value.details()
+        # A head that does not fit its labels is refused at load, not at the first request.
+        src = served["root"] / "topic-a"
+        cfg = json.loads((src / "adapter_config.json").read_text())
+        cfg["labels"] = ["only-one"]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mislabelled", parameters={
+                "config": pb.ModelRepositoryParameter(string_param=json.dumps(cfg)),
+                "file:adapter_model.safetensors": pb.ModelRepositoryParameter(bytes_param=(src / "adapter_model.safetensors").read_bytes())}))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "1 labels for a head of 5" in info.value.details()
+        # A deadline that cannot be met is DEADLINE_EXCEEDED, and the server goes on.
+        with pytest.raises(grpc.RpcError) as info:
+            _infer(stub, "topic-a", good, timeout=0.001)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _infer(stub, "topic-a", good).outputs[0].name == "logits"
     finally:
         channel.close()
 
