@@ -29,13 +29,14 @@ def run(n: int, workdir: Path, backend: str = "torch") -> dict:
     from runtime.config import ServeConfig
     from runtime.kserve import inference_pb2 as pb
     from runtime.kserve import inference_pb2_grpc as pb_grpc
-    from runtime.server import create_server, decode_outputs, stop_server
+    from runtime.server import create_server, decode_outputs
     from wara_train.synthetic import random_adapter
 
     random_adapter("minilm", workdir / "tenant", rank=4, seed=0)
     config = ServeConfig(port=0, adapter_root=str(workdir), bases=("minilm",), max_delay_ms=0.0, backend=backend,
                          auto_merge=False)
-    server, port, service = create_server(config)
+    server, port = create_server(config)
+    service = server.service
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     text = "What is artificial intelligence and how do computers learn?"
@@ -60,7 +61,7 @@ def run(n: int, workdir: Path, backend: str = "torch") -> dict:
             times["in_process"].append((time.perf_counter() - t0) * 1e3)
     finally:
         channel.close()
-        stop_server(server, service, grace=1.0)
+        server.stop(grace=1.0)
     report = {k: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99), "mean_ms": statistics.mean(v)} for k, v in times.items()}
     report["grpc_overhead_p50_ms"] = report["grpc"]["p50_ms"] - report["in_process"]["p50_ms"]
     return {"benchmark": "grpc_overhead", "backend": backend, "requests_each": n, "model": "minilm + WaRA r=4 haar J=1 (random)",

@@ -22,13 +22,14 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from .config import ServeConfig
-    from .server import create_server, stop_server
+    from .server import create_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
     config = config.replace(host=args.host, port=args.port, adapter_root=args.adapter_root,
                             metrics_port=args.metrics_port)
-    server, port, service = create_server(config)
+    server, port = create_server(config)
+    service = server.service
     if config.metrics_port is not None:
         service.metrics.serve(config.metrics_port, config.host)
     stop = threading.Event()
@@ -39,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving on {config.host}:{port}", flush=True)
     stop.wait()
     print(f"draining (grace {config.grace_s:.0f}s) ...", file=sys.stderr, flush=True)
-    stop_server(server, service, config.grace_s)
+    server.stop(config.grace_s)
     print("stopped", file=sys.stderr, flush=True)
     return 0

@@ -230,34 +230,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def create_server(config: ServeConfig, *, service: Service | None = None) -> tuple[grpc.Server, int, Service]:
+class Server:
+    """A running server: the gRPC server and the serving core behind it."""
+
+    def __init__(self, grpc_server: grpc.Server, service: Service) -> None:
+        self.grpc_server = grpc_server
+        self.service = service
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new requests, finish queued ones, then close (within ``grace`` s)."""
+        self.service.drain()
+        self.grpc_server.stop(grace).wait()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def create_server(config: ServeConfig, *, service: Service | None = None) -> tuple[Server, int]:
     """Build and start a server; ``port=0`` in the config picks a free port (for tests).
-    Returns (server, bound port, service)."""
+    Returns (server, bound port); ``server.service`` is the in-process core."""
     service = service or Service(config)
     limit = config.max_message_mb << 20
-    server = grpc.server(
+    grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="wara-grpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     health_servicer = health.HealthServicer()
     servicer = InferenceServicer(service, health_servicer)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     names = (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    reflection.enable_server_reflection(names, grpc_server)
+    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
+        service.drain()
         raise WaraError(f"could not bind {config.host}:{config.port}")
-    server.start()
+    grpc_server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name, _, state, _ in service.index():
         if state == "READY":
             servicer._set_health(name, True)
-    return server, port, service
-
-
-def stop_server(server: grpc.Server, service: Service, grace: float) -> None:
-    """Drain: stop taking requests, finish queued ones, then close the server."""
-    service.drain()
-    server.stop(grace).wait()
+    return Server(grpc_server, service), port

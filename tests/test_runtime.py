@@ -23,7 +23,7 @@ from exporter.verify import reference_model
 from runtime.config import ServeConfig
 from runtime.kserve import inference_pb2 as pb
 from runtime.kserve import inference_pb2_grpc as pb_grpc
-from runtime.server import create_server, stop_server
+from runtime.server import create_server
 from wara_train.artifact import load_adapter
 from wara_train.bases import MiniLMTokenizer
 from wara_train.synthetic import random_adapter
@@ -77,11 +77,12 @@ def served(request, tmp_path_factory):
         ref.add(random_adapter("minilm", variants / str(v), rank=2, seed=100 + v))
     config = ServeConfig(port=0, adapter_root=str(root), slots=12, max_delay_ms=20.0, max_message_mb=4,
                          merged=("topic-h",), backend=request.param)
-    server, port, service = create_server(config)
+    server, port = create_server(config)
+    service = server.service
     try:
         yield {"port": port, "service": service, "root": root, "variants": variants, "ref": ref}
     finally:
-        stop_server(server, service, grace=2.0)
+        server.stop(grace=2.0)
 
 
 def _client(*args, timeout=600) -> subprocess.CompletedProcess:
@@ -369,3 +370,31 @@ def test_health_per_model_and_reflection(served):
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
     finally:
         channel.close()
+
+
+def test_host_tier_budget_pinning_and_slot_eviction(tmp_path):
+    """In-process: a host budget that holds about one adapter, two usable slots, three adapters.
+    Evicted adapters are folded again on demand and still answer exactly; pinned ones stay."""
+    from runtime.service import Service
+
+    ref = Reference()
+    for k, name in enumerate(["pinned-one", "x", "y"]):
+        ref.add(random_adapter("minilm", tmp_path / name, rank=2, seed=20 + k))
+    one = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), auto_merge=False))
+    size_mb = one.registry.current["x"].nbytes / (1 << 20)
+    one.drain()
+    service = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), slots=3, max_delay_ms=0.0,
+                                  host_budget_mb=size_mb * 1.5, pinned=("pinned-one",), auto_merge=False))
+    try:
+        reg = service.registry
+        assert reg.current["pinned-one"].folded is not None  # pinned: never evicted
+        assert reg.stats["host_evictions"] >= 1
+        text = "tell me a joke"
+        for _ in range(2):
+            for name in ["x", "y", "pinned-one"]:
+                version, out = service.infer(name, {"text": np.array([text.encode()], dtype=object)})
+                _assert_matches(ref, {"model": name, "version": version, "text": text, "logits": out["logits"].tolist()})
+        assert reg.stats["slot_evictions"] >= 1  # three adapters took turns in two slots
+        assert reg.current["pinned-one"].folded is not None
+    finally:
+        service.drain()
