@@ -49,13 +49,14 @@ class ModelIO:
 
 
 def model_io(base_model: str, *, batch: int = 2, seq: int = 16, image_size: int = 64) -> ModelIO:
+    gen = torch.Generator().manual_seed(batch * 1000 + seq)  # the same sample every time
     if base_model == "minilm":
-        ids = torch.randint(1000, 2000, (batch, seq))
+        ids = torch.randint(1000, 2000, (batch, seq), generator=gen)
         ids[:, 0], ids[:, -1] = 101, 102
         mask = torch.ones(batch, seq, dtype=torch.long)
         return ModelIO(("input_ids", "attention_mask"), (ids, mask), ({0: "batch", 1: "seq"},) * 2)
     if base_model == "effnet-lite0":
-        return ModelIO(("images",), (torch.randn(batch, 3, image_size, image_size),), ({0: "batch"},))
+        return ModelIO(("images",), (torch.randn(batch, 3, image_size, image_size, generator=gen),), ({0: "batch"},))
     raise ConfigError(f"no ONNX input recipe for base model {base_model!r}: built-in bases are minilm, effnet-lite0")
 
 
