@@ -25,3 +25,12 @@ def test_core_import_is_lean():
 def test_runtime_and_exporter_do_not_import_training():
     mods = _loaded_after("import runtime, exporter")
     assert "wara_train.trainer" not in mods and "wara_train.tasks" not in mods and "torch" not in mods
+
+
+def test_server_import_does_not_load_training_or_cuda():
+    code = ("import sys, runtime.server, runtime.service, runtime.engine, torch; "
+            "print(torch.cuda.is_initialized(), ' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    assert out[0] == "False"
+    mods = set(out[1:])
+    assert not {"wara_train.trainer", "wara_train.tasks", "wara_train.data", "transformers", "onnx"} & mods
