@@ -47,6 +47,7 @@ class SlotLayer(nn.Module):
         self.register_buffer("lora_B", torch.zeros(slots, m, max_rank, device=dev, dtype=dt), persistent=False)
         self.routing = routing
         self.kernel = kernel
+        self.ranks = [0] * slots  # rank in use per slot (the rest of max_rank is zeros)
 
     def set_slot(self, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write folded factors (r <= max rank) into a slot, zeroing the padding."""
@@ -57,10 +58,12 @@ class SlotLayer(nn.Module):
         self.lora_B[index].zero_()
         self.lora_A[index, :r].copy_(a)
         self.lora_B[index, :, :r].copy_(b)
+        self.ranks[index] = r
 
     def reset_slot(self, index: int) -> None:
         self.lora_A[index].zero_()
         self.lora_B[index].zero_()
+        self.ranks[index] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -68,11 +71,11 @@ class SlotLayer(nn.Module):
             return y
         if self.conv:  # (B, C, H, W) -> (B, HW, C) rows of features
             xs = x.flatten(2).transpose(1, 2)
-            d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups)
+            d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks)
             return y + d.transpose(1, 2).reshape(y.shape)
         xs = x if x.dim() == 3 else x.unsqueeze(1)
-        d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups)
-        return y + (d if x.dim() == 3 else d.squeeze(1))
+        d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks)
+        return y.add_(d if x.dim() == 3 else d.squeeze(1))
 
 
 class HeadTap(nn.Module):

@@ -14,28 +14,32 @@ import torch
 
 class LoraKernel(Protocol):
     def __call__(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
+                 groups: list[tuple[int, torch.Tensor]], ranks: list[int]) -> torch.Tensor | None:
         """x (B, T, n); lora_a (S, R, n); lora_b (S, m, R); groups: (slot, row indices) for
-        every non-base slot in the batch. Returns the delta (B, T, m), or None if no row has
-        an adapter."""
+        every non-base slot in the batch; ranks[s]: the rank in use in slot s (the rest is
+        zero padding, which a kernel may skip). Returns the delta (B, T, m), or None if no row
+        has an adapter."""
 
 
 def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
-    """CPU kernel: one pair of matmuls per distinct adapter over its rows (a grouped GEMM)."""
+                 groups: list[tuple[int, torch.Tensor]], ranks: list[int]) -> torch.Tensor | None:
+    """CPU kernel: one pair of matmuls per distinct adapter over its rows (a grouped GEMM),
+    on the slot's real rank only (the padding is zeros)."""
     if not groups:
         return None
-    out = x.new_zeros(*x.shape[:-1], lora_b.shape[1])
     if len(groups) == 1 and groups[0][1].numel() == x.shape[0]:
         slot = groups[0][0]
-        return (x @ lora_a[slot].T) @ lora_b[slot].T
+        r = ranks[slot]
+        return (x @ lora_a[slot, :r].T) @ lora_b[slot, :, :r].T
+    out = x.new_zeros(*x.shape[:-1], lora_b.shape[1])
     for slot, rows in groups:
-        out[rows] = (x[rows] @ lora_a[slot].T) @ lora_b[slot].T
+        r = ranks[slot]
+        out[rows] = (x[rows] @ lora_a[slot, :r].T) @ lora_b[slot, :, :r].T
     return out
 
 
 def reference_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                   groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor | None:
+                   groups: list[tuple[int, torch.Tensor]], ranks: list[int] | None = None) -> torch.Tensor | None:
     """Slow oracle: row by row, float64."""
     if not groups:
         return None
