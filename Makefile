@@ -13,8 +13,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing into $(VENV) (first run only) ..."
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH) -e '.[models,export,cpu,dev]'
+	$(PY) -m pip install -qq --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -qq --disable-pip-version-check $(TORCH) -e '.[models,export,cpu,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
