@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import environment
+
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
@@ -64,7 +66,7 @@ def run(n: int, workdir: Path, backend: str = "torch") -> dict:
         server.stop(grace=1.0)
     report = {k: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99), "mean_ms": statistics.mean(v)} for k, v in times.items()}
     report["grpc_overhead_p50_ms"] = report["grpc"]["p50_ms"] - report["in_process"]["p50_ms"]
-    return {"benchmark": "grpc_overhead", "backend": backend, "requests_each": n, "model": "minilm + WaRA r=4 haar J=1 (random)",
+    return {"benchmark": "grpc_overhead", **environment(), "backend": backend, "requests_each": n, "model": "minilm + WaRA r=4 haar J=1 (random)",
             "input": "BYTES text, server-side tokenization, batch 1", "results": report}
 
 

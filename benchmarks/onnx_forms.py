@@ -13,30 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from benchmarks.common import environment
 
 FORMS = ("base", "merged", "unmerged", "multi")
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(*, base_model: str, rank: int, wavelet: str, levels: int, batches: list[int], seq: int,
         rounds: int, iters: int, workdir: Path) -> dict:
-    import onnxruntime as ort
-
     from exporter.common import base_for
     from exporter.onnx_export import INDEX_INPUT, export_onnx, model_io
     from exporter.verify import ort_session, pack_slots, verify_onnx
@@ -83,9 +73,7 @@ def run(*, base_model: str, rank: int, wavelet: str, levels: int, batches: list[
                             "min_ms": min(ms), "max_ms": max(ms), "ratio_to_base": statistics.median(ms) / base_ms})
     return {
         "benchmark": "onnx_forms",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads()},
-        "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__},
-        "git_commit": _git_commit(),
+        **environment(),
         "config": {"base_model": base_model, "rank": rank, "wavelet": wavelet, "levels": levels,
                    "rounds": rounds, "iters_per_round": iters, "provider": "CPUExecutionProvider"},
         "verified_max_abs_error": errors,
