@@ -15,15 +15,8 @@ from pathlib import Path
 import torch
 
 from wara_train.artifact import WaraAdapter
-from wara_train.delta import fold
 
 PEFT_PREFIX = "base_model.model."
-
-
-def folded_factors(adapter: WaraAdapter, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lora_A (R, n), lora_B (m, R)) in float32 for one adapted module."""
-    factors = {blk: (a.float(), b.float()) for blk, (a, b) in adapter.factors[module].items()}
-    return fold(factors, shape=adapter.shape(module), spec=adapter.config.spec, scale=adapter.config.scale)
 
 
 def peft_lora_tensors(adapter: WaraAdapter, *, conv_modules: set[str] = frozenset()) -> dict[str, torch.Tensor]:
@@ -31,7 +24,7 @@ def peft_lora_tensors(adapter: WaraAdapter, *, conv_modules: set[str] = frozense
     (m, R); 1x1 convs get (R, n, 1, 1) / (m, R, 1, 1); modules_to_save keep their own names."""
     out: dict[str, torch.Tensor] = {}
     for mod in adapter.config.target_modules:
-        la, lb = folded_factors(adapter, mod)
+        la, lb = adapter.folded(mod)
         if mod in conv_modules:
             la, lb = la[:, :, None, None], lb[:, :, None, None]
         out[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = la.contiguous()

@@ -15,16 +15,9 @@ import torch
 import torch.nn as nn
 
 from wara_train.artifact import WaraAdapter, check_compatible
-from wara_train.delta import delta_weight
 from wara_train.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def adapter_delta(adapter: WaraAdapter, module: str) -> torch.Tensor:
-    """ΔW of one adapted module, float32, shape (m, n)."""
-    factors = {blk: (a.float(), b.float()) for blk, (a, b) in adapter.factors[module].items()}
-    return delta_weight(factors, shape=adapter.shape(module), spec=adapter.config.spec, scale=adapter.config.scale)
 
 
 def _blend_saved_modules(adapters: Sequence[tuple[WaraAdapter, float]]) -> dict[str, torch.Tensor]:
@@ -61,7 +54,7 @@ def merged_state_dict(
     deltas: dict[str, torch.Tensor] = {}
     for adapter, weight in adapters:
         for mod in adapter.config.target_modules:
-            d = weight * adapter_delta(adapter, mod)
+            d = weight * adapter.delta_weight(mod)
             deltas[mod] = deltas[mod] + d if mod in deltas else d
     out: dict[str, torch.Tensor] = {}
     saved = _blend_saved_modules(adapters)

@@ -14,7 +14,6 @@ import torch.nn as nn
 from wara_train.artifact import WaraAdapter, apply_adapter
 from wara_train.errors import ConfigError, WaraError
 
-from .lora import folded_factors
 from .onnx_export import INDEX_INPUT, ModelIO, model_io
 
 DEFAULT_ATOL = 1e-4
@@ -51,7 +50,7 @@ def pack_slots(
         layer = base.get_submodule(module)
         if kind in ("lora_A", "lora_B"):
             m, n = layer.weight.shape[:2]
-            folded = [folded_factors(a, module) for a in adapters]
+            folded = [a.folded(module) for a in adapters]
             rank = max(la.shape[0] for la, _ in folded)
             arr = np.zeros((slots, rank, n) if kind == "lora_A" else (slots, m, rank), dtype=np.float32)
             for i, (la, lb) in enumerate(folded, start=1):

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from wara_train.artifact import WaraAdapter, fingerprint
 from wara_train.bases import build_base, get_base
-from wara_train.delta import fold
 from wara_train.errors import ConfigError, IncompatibleAdapterError
 from wara_train.layer import is_pointwise_conv
 from wara_train.model import find_targets
@@ -116,10 +115,9 @@ class TorchEngine:
         model = build_base(base_model, num_labels=None)
         self.targets = find_targets(model, self.recipe.default_targets)
         self.routing = Routing()
-        self.fingerprints: dict[str, torch.Tensor] = {}
+        self._fingerprints: dict[tuple[str, ...], str] = {}  # target set -> hash of its base weights
         for name in self.targets:
             base = model.get_submodule(name)
-            self.fingerprints[name] = base.weight.detach().reshape(base.weight.shape[0], base.weight.shape[1]).clone()
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     SlotLayer(base, slots=slots, max_rank=max_rank, routing=self.routing, kernel=kernel))
@@ -153,18 +151,19 @@ class TorchEngine:
         if unknown:
             raise IncompatibleAdapterError(f"this server adapts {len(self.layers)} layers of {self.base_model}; "
                                            f"the adapter targets others: {unknown[:3]}")
-        weights = {}
-        for t in adapter.config.target_modules:
-            w = self.fingerprints[t]
-            if tuple(w.shape) != adapter.shape(t):
-                raise IncompatibleAdapterError(f"{t}: base layer {tuple(w.shape)}, adapter made for {adapter.shape(t)}")
-            weights[t] = w
-        if fingerprint(weights) != adapter.base_fingerprint:
+        targets = tuple(adapter.config.target_modules)
+        for t in targets:
+            w = self.layers[t].base.weight
+            if (w.shape[0], w.shape[1]) != adapter.shape(t):
+                raise IncompatibleAdapterError(f"{t}: base layer {tuple(w.shape[:2])}, adapter made for {adapter.shape(t)}")
+        if targets not in self._fingerprints:  # the base never changes: hash each target set once
+            self._fingerprints[targets] = fingerprint(
+                {t: self.layers[t].base.weight.detach().reshape(adapter.shape(t)) for t in targets})
+        if self._fingerprints[targets] != adapter.base_fingerprint:
             raise IncompatibleAdapterError("base fingerprint mismatch: the adapter was trained on a different base")
         factors = {}
-        for t in adapter.config.target_modules:
-            fac = {blk: (a.float(), b.float()) for blk, (a, b) in adapter.factors[t].items()}
-            la, lb = fold(fac, shape=adapter.shape(t), spec=adapter.config.spec, scale=adapter.config.scale)
+        for t in targets:
+            la, lb = adapter.folded(t)
             if la.shape[0] > self.max_rank:
                 raise IncompatibleAdapterError(
                     f"folded rank {la.shape[0]} exceeds the server's max_rank {self.max_rank}; raise max_rank")

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .config import FORMAT, FORMAT_VERSION, WaraConfig
+from .delta import delta_weight, fold
 from .errors import AdapterError, ConfigError, IncompatibleAdapterError
 from .layer import WaraLayer
 from .model import base_weights, inject, wara_layers
@@ -62,6 +63,19 @@ class WaraAdapter:
     def shape(self, module: str) -> tuple[int, int]:
         """The (m, n) of the base layer, read off the level-1 detail factors."""
         return _layer_shape(self.factors[module])
+
+    def _float_factors(self, module: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {blk: (a.float(), b.float()) for blk, (a, b) in self.factors[module].items()}
+
+    def delta_weight(self, module: str) -> torch.Tensor:
+        """ΔW of one adapted module, float32, shape (m, n)."""
+        return delta_weight(self._float_factors(module), shape=self.shape(module), spec=self.config.spec,
+                            scale=self.config.scale)
+
+    def folded(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The equivalent LoRA pair (lora_A (R, n), lora_B (m, R)) of one module, float32."""
+        return fold(self._float_factors(module), shape=self.shape(module), spec=self.config.spec,
+                    scale=self.config.scale)
 
 
 # ------------------------------------------------------------------------------------------
