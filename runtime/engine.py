@@ -161,13 +161,11 @@ class TorchEngine:
                 {t: self.layers[t].base.weight.detach().reshape(adapter.shape(t)) for t in targets})
         if self._fingerprints[targets] != adapter.base_fingerprint:
             raise IncompatibleAdapterError("base fingerprint mismatch: the adapter was trained on a different base")
-        factors = {}
-        for t in targets:
-            la, lb = adapter.folded(t)
+        factors = adapter.folded_all()
+        for la, _ in factors.values():
             if la.shape[0] > self.max_rank:
                 raise IncompatibleAdapterError(
                     f"folded rank {la.shape[0]} exceeds the server's max_rank {self.max_rank}; raise max_rank")
-            factors[t] = (la, lb)
         extra = sorted(set(adapter.saved_modules) - {self.recipe.head})
         if extra:
             raise IncompatibleAdapterError(f"this server applies only the task head {self.recipe.head!r} from "

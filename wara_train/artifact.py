@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .config import FORMAT, FORMAT_VERSION, WaraConfig
-from .delta import delta_weight, fold
+from .delta import delta_weight, fold, fold_many
 from .errors import AdapterError, ConfigError, IncompatibleAdapterError
 from .layer import WaraLayer
 from .model import base_weights, inject, wara_layers
@@ -77,6 +77,11 @@ class WaraAdapter:
         return fold(self._float_factors(module), shape=self.shape(module), spec=self.config.spec,
                     scale=self.config.scale)
 
+    def folded_all(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`folded` for every target module, in a few batched cascades (the load-time path)."""
+        return fold_many({t: (self._float_factors(t), self.shape(t)) for t in self.config.target_modules},
+                         spec=self.config.spec, scale=self.config.scale)
+
 
 # ------------------------------------------------------------------------------------------
 # save
@@ -89,8 +94,12 @@ def save_adapter(
     base_model: str,
     labels: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    base_fingerprint: str | None = None,
 ) -> Path:
-    """Write the WaRA factors (and ``modules_to_save``) of an injected ``model`` to ``out_dir``."""
+    """Write the WaRA factors (and ``modules_to_save``) of an injected ``model`` to ``out_dir``.
+
+    ``base_fingerprint``: a value from `fingerprint` computed earlier for this same model (it
+    hashes ~85 MB for MiniLM); callers writing many adapters of one model pass it once."""
     from safetensors.torch import save_file
 
     layers = wara_layers(model)
@@ -112,7 +121,7 @@ def save_adapter(
         **config.to_dict(),
         "target_modules": list(layers),
         "base_model": base_model,
-        "base_fingerprint": fingerprint(base_weights(model, layers)),
+        "base_fingerprint": base_fingerprint or fingerprint(base_weights(model, layers)),
         "labels": list(labels) if labels is not None else None,
         **({"extra": dict(extra)} if extra else {}),
     }

@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from .wavelets import WaveletSpec, axis_operator, blocks, waverec2
+from .wavelets import WaveletSpec, blocks, idwt1_cascade, waverec2
 
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -52,17 +52,48 @@ def fold(
         ΔW = Σ_s (scale · P_row,sᵀ B_s)(A_s P_col,s)
 
     Blocks are stacked in pywt's order; the scale is folded into ``lora_B``."""
-    m, n = shape
-    any_a = next(iter(factors.values()))[0]
-    dt, device = _work_dtype(any_a), any_a.device
-    a_parts, b_parts = [], []
-    for blk in blocks(spec.levels):
-        a, b = factors[blk.name]
-        p_row = axis_operator(m, blk.row, blk.level, spec=spec).to(device, dt)
-        p_col = axis_operator(n, blk.col, blk.level, spec=spec).to(device, dt)
-        a_parts.append(a.to(dt) @ p_col)
-        b_parts.append(scale * (p_row.T @ b.to(dt)))
-    return torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+    return fold_many({"": (factors, shape)}, spec=spec, scale=scale)[""]
+
+
+def fold_many(
+    layers: Mapping[str, tuple[Factors, tuple[int, int]]], *, spec: WaveletSpec, scale: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`fold` for many layers at once (``name -> (factors, (m, n))``).
+
+    ``A_s P_col,s`` is the synthesis (the transposed, i.e. inverse, transform) of the rows of
+    ``A_s`` placed in block s's sub-band, so every side of every layer with the same length goes
+    through one inverse cascade, O(r·n·taps) instead of a dense (n/2, n) operator product: an
+    adapter of 36 MiniLM layers folds in a handful of cascades."""
+    # One synthesis job per side: rows in pywt block order, each block's rows in its sub-band.
+    jobs: dict[tuple[int, torch.dtype, torch.device], list[tuple[str, str, list[tuple[str, int, torch.Tensor]]]]] = {}
+    for name, (factors, (m, n)) in layers.items():
+        any_a = next(iter(factors.values()))[0]
+        dt = _work_dtype(any_a)
+        cols, rows = [], []
+        for blk in blocks(spec.levels):
+            a, b = factors[blk.name]
+            cols.append((blk.col, blk.level, a.to(dt)))
+            rows.append((blk.row, blk.level, b.to(dt).T))
+        jobs.setdefault((n, dt, any_a.device), []).append((name, "A", cols))
+        jobs.setdefault((m, dt, any_a.device), []).append((name, "B", rows))
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    for (length, dt, device), items in jobs.items():
+        total = sum(t.shape[0] for _, _, parts in items for _, _, t in parts)
+        bands = {(kind, j): torch.zeros(total, length >> j, dtype=dt, device=device)
+                 for kind in ("a", "d") for j in range(1, spec.levels + 1)}
+        row = 0
+        for _, _, parts in items:
+            for kind, level, t in parts:  # each block's rows into its sub-band, zeros elsewhere
+                bands[kind, level][row : row + t.shape[0]] = t
+                row += t.shape[0]
+        synth = idwt1_cascade({j: bands["a", j] for j in range(1, spec.levels + 1)},
+                              {j: bands["d", j] for j in range(1, spec.levels + 1)}, length=length, spec=spec)
+        start = 0
+        for name, side, parts in items:
+            count = sum(t.shape[0] for _, _, t in parts)
+            out[name][side] = synth[start : start + count]
+            start += count
+    return {name: (sides["A"].contiguous(), (scale * sides["B"]).T.contiguous()) for name, sides in out.items()}
 
 
 def merge_weight(base: torch.Tensor, delta: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:

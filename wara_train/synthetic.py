@@ -10,11 +10,11 @@ import os
 
 import torch
 
-from .artifact import WaraAdapter, load_adapter, save_adapter
+from .artifact import WaraAdapter, fingerprint, load_adapter, save_adapter
 from .bases import build_base, get_base
 from .config import WaraConfig
 from .layer import WaraLayer
-from .model import inject, wara_layers
+from .model import base_weights, inject, wara_layers
 
 
 def randomize_factors(layer: WaraLayer, seed: int = 0, *, std: float = 0.1) -> None:
@@ -25,30 +25,48 @@ def randomize_factors(layer: WaraLayer, seed: int = 0, *, std: float = 0.1) -> N
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
-def random_adapter(
-    base_model: str,
-    out: str | os.PathLike,
-    *,
-    wavelet: str = "haar",
-    levels: int = 1,
-    rank: int = 2,
-    num_labels: int = 5,
-    seed: int = 0,
-) -> WaraAdapter:
-    """Write (and load back) an adapter with random factors and head for a built-in base."""
-    torch.manual_seed(seed)
-    recipe = get_base(base_model)
-    model = build_base(base_model, num_labels=num_labels)
-    config = WaraConfig(rank=rank, alpha=2.0 * rank, wavelet=wavelet, levels=levels,
-                        target_modules=recipe.default_targets, modules_to_save=(recipe.head,))
-    inject(model, config, seed=seed)
+def _randomize(model, head: str, seed: int) -> None:
+    """Seeded random factors (B at half strength) and a perturbed head."""
+    gen = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(wara_layers(model).values()):
         randomize_factors(layer, seed * 1000 + i, std=0.1)
         with torch.no_grad():
             for b in layer.wara_B.values():
                 b.mul_(0.5)
     with torch.no_grad():
-        for p in model.get_submodule(recipe.head).parameters():
-            p.add_(torch.randn(p.shape) * 0.1)
-    save_adapter(model, out, base_model=base_model, labels=[f"label{i}" for i in range(num_labels)])
+        for p in model.get_submodule(head).parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def random_adapters(
+    base_model: str,
+    outs: list[str | os.PathLike],
+    *,
+    wavelet: str = "haar",
+    levels: int = 1,
+    rank: int = 2,
+    num_labels: int = 5,
+    seed: int = 0,
+) -> None:
+    """Write one random adapter per path in ``outs`` (seeds ``seed``, ``seed + 1``, ...), building
+    the base model and hashing its weights once: fast enough for a thousand adapters."""
+    torch.manual_seed(seed)
+    recipe = get_base(base_model)
+    model = build_base(base_model, num_labels=num_labels)
+    config = WaraConfig(rank=rank, alpha=2.0 * rank, wavelet=wavelet, levels=levels,
+                        target_modules=recipe.default_targets, modules_to_save=(recipe.head,))
+    inject(model, config, seed=seed)
+    head = {k: v.clone() for k, v in model.get_submodule(recipe.head).state_dict().items()}
+    base_hash = fingerprint(base_weights(model, list(wara_layers(model))))
+    labels = [f"label{i}" for i in range(num_labels)]
+    for k, out in enumerate(outs):
+        model.get_submodule(recipe.head).load_state_dict(head)
+        _randomize(model, recipe.head, seed + k)
+        save_adapter(model, out, base_model=base_model, labels=labels, base_fingerprint=base_hash)
+
+
+def random_adapter(base_model: str, out: str | os.PathLike, **kwargs) -> WaraAdapter:
+    """Write (and load back) one adapter with random factors and head for a built-in base.
+    Keywords as `random_adapters`."""
+    random_adapters(base_model, [out], **kwargs)
     return load_adapter(out)

@@ -256,6 +256,13 @@ def synthesis_extension(half: int, taps: int) -> tuple[int, int, int]:
     return -e, half + 2 * e, 2 * e + taps // 2 - 1
 
 
+@functools.lru_cache(maxsize=64)
+def _pair_matrix(wavelet: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The periodized one-level analysis of a length-2 signal (rows: lowpass, highpass): for a
+    two-tap wavelet the length-N analysis is this 2x2 map on every pair (x[2k], x[2k+1])."""
+    return level_matrix(2, wavelet=wavelet, mode="periodization").to(device, dtype)
+
+
 def _dwt_level(x: torch.Tensor, spec: WaveletSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """One level along the last axis of a 2-D (batch, N) tensor -> (approx, detail), each N/2."""
     n = x.shape[-1]
@@ -264,6 +271,9 @@ def _dwt_level(x: torch.Tensor, spec: WaveletSpec) -> tuple[torch.Tensor, torch.
         y = x @ m.T
         return y[:, : n // 2], y[:, n // 2 :]
     bank = conv_bank(spec.wavelet, x.dtype, x.device)
+    if bank.shape[-1] == 2:  # two taps never wrap: each output pair is one 2x2 map of an input pair
+        y = x.reshape(x.shape[0], n // 2, 2) @ _pair_matrix(spec.wavelet, x.dtype, x.device).T
+        return y[..., 0], y[..., 1]
     start, size = analysis_extension(n, bank.shape[-1])
     ext = x[:, periodic_index(n, start, size, x.device)]
     y = F.conv1d(ext.unsqueeze(1), bank, stride=2)
@@ -277,6 +287,8 @@ def _idwt_level(a: torch.Tensor, d: torch.Tensor, spec: WaveletSpec) -> torch.Te
         m = level_matrix(2 * half, wavelet=spec.wavelet, mode="boundary").to(a.device, a.dtype)
         return torch.cat([a, d], dim=-1) @ m
     bank = conv_bank(spec.wavelet, a.dtype, a.device)
+    if bank.shape[-1] == 2:
+        return (torch.stack([a, d], dim=-1) @ _pair_matrix(spec.wavelet, a.dtype, a.device)).reshape(a.shape[0], 2 * half)
     start, size, crop = synthesis_extension(half, bank.shape[-1])
     ext = torch.stack([a, d], dim=1)[:, :, periodic_index(half, start, size, a.device)]
     y = F.conv_transpose1d(ext, bank, stride=2)[:, 0]
