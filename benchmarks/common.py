@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import time
 from importlib import metadata
+from typing import Callable
 
 
 def git_commit() -> str:
@@ -28,3 +31,65 @@ def environment() -> dict:
         "versions": versions,
         "git_commit": git_commit(),
     }
+
+
+def interleaved(variants: dict[str, Callable[[], object]], *, rounds: int, iters: int, warmup: int = 2,
+                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Time every variant in turn, ``rounds`` times (A, B, C, A, B, C, ...), so drift on the
+    machine hits all alike. Returns each variant's per-round medians in ms."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    per_round: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - t0)
+            per_round[name].append(statistics.median(times) * 1e3)
+    return per_round
+
+
+def summary(ms: list[float], reference: list[float] | None = None) -> dict:
+    """Median and min-max of per-round medians; with ``reference``, the ratio of the medians."""
+    out = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
+    if reference is not None:
+        out["ratio"] = statistics.median(ms) / statistics.median(reference)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values), q))
+
+
+def write_json(path, report: dict) -> None:
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def figure(*args, **kwargs):
+    """``plt.subplots`` on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
