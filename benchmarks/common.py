@@ -93,3 +93,22 @@ def save_figure(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def peft_minilm(n_adapters: int, *, rank: int, device="cpu"):
+    """The peer: MiniLM wrapped by peft with ``n_adapters`` random LoRA adapters (a0, a1, ...)
+    of rank ``rank`` (alpha 2·rank) on the same layers WaRA adapts; B is random, not zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from wara_train.bases import build_base, get_base
+    from wara_train.model import find_targets
+
+    torch.manual_seed(0)
+    base = build_base("minilm", num_labels=5)
+    targets = find_targets(base, get_base("minilm").default_targets)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+    model = get_peft_model(base, cfg, adapter_name="a0")
+    for i in range(1, n_adapters):
+        model.add_adapter(f"a{i}", cfg)
+    return model.to(device).eval()

@@ -18,11 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+from benchmarks.common import environment, percentile
 
 
 def run(n: int, workdir: Path, backend: str = "torch") -> dict:

@@ -1,49 +1,139 @@
-"""Benchmarks are not tests, but each must keep running: a tiny size here."""
+"""Benchmarks are not tests, but each must keep running: every one runs here once on tiny sizes
+(`--quick`, a real subprocess as `make bench` would), its JSON is checked, and the README
+section is rendered from those very files."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+QUICK = {  # result name -> command
+    "latency": ["benchmarks.latency"],
+    "multitenant": ["benchmarks.multitenant"],
+    "hotswap": ["benchmarks.hotswap"],
+    "load_torch": ["benchmarks.load", "--backend", "torch"],
+    "grpc_overhead_torch": ["benchmarks.grpc_overhead", "--backend", "torch"],
+    "quality": ["benchmarks.quality"],
+}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("results")
+    for name, cmd in QUICK.items():
+        proc = subprocess.run([sys.executable, "-m", *cmd, "--quick", "--out", str(results / f"{name}.json")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
+    return results
+
+
+def _load(results: Path, name: str) -> dict:
+    report = json.loads((results / f"{name}.json").read_text())
+    assert report["machine"]["cpus"] and report["versions"]["torch"] and report["git_commit"]
+    return report
+
 
 @pytest.mark.slow
-def test_onnx_forms_benchmark_runs_quick(tmp_path):
-    out = tmp_path / "onnx_forms.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.onnx_forms", "--quick", "--base", "effnet-lite0",
-                           "--out", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert {r["form"] for r in report["results"]} == {"base", "merged", "unmerged", "multi"}
-    assert all(err <= 1e-4 for err in report["verified_max_abs_error"].values())
-    assert all(r["median_ms"] > 0 for r in report["results"])
+def test_latency_verifies_every_form_and_reports_ratios(quick_results):
+    r = _load(quick_results, "latency")
+    rows = r["results"]
+    forms = {(x["workload"].split(" ")[0], x["engine"], x["form"]) for x in rows}
+    for eng in ("torch", "onnxruntime"):
+        assert {("synthetic", eng, f) for f in ("base", "merged", "folded", "explicit")} <= forms
+    assert {("minilm", "torch", f) for f in ("base", "merged", "folded", "explicit", "peft_lora")} <= forms
+    assert {x["levels"] for x in rows if x["form"] == "explicit"} >= {1, 2}
+    for x in rows:
+        assert 0 < x["min_ms"] <= x["median_ms"] <= x["max_ms"] and x["ratio"] > 0
+        assert x["flop_ratio"] >= 1.0
+        assert x.get("max_abs_error", 0.0) <= 1e-3
+    # More levels -> more wavelet work: the FLOP lower bound must grow with J.
+    syn = {x["levels"]: x["flop_ratio"] for x in rows if x["workload"].startswith("synthetic")
+           and x["engine"] == "torch" and x["form"] == "explicit"}
+    assert syn[2] > syn[1]
+    assert 0 < min(x["fraction_of_matmul_peak"] for x in rows if "fraction_of_matmul_peak" in x)
+    assert (quick_results / "latency.png").stat().st_size > 0
 
 
 @pytest.mark.slow
-def test_grpc_overhead_benchmark_runs_quick(tmp_path):
-    out = tmp_path / "grpc.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.grpc_overhead", "--quick", "--out", str(out)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(out.read_text())["results"]
+def test_multitenant_compares_ours_peft_and_the_naive_loop(quick_results):
+    r = _load(quick_results, "multitenant")
+    methods = {x["method"] for x in r["results"]}
+    assert methods == {"ours_torch", "peft_mixed", "naive_loop"}
+    for x in r["results"]:
+        assert x["median_ms"] > 0 and x["speedup_vs_peft_mixed"] > 0
+        if x["adapters"] == 1:
+            assert x["ratio_to_one_adapter"] == 1.0
+
+
+@pytest.mark.slow
+def test_hotswap_checks_every_step(quick_results):
+    report = _load(quick_results, "hotswap")
+    measured = {"in_process": {"prepare", "write_slot", "load_to_servable", "build_merged"},
+                "grpc": {"load", "first_answer", "load_to_first_answer", "unload", "reload", "reload_first_answer",
+                         "reload_to_first_answer"},
+                "peft": {"load_adapter", "hotswap_adapter"}}
+    assert {group: set(rows) for group, rows in report["results"].items()} == measured
+    for rows in report["results"].values():
+        assert all(0 < s["min_ms"] <= s["p50_ms"] <= s["max_ms"] for s in rows.values())
+    verification = report["verification"]
+    assert verification["passed"] and len(verification["max_abs_error"]) == 10
+    assert all(err <= verification["atol"] for err in verification["max_abs_error"].values())
+
+
+@pytest.mark.slow
+def test_load_reports_scaling_and_closed_loop_runs(quick_results):
+    r = _load(quick_results, "load_torch")
+    assert [x["adapters"] for x in r["scaling"]] == [1, 3]
+    assert all(x["load_p50_ms"] > 0 and x["rss_mb"] > 0 and x["in_process_p50_ms"] > 0 for x in r["scaling"])
+    assert {(x["clients"], x["mode"]) for x in r["load"]} == {(c, m) for c in (1, 2) for m in ("grpc", "in_process")}
+    assert all(x["requests"] > 0 and x["p50_ms"] <= x["p99_ms"] for x in r["load"])
+
+
+@pytest.mark.slow
+def test_quality_study_runs_every_method_at_equal_parameters(quick_results):
+    r = _load(quick_results, "quality")
+    got = {(x["task"], x["method"]) for x in r["results"]}
+    adapters = ("wara-haar-j1", "wara-db2-j2", "lora-2r", "lora-r", "head-only")
+    assert got == {(t, m) for t in ("minilm-topics", "minilm-langid", "effnet-digits") for m in adapters} | {("effnet-digits", "full")}
+    for task in ("minilm-topics", "effnet-digits"):
+        p = {x["method"]: x["adapter_params"] for x in r["results"] if x["task"] == task}
+        assert p["wara-haar-j1"] == p["lora-2r"] == 2 * p["lora-r"]  # equal budgets, as the study claims
+        assert 0.85 <= p["wara-db2-j2"] / p["wara-haar-j1"] <= 1.15
+        assert p["head-only"] == 0
+    for x in r["results"]:
+        assert 0.0 <= x["accuracy_mean"] <= 1.0 and 0.0 <= x["macro_f1_mean"] <= 1.0
+        assert x["train_seconds_mean"] > 0 and x["peak_rss_mb"] > 0
+    assert (quick_results / "quality.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_grpc_overhead_runs_quick(quick_results):
+    r = _load(quick_results, "grpc_overhead_torch")["results"]
     assert r["grpc"]["p50_ms"] > 0 and r["in_process"]["p50_ms"] > 0
 
 
-def test_readme_section_is_generated_from_the_json(tmp_path):
+@pytest.mark.slow
+def test_readme_section_is_generated_from_the_json(quick_results, tmp_path):
     from benchmarks.run import END, START, render, update_readme
 
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / "grpc_overhead_torch.json").write_text(json.dumps({
-        "backend": "torch", "requests_each": 10, "git_commit": "abc1234",
-        "results": {"grpc": {"p50_ms": 5.0, "p99_ms": 9.0}, "in_process": {"p50_ms": 4.25},
-                    "grpc_overhead_p50_ms": 0.75}}))
     readme = tmp_path / "README.md"
     readme.write_text("# X\n\ntext\n")
-    update_readme(readme, render(results))
+    update_readme(readme, render(quick_results))
     first = readme.read_text()
-    assert START in first and END in first and "| torch | 5.00 | 9.00 | 4.25 | 0.75 | abc1234 |" in first
-    update_readme(readme, render(results))  # regenerating replaces the section, never appends
+    assert START in first and END in first
+    for heading in ("Against the targets", "Latency, merged vs unmerged", "Multi-tenant batch", "Hot-swap",
+                    "Serving under load", "gRPC overhead", "Quality at equal parameters"):
+        assert heading in first, heading
+    r = _load(quick_results, "grpc_overhead_torch")["results"]
+    assert f"| torch | {r['grpc']['p50_ms']:.2f} |" in first  # the numbers come from the file
+    update_readme(readme, render(quick_results))  # regenerating replaces the section, never appends
     assert readme.read_text() == first
+
+
+def test_wara_bench_names_the_valid_benchmarks():
+    proc = subprocess.run([sys.executable, "-m", "wara_train.cli", "bench", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr and "quality" in proc.stderr

@@ -1,4 +1,4 @@
-"""The `wara` command. Subcommands: train, demo, export, serve (bench arrives with a later issue)."""
+"""The `wara` command. Subcommands: train, demo, export, serve, bench."""
 
 from __future__ import annotations
 
@@ -52,6 +52,24 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, steps=args.steps)
 
 
+BENCHES = {"quality": "benchmarks.quality", "latency": "benchmarks.latency", "multitenant": "benchmarks.multitenant",
+           "hotswap": "benchmarks.hotswap", "load": "benchmarks.load", "grpc-overhead": "benchmarks.grpc_overhead",
+           "all": "benchmarks.run"}
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (JSON + plot under benchmarks/results/)",
+                       description="Run one benchmark; arguments after its name go to it (try: wara bench quality --help).")
+    p.add_argument("name", choices=sorted(BENCHES), help="which benchmark ('all' = make bench)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return importlib.import_module(BENCHES[args.name]).main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wara", description="Train, export and serve WaRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -63,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.cli import add_parser as add_serve
 
     add_serve(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -78,7 +97,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"train": _run_train, "demo": _run_demo, "export": _run_export, "serve": _run_serve}
+COMMANDS = {"train": _run_train, "demo": _run_demo, "export": _run_export, "serve": _run_serve, "bench": _run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

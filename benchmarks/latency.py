@@ -1,0 +1,378 @@
+"""Latency of merged versus unmerged WaRA: base, merged, unmerged-folded, unmerged-explicit.
+
+Two workloads, each in PyTorch (eager) and onnxruntime:
+
+- ``synthetic``: one (d, d) linear layer, d in {1024, 4096}, WaRA r=4 haar at J = 1, 2, 3; the
+  layer applied to batch x seq tokens. Every form is first checked against a float64
+  ``x (W0 + ΔW)ᵀ``.
+- ``minilm``: the whole MiniLM (36 adapted linears), WaRA r=4 haar J=1. PyTorch: the serving
+  engine's base rows, its slot path (unmerged-folded), its merged path, and the injected model's
+  explicit path. onnxruntime: the exporter's base, merged, multi (unmerged-folded, slot inputs)
+  and unmerged (explicit wavelet ops) graphs. All checked against each other before timing.
+
+Forms are timed interleaved (base, merged, folded, explicit, base, ...): median and min-max of
+the per-round medians, and each median's ratio to base. Next to each ratio: the FLOP ratio (what
+the overhead would be if time followed matmul FLOPs) and the base's achieved GFLOP/s as a
+fraction of a plain matmul's measured in the same run.
+
+    .venv/bin/python -m benchmarks.latency            # full grid (about 15 min on 2 cores)
+    .venv/bin/python -m benchmarks.latency --quick    # tiny sizes (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import environment, figure, interleaved, peft_minilm, save_figure, summary, write_json
+
+RANK = 4
+FORMS = ("base", "merged", "folded", "explicit")
+
+
+# ------------------------------------------------------------------------------------------
+# FLOPs (multiply-adds x 2) of the matmul work; elementwise work is not counted
+
+
+def wavelet_flops(length: int, taps: int, levels: int) -> int:
+    """One analysis (or synthesis) cascade on a vector of ``length``: F taps per output."""
+    return sum(2 * taps * (length >> (j - 1)) for j in range(1, levels + 1))
+
+
+def adapter_flops(m: int, n: int, *, rank: int, levels: int, taps: int, form: str) -> int:
+    """Extra FLOPs per token of one (m, n) layer's adapter path."""
+    from wara_train.config import wara_param_count
+
+    if form in ("base", "merged"):
+        return 0
+    if form == "folded":
+        return 2 * (3 * levels + 1) * rank * (m + n)
+    return 2 * wara_param_count(m, n, rank=rank, levels=levels) + wavelet_flops(n, taps, levels) + wavelet_flops(m, taps, levels)
+
+
+def minilm_base_flops(batch: int, seq: int, shapes: list[tuple[int, int]], layers: int = 6, hidden: int = 384) -> int:
+    linear = sum(2 * m * n for m, n in shapes) * batch * seq
+    attention = layers * 2 * (2 * batch * seq * seq * hidden)  # Q Kᵀ and (softmax) V
+    return linear + attention
+
+
+# ------------------------------------------------------------------------------------------
+# peaks
+
+
+def torch_matmul_gflops(device: torch.device, size: int = 2048) -> float:
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(6):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def ort_matmul_gflops(size: int = 2048) -> float:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporter.verify import ort_session
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mm.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+        sess = ort_session(str(path))
+        feeds = {n: np.random.default_rng(0).standard_normal((size, size), dtype=np.float32) for n in "ab"}
+        best = float("inf")
+        for _ in range(6):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------
+# synthetic layers
+
+
+def synthetic_layers(d: int, levels: list[int], seed: int) -> dict:
+    """One seeded (d, d) base layer and, per J, a WaRA wrapper of it with random factors."""
+    from wara_train.config import WaraConfig
+    from wara_train.layer import WaraLinear
+    from wara_train.synthetic import randomize_factors
+
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d, d, generator=gen) / d**0.5)
+    out = {}
+    for j in levels:
+        cfg = WaraConfig(rank=RANK, alpha=2.0 * RANK, wavelet="haar", levels=j, target_modules=("x",))
+        out[j] = WaraLinear(base, cfg).eval()
+        randomize_factors(out[j], seed + j, std=1.0 / d**0.5)
+    return out
+
+
+def _ort_synthetic(layer, form: str, path: Path):
+    """A one-layer graph: y = x W0ᵀ (+ the adapter in ``form``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporter.onnx_ops import DOMAIN, DOMAIN_VERSION, OPSET, GraphBuilder, explicit_delta, wara_functions
+    from exporter.verify import ort_session
+
+    d = layer.base.weight.shape[0]
+    g = GraphBuilder(prefix="syn")
+    with torch.no_grad():
+        w = layer._merged_weight() if form == "merged" else layer.base.weight
+        y = g.node("MatMul", ["x", g.tensor("Wt", w.T.contiguous())], "base")
+        if form == "folded":
+            la, lb = layer.folded()
+            z = g.node("MatMul", ["x", g.tensor("At", la.T.contiguous())], "z")
+            y = g.node("Add", [y, g.node("MatMul", [z, g.tensor("Bt", lb.T.contiguous())], "u")], "y")
+        elif form == "explicit":
+            delta = explicit_delta(g, "x", layer.factors(), shape=(d, d), spec=layer.spec, scale=layer.config.scale, layer="syn")
+            y = g.node("Add", [y, delta], "y")
+    g.node("Identity", [y], "out", out="y_out")
+    graph = helper.make_graph(g.nodes, "synthetic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", d])],
+                              [helper.make_tensor_value_info("y_out", TensorProto.FLOAT, ["T", d])],
+                              initializer=list(g.initializers.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+                              functions=wara_functions() if form == "explicit" else [])
+    onnx.save(model, path)
+    return ort_session(str(path))
+
+
+def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], levels: list[int], rounds: int, max_iters: int,
+                  device: torch.device, engines: list[str], workdir: Path, log) -> list[dict]:
+    rows = []
+    for d in widths:
+        layers = synthetic_layers(d, levels, seed=d)
+        ort_forms = {}
+        if "onnxruntime" in engines:  # built on CPU before anything moves to the device
+            ort_forms[("base", 0)] = _ort_synthetic(layers[levels[0]], "base", workdir / f"syn{d}_base.onnx")
+            for j, layer in layers.items():
+                for form in ("merged", "folded", "explicit"):
+                    ort_forms[(form, j)] = _ort_synthetic(layer, form, workdir / f"syn{d}_{form}{j}.onnx")
+        base = layers[levels[0]].base.to(device)
+        torch_forms: dict[tuple[str, int], object] = {}
+        for j, layer in layers.items():
+            layer.to(device)
+            with torch.no_grad():
+                merged = layer._merged_weight().clone()
+                la, lb = (t.contiguous() for t in layer.folded())
+            torch_forms[("merged", j)] = lambda x, w=merged: x @ w.T
+            torch_forms[("folded", j)] = lambda x, la=la, lb=lb: torch.addmm(x @ base.weight.T, x @ la.T, lb.T)
+            layer.set_path("explicit")
+            torch_forms[("explicit", j)] = layer
+        for batch in batches:
+            for seq in seqs:
+                x = torch.randn(batch * seq, d, generator=torch.Generator().manual_seed(1)).to(device)
+                with torch.no_grad():
+                    refs = {j: x.double() @ (layer.base.weight.double() + layer.delta_weight().double()).T
+                            for j, layer in layers.items()}
+                for engine in engines:
+                    if engine == "torch":
+                        variants = {"base:0": lambda: base(x)}
+                        fns = torch_forms
+                        call = lambda f: (lambda: f(x))  # noqa: E731
+                    else:
+                        xn = x.cpu().numpy()
+                        fns = {k: s for k, s in ort_forms.items() if k[0] != "base"}
+                        variants = {"base:0": lambda s=ort_forms[("base", 0)]: s.run(None, {"x": xn})}
+                        call = lambda s: (lambda: s.run(None, {"x": xn}))  # noqa: E731
+                    errors = {}
+                    with torch.no_grad():
+                        for (form, j), f in fns.items():
+                            out = torch.as_tensor(call(f)()[0] if engine == "onnxruntime" else call(f)())
+                            errors[f"{form}:J{j}"] = float((out.double().to(device) - refs[j]).abs().max())
+                            variants[f"{form}:{j}"] = call(f)
+                    worst = max(errors.values())
+                    scale = float(refs[levels[0]].abs().max())
+                    if worst > 1e-4 * max(1.0, scale):
+                        raise SystemExit(f"synthetic d={d} {engine}: a form disagrees with float64 by {worst:.2e}: {errors}")
+                    iters = max(1, min(max_iters, int(2e8 / (2 * batch * seq * d * d) + 1)))
+                    with torch.no_grad():
+                        times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device))
+                    base_ms = times.pop("base:0")
+                    base_flops = 2 * batch * seq * d * d
+                    rows.append({"workload": f"synthetic d={d}", "engine": engine, "batch": batch, "seq": seq,
+                                 "form": "base", "levels": None, **summary(base_ms, base_ms), "flop_ratio": 1.0,
+                                 "base_gflops": base_flops / (np.median(base_ms) * 1e6)})
+                    for key, ms in times.items():
+                        form, j = key.split(":")
+                        j = int(j)
+                        extra = adapter_flops(d, d, rank=RANK, levels=j, taps=2, form=form) * batch * seq
+                        rows.append({"workload": f"synthetic d={d}", "engine": engine, "batch": batch, "seq": seq,
+                                     "form": form, "levels": j, **summary(ms, base_ms),
+                                     "flop_ratio": (base_flops + extra) / base_flops, "max_abs_error": errors[f"{form}:J{j}"]})
+                    log(f"synthetic d={d} {engine} B={batch} seq={seq}: base {np.median(base_ms):.2f} ms; "
+                        + ", ".join(f"{r['form']} J{r['levels']} {r['ratio']:.2f}x" for r in rows[-len(times):]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# MiniLM
+
+
+def run_minilm(*, batches: list[int], seqs: list[int], rounds: int, max_iters: int, device: torch.device, engines: list[str],
+               workdir: Path, log) -> list[dict]:
+    from exporter.common import base_for
+    from exporter.merge import merged_model
+    from exporter.onnx_export import INDEX_INPUT, export_onnx, model_io
+    from exporter.verify import ort_session, pack_slots
+    from runtime.engine import TorchEngine
+    from wara_train.artifact import apply_adapter
+    from wara_train.model import set_path
+    from wara_train.synthetic import random_adapter
+
+    adapter = random_adapter("minilm", workdir / "adapter", rank=RANK, seed=0)
+    engine = TorchEngine("minilm", slots=2, max_rank=4 * RANK, device=str(device))
+    folded = engine.prepare(adapter)
+    engine.write_slot(1, folded)
+    merged = engine.build_merged(folded)
+    explicit = apply_adapter(base_for(adapter), adapter).to(device).eval()
+    set_path(explicit, "explicit")
+    peft = peft_minilm(1, rank=2 * RANK, device=device)
+
+    def peft_base(*x: torch.Tensor) -> torch.Tensor:
+        with peft.disable_adapter():
+            return peft(*x)
+    shapes = [tuple(layer.base.weight.shape[:2]) for layer in engine.layers.values()]
+    sessions = {}
+    if "onnxruntime" in engines:
+        base = base_for(adapter)
+        cache: dict = {}
+        for form, name in (("base", "base"), ("merged", "merged"), ("folded", "multi"), ("explicit", "unmerged")):
+            path = export_onnx(adapter, base, name, workdir / f"{name}.onnx", log=lambda s: None, _cache=cache)
+            sessions[form] = ort_session(str(path))
+    rows = []
+    for batch in batches:
+        for seq in seqs:
+            io = model_io("minilm", batch=batch, seq=seq)
+            inputs = [t.to(device) for t in io.sample]
+            for eng in engines:
+                if eng == "torch":
+                    variants = {
+                        "base": lambda: engine.forward(inputs, [0] * batch),
+                        "merged": lambda: engine.forward_merged(merged, folded, inputs),
+                        "folded": lambda: engine.forward(inputs, [1] * batch),
+                        "explicit": lambda: explicit(*inputs),
+                        "peft_base": lambda: peft_base(*inputs),
+                        "peft_lora": lambda: peft(*inputs),
+                    }
+                    with torch.no_grad():
+                        outs = {f: variants[f]() for f in ("merged", "folded")}
+                        outs = {f: torch.stack([r["logits"] for r in o]) for f, o in outs.items()}
+                        outs["explicit"] = variants["explicit"]().cpu()
+                else:
+                    feeds = {}
+                    for form, sess in sessions.items():
+                        f = {n: t.numpy() for n, t in zip(io.input_names, io.sample)}
+                        if form == "folded":
+                            f.update(pack_slots([i.name for i in sess.get_inputs()], [adapter], base))
+                            f[INDEX_INPUT] = np.ones(batch, dtype=np.int64)
+                        feeds[form] = f
+                    variants = {form: (lambda s=sess, f=feeds[form]: s.run(None, f)) for form, sess in sessions.items()}
+                    outs = {form: torch.as_tensor(variants[form]()[0]) for form in ("merged", "folded", "explicit")}
+                ref = outs["explicit"]
+                errors = {f: float((o - ref).abs().max()) for f, o in outs.items()}
+                if max(errors.values()) > 1e-3:
+                    raise SystemExit(f"minilm {eng} B={batch} seq={seq}: forms disagree: {errors}")
+                iters = max(1, min(max_iters, int(3e9 / minilm_base_flops(batch, seq, shapes)) + 1))
+                with torch.no_grad():
+                    times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device))
+                base_flops = minilm_base_flops(batch, seq, shapes)
+                if "peft_lora" in times:  # the peer: peft's unmerged LoRA r=8 over its own base
+                    lora = 2 * 2 * RANK * sum(m + n for m, n in shapes) * batch * seq
+                    rows.append({"workload": "minilm", "engine": "torch", "batch": batch, "seq": seq, "form": "peft_lora",
+                                 "levels": None, **summary(times["peft_lora"], times["peft_base"]),
+                                 "flop_ratio": (base_flops + lora) / base_flops, "peft_base_ms": summary(times["peft_base"])["median_ms"]})
+                for form in FORMS:
+                    extra = sum(adapter_flops(m, n, rank=RANK, levels=1, taps=2, form=form) for m, n in shapes) * batch * seq
+                    row = {"workload": "minilm", "engine": eng, "batch": batch, "seq": seq, "form": form, "levels": 1,
+                           **summary(times[form], times["base"]), "flop_ratio": (base_flops + extra) / base_flops}
+                    if form == "base":
+                        row["base_gflops"] = base_flops / (np.median(times["base"]) * 1e6)
+                    else:
+                        row["max_abs_error"] = errors.get(form, 0.0)
+                    rows.append(row)
+                log(f"minilm {eng} B={batch} seq={seq}: base {np.median(times['base']):.2f} ms; "
+                    + ", ".join(f"{r['form']} {r['ratio']:.2f}x" for r in rows[-3:]))
+    return rows
+
+
+def plot(report: dict, path: Path) -> None:
+    rows = [r for r in report["results"] if r["form"] != "base" and r["levels"] in (None, 1)]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = figure(1, len(workloads), figsize=(4.2 * len(workloads), 3.8), squeeze=False, sharey=True)
+    for ax, wl in zip(axes[0], workloads):
+        for (eng, form), style in zip([(e, f) for e in report["engines"] for f in FORMS[1:]], ["o-", "s-", "^-", "o--", "s--", "^--"]):
+            pts = [r for r in rows if r["workload"] == wl and r["engine"] == eng and r["form"] == form]
+            if pts:
+                ax.plot(range(len(pts)), [p["ratio"] for p in pts], style, label=f"{eng} {form}", ms=4)
+                ax.set_xticks(range(len(pts)), [f"{p['batch']}x{p['seq']}" for p in pts], rotation=45, fontsize=7)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"{wl} (J=1)", fontsize=9)
+        ax.set_xlabel("batch x seq", fontsize=8)
+    axes[0][0].set_ylabel("latency / base (median)")
+    axes[0][0].set_yscale("log")
+    axes[0][-1].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a test that it runs)")
+    p.add_argument("--device", default="cpu", help="torch device (onnxruntime runs only on cpu here)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    engines = ["torch"] + (["onnxruntime"] if device.type == "cpu" else [])
+    # --quick skips MiniLM's onnxruntime exports (a minute of work; benchmarks.onnx_forms tests them).
+    minilm_engines = engines[:1] if args.quick else engines
+    if args.quick:
+        grid = dict(widths=[64], batches=[2], seqs=[4], levels=[1, 2], minilm_batches=[1], minilm_seqs=[8], rounds=1, max_iters=1)
+    else:
+        grid = dict(widths=[1024, 4096], batches=[1, 8, 32], seqs=[16, 128], levels=[1, 2, 3],
+                    minilm_batches=[1, 8, 32], minilm_seqs=[16, 64, 128], rounds=args.rounds, max_iters=10)
+    t0 = time.perf_counter()
+    peak = {"torch": torch_matmul_gflops(device, 256 if args.quick else 2048)}
+    if "onnxruntime" in engines:
+        peak["onnxruntime"] = ort_matmul_gflops(256 if args.quick else 2048)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run_synthetic(widths=grid["widths"], batches=grid["batches"], seqs=grid["seqs"], levels=grid["levels"],
+                             rounds=grid["rounds"], max_iters=grid["max_iters"], device=device, engines=engines, workdir=Path(tmp), log=print)
+        rows += run_minilm(batches=grid["minilm_batches"], seqs=grid["minilm_seqs"], rounds=grid["rounds"], max_iters=grid["max_iters"],
+                           device=device, engines=minilm_engines, workdir=Path(tmp), log=print)
+    for r in rows:
+        if "base_gflops" in r:
+            r["fraction_of_matmul_peak"] = r["base_gflops"] / peak[r["engine"]]
+    report = {"benchmark": "latency", **environment(), "device": str(device), "engines": engines, "rank": RANK,
+              "wavelet": "haar", "rounds": grid["rounds"], "matmul_peak_gflops": peak, "quick": args.quick,
+              "wall_seconds": time.perf_counter() - t0, "results": rows}
+    write_json(args.out, report)
+    plot(report, args.out.with_suffix(".png"))
+    print(f"{len(rows)} rows in {report['wall_seconds']:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

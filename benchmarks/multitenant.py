@@ -1,0 +1,160 @@
+"""Multi-tenant throughput: one batch of 32 requests spread over 1, 4, 16 or 32 adapters.
+
+Compared on the same MiniLM base, seq 64, at equal trainable parameters:
+
+- ours: the serving engine's heterogeneous forward (WaRA r=4 haar J=1, folded into slots),
+  PyTorch and onnxruntime;
+- peft: LoRA r=8 adapters (the same parameter count) and its mixed-batch inference,
+  ``model(..., adapter_names=[...])``;
+- a naive loop: one request at a time, switching peft's active adapter before each.
+
+Before timing, each mixed batch is checked row by row: ours against the explicit (wavelet-op)
+model of that row's adapter, peft's against its own one-adapter-at-a-time answers.
+Reported: the median batch time (and min-max of per-round medians), and each method's time
+relative to its own single-adapter batch.
+
+    .venv/bin/python -m benchmarks.multitenant            # 32 adapters, seq 64 (a few minutes)
+    .venv/bin/python -m benchmarks.multitenant --quick    # tiny (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import environment, figure, interleaved, peft_minilm, save_figure, summary, write_json
+
+RANK = 4  # WaRA r=4 at J=1 has the parameter count of LoRA r=8
+
+
+def run(*, counts: list[int], batch: int, seq: int, rounds: int, device: torch.device, engines: list[str],
+        workdir: Path, log) -> dict:
+    from exporter.common import base_for
+    from exporter.onnx_export import model_io
+    from runtime.engine import TorchEngine
+    from wara_train.artifact import apply_adapter, load_adapter
+    from wara_train.model import set_path
+    from wara_train.synthetic import random_adapters
+
+    n = max(counts)
+    paths = [workdir / f"t{i}" for i in range(n)]
+    random_adapters("minilm", paths, rank=RANK, seed=0)
+    adapters = [load_adapter(p) for p in paths]
+    ours = {}
+    for eng in engines:
+        if eng == "torch":
+            e = TorchEngine("minilm", slots=n + 1, max_rank=4 * RANK, device=str(device))
+        else:
+            from runtime.ort_engine import OrtEngine
+
+            e = OrtEngine("minilm", slots=n + 1, max_rank=4 * RANK)
+        for i, a in enumerate(adapters):
+            e.write_slot(i + 1, e.prepare(a))
+        ours[eng] = e
+    peft = peft_minilm(n, rank=2 * RANK, device=device)
+    io = model_io("minilm", batch=batch, seq=seq)
+    inputs = [t.to(device) for t in io.sample]
+    kwargs = dict(zip(io.input_names, inputs))
+
+    def slots_for(k: int) -> list[int]:
+        return [1 + (i % k) for i in range(batch)]
+
+    # --- verification (the largest spread; every row) -------------------------------------------
+    with torch.no_grad():
+        k = n
+        for eng, e in ours.items():
+            rows = e.forward(inputs, slots_for(k))
+            for s in sorted(set(slots_for(k)))[:4]:  # four adapters against their explicit model
+                ref_model = apply_adapter(base_for(adapters[s - 1]), adapters[s - 1]).to(device).eval()
+                set_path(ref_model, "explicit")
+                ref = ref_model(*inputs)
+                for i in [i for i, t in enumerate(slots_for(k)) if t == s]:
+                    err = float((rows[i]["logits"].to(device) - ref[i]).abs().max())
+                    if err > 1e-4:
+                        raise SystemExit(f"{eng}: row {i} (adapter {s}) differs from its explicit model by {err:.2e}")
+        names = [f"a{s - 1}" for s in slots_for(k)]
+        mixed = peft(**kwargs, adapter_names=names)
+        for name in sorted(set(names))[:4]:
+            peft.set_adapter(name)
+            alone = peft(**kwargs)
+            rows = [i for i, x in enumerate(names) if x == name]
+            err = float((mixed[rows] - alone[rows]).abs().max())
+            if err > 1e-4:
+                raise SystemExit(f"peft mixed batch differs from adapter {name} alone by {err:.2e}")
+
+    # --- timing --------------------------------------------------------------------------------
+    results = []
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    single = [{n: v[i: i + 1] for n, v in kwargs.items()} for i in range(batch)]
+
+    def naive(k: int) -> None:
+        for i, s in enumerate(slots_for(k)):
+            peft.set_adapter(f"a{s - 1}")
+            peft(**single[i])
+
+    for k in counts:
+        variants = {f"ours_{eng}": (lambda e=e, k=k: e.forward(inputs, slots_for(k))) for eng, e in ours.items()}
+        variants["peft_mixed"] = lambda k=k: peft(**kwargs, adapter_names=[f"a{s - 1}" for s in slots_for(k)])
+        variants["naive_loop"] = lambda k=k: naive(k)
+        with torch.no_grad():
+            times = interleaved(variants, rounds=rounds, iters=1, warmup=1, sync=sync)
+        for method, ms in times.items():
+            results.append({"adapters": k, "method": method, **summary(ms)})
+        log(f"{k:2d} adapters: " + ", ".join(f"{m} {np.median(ms):.1f} ms" for m, ms in times.items()))
+    for r in results:
+        one = next(x for x in results if x["method"] == r["method"] and x["adapters"] == counts[0])
+        r["ratio_to_one_adapter"] = r["median_ms"] / one["median_ms"]
+        peer = next(x for x in results if x["method"] == "peft_mixed" and x["adapters"] == r["adapters"])
+        r["speedup_vs_peft_mixed"] = peer["median_ms"] / r["median_ms"]
+    return {"results": results}
+
+
+def plot(report: dict, path: Path) -> None:
+    fig, ax = figure(figsize=(6, 3.8))
+    for method in dict.fromkeys(r["method"] for r in report["results"]):
+        pts = [r for r in report["results"] if r["method"] == method]
+        ax.errorbar([p["adapters"] for p in pts], [p["median_ms"] for p in pts],
+                    yerr=[[p["median_ms"] - p["min_ms"] for p in pts], [p["max_ms"] - p["median_ms"] for p in pts]],
+                    marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"distinct adapters in a batch of {report['batch']}")
+    ax.set_ylabel("batch latency, ms (median)")
+    ax.set_title(f"MiniLM seq {report['seq']}, {report['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a test that it runs)")
+    p.add_argument("--device", default="cpu", help="torch device (onnxruntime runs on cpu only here)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/multitenant.json"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    engines = ["torch"] + (["onnxruntime"] if device.type == "cpu" and not args.quick else [])
+    counts, batch, seq, rounds = ([1, 2], 4, 8, 1) if args.quick else ([1, 4, 16, 32], 32, args.seq, args.rounds)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run(counts=counts, batch=batch, seq=seq, rounds=rounds, device=device, engines=engines,
+                  workdir=Path(tmp), log=print)
+    report = {"benchmark": "multitenant", **environment(), "device": str(device), "batch": batch, "seq": seq,
+              "rounds": rounds, "wara": f"r={RANK} haar J=1", "peft_lora": f"r={2 * RANK}", "quick": args.quick,
+              "wall_seconds": time.perf_counter() - t0, **out}
+    write_json(args.out, report)
+    plot(report, args.out.with_suffix(".png"))
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
