@@ -73,8 +73,9 @@ class SlotLayer(nn.Module):
             d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks)
             return y + d.transpose(1, 2).reshape(y.shape)
         xs = x if x.dim() == 3 else x.unsqueeze(1)
-        d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks)
-        return y.add_(d if x.dim() == 3 else d.squeeze(1))
+        ys = y if y.dim() == 3 else y.unsqueeze(1)
+        self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks, out=ys)  # in place
+        return y
 
 
 class HeadTap(nn.Module):
