@@ -210,6 +210,10 @@ class TorchEngine:
                 self.slot_labels[index] = w.shape[0]
             else:
                 self.slot_labels[index] = 0
+            self._slot_written(index)
+
+    def _slot_written(self, index: int) -> None:
+        """Called under the lock after slot ``index`` changed (a backend's own copies follow)."""
 
     # --- merged fast path -------------------------------------------------------------------
     def build_merged(self, folded: Folded) -> nn.Module:

@@ -1,8 +1,9 @@
 """The onnxruntime engine: the exporter's ``multi`` graph with the slot factors bound as inputs.
 
 It shares everything but the forward with `TorchEngine` (validation, folding, the slot tensors,
-per-row heads): the graph's slot inputs are zero-copy numpy views of the same CPU buffers, so a
-slot written for one backend is written for both.
+per-row heads). The graph's slot inputs are compact copies of those slot tensors cut to the
+largest rank in use (the padding to ``max_rank`` would double the adapter FLOPs of a rank-16
+adapter under the default max rank of 32), refreshed under the engine lock on every slot write.
 """
 
 from __future__ import annotations
@@ -38,13 +39,27 @@ class OrtEngine(TorchEngine):
         path = export_multi_graph(self.model, list(self.layers), shapes, self.io, Path(self._tmp.name) / "multi.onnx")
         self.session = ort_session(str(path), providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.slot_feeds = {}
-        for name, layer in self.layers.items():
-            self.slot_feeds[f"wara.{name}.lora_A"] = layer.lora_A.numpy()  # views: no copy, always current
-            self.slot_feeds[f"wara.{name}.lora_B"] = layer.lora_B.numpy()
+        self.slot_feeds: dict[str, np.ndarray] = {}
+        self._rank_in_use = -1
+        self._slot_written(0)
         missing = [n for n in self.input_names if n.startswith("wara.") and n not in self.slot_feeds]
         if missing:
             raise ConfigError(f"internal: the multi graph wants unknown slot inputs {missing[:3]}")
+
+    def _slot_written(self, index: int) -> None:
+        """Keep the graph's slot inputs as compact copies cut to the largest rank in use, so the
+        graph never multiplies by the zero padding up to ``max_rank`` (the rank axis is dynamic).
+        A write copies one slot; only a new largest rank re-lays every slot out."""
+        rank = max(1, max(max(layer.ranks) for layer in self.layers.values()))
+        if rank != self._rank_in_use:
+            self._rank_in_use = rank
+            for name, layer in self.layers.items():
+                self.slot_feeds[f"wara.{name}.lora_A"] = np.ascontiguousarray(layer.lora_A[:, :rank].numpy())
+                self.slot_feeds[f"wara.{name}.lora_B"] = np.ascontiguousarray(layer.lora_B[:, :, :rank].numpy())
+            return
+        for name, layer in self.layers.items():
+            self.slot_feeds[f"wara.{name}.lora_A"][index] = layer.lora_A[index, :rank].numpy()
+            self.slot_feeds[f"wara.{name}.lora_B"][index] = layer.lora_B[index, :, :rank].numpy()
 
     def _features(self, inputs, slot_t, groups) -> torch.Tensor:
         if self.base_model != "minilm" and tuple(inputs[0].shape[1:]) != tuple(self.io.sample[0].shape[1:]):

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from helpers import tol
+from helpers import assert_close, tol
 
 from exporter.common import base_for
 from exporter.verify import reference_model
@@ -397,3 +397,31 @@ def test_host_tier_budget_pinning_and_slot_eviction(tmp_path):
         assert reg.current["pinned-one"].folded is not None
     finally:
         service.drain()
+
+
+@pytest.mark.slow
+def test_onnxruntime_slot_inputs_follow_rank_growth_and_shrink(tmp_path):
+    """The onnxruntime engine binds slot factors cut to the largest rank in use: a larger adapter
+    re-lays them out, a smaller one in its place shrinks them, and every answer stays equal to
+    the PyTorch engine's (which keeps the padded max-rank buffers)."""
+    from runtime.engine import TorchEngine
+    from runtime.ort_engine import OrtEngine
+
+    small = random_adapter("minilm", tmp_path / "small", rank=2, seed=1)  # folded rank 8
+    large = random_adapter("minilm", tmp_path / "large", rank=4, seed=2)  # folded rank 16
+    engines = [TorchEngine("minilm", slots=3, max_rank=32, device="cpu"), OrtEngine("minilm", slots=3, max_rank=32)]
+    enc = MiniLMTokenizer(max_length=16)(["hello there", "what is the weather like today"] * 2)
+    inputs = (enc["input_ids"], enc["attention_mask"])
+    slots = [0, 1, 2, 1]
+
+    def answers(engine):
+        return [next(iter(row.values())) for row in engine.forward(inputs, slots)]
+
+    for step in ([(1, small)], [(2, large)], [(2, small)]):
+        for e in engines:
+            for index, adapter in step:
+                e.write_slot(index, e.prepare(adapter))
+        want, got = answers(engines[0]), answers(engines[1])
+        for w, g in zip(want, got):
+            assert_close(g, w)
+    assert engines[1].slot_feeds[next(k for k in engines[1].slot_feeds if k.endswith("lora_A"))].shape[1] == 8
