@@ -53,10 +53,12 @@ class SlotLayer(nn.Module):
         r = a.shape[0]
         if r > self.lora_A.shape[1]:
             raise ConfigError(f"folded rank {r} exceeds the server's max_rank {self.lora_A.shape[1]}")
-        self.lora_A[index].zero_()
-        self.lora_B[index].zero_()
         self.lora_A[index, :r].copy_(a)
         self.lora_B[index, :, :r].copy_(b)
+        old = self.ranks[index]
+        if old > r:  # rows past r are zero except where a larger adapter left its factors
+            self.lora_A[index, r:old].zero_()
+            self.lora_B[index, :, r:old].zero_()
         self.ranks[index] = r
 
     def reset_slot(self, index: int) -> None:
