@@ -419,7 +419,9 @@ def test_onnxruntime_slot_inputs_follow_rank_growth_and_shrink(tmp_path):
 
     refs = {id(a): reference_model(a, base_for(a)) for a in (small, large)}
     in_slot = {}
-    for step in ([(1, small)], [(2, large)], [(2, small)]):  # rank 8, then 16, then back to 8
+    # Ranks 8, then 16 in both slots, then 8 in one (its old rows must not leak into a batch that
+    # also holds a rank-16 slot), then 8 in both (the onnxruntime inputs shrink back).
+    for step in ([(1, small)], [(1, large), (2, large)], [(2, small)], [(1, small)]):
         for e in engines:
             for index, adapter in step:
                 e.write_slot(index, e.prepare(adapter))
