@@ -186,7 +186,7 @@ def render_targets(results: Path) -> list[str]:
     """Issue 5's targets next to what the result files say (and the peer measured with them)."""
     lat, mt, hs = _load(results, "latency"), _load(results, "multitenant"), _load(results, "hotswap")
     go_t, go_o = _load(results, "grpc_overhead_torch"), _load(results, "grpc_overhead_onnxruntime")
-    out = ["**Against the targets** (figures from the files above):", "", "| target | ours | peer, same run |", "| --- | --- | --- |"]
+    out = ["**Against issue 5's targets** (figures from the result files below):", "", "| target | ours | peer, same run |", "| --- | --- | --- |"]
     if lat:
         rows = [x for x in lat["results"] if x["workload"] == "minilm" and x["seq"] == 64]
 

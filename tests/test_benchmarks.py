@@ -125,7 +125,7 @@ def test_readme_section_is_generated_from_the_json(quick_results, tmp_path):
     update_readme(readme, render(quick_results))
     first = readme.read_text()
     assert START in first and END in first
-    for heading in ("Against the targets", "Latency, merged vs unmerged", "Multi-tenant batch", "Hot-swap",
+    for heading in ("Against issue 5's targets", "Latency, merged vs unmerged", "Multi-tenant batch", "Hot-swap",
                     "Serving under load", "gRPC overhead", "Quality at equal parameters"):
         assert heading in first, heading
     r = _load(quick_results, "grpc_overhead_torch")["results"]
