@@ -16,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port (default 8001; 0 picks a free one)")
     p.add_argument("--adapter-root", help="directory of adapters, each loaded at start and loadable by name")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
+                   help="engine: auto (default: onnxruntime for MiniLM on CPU, else PyTorch), torch, onnxruntime")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
     config = config.replace(host=args.host, port=args.port, adapter_root=args.adapter_root,
-                            metrics_port=args.metrics_port)
+                            metrics_port=args.metrics_port, backend=args.backend)
     server, port = create_server(config)
     service = server.service
     if config.metrics_port is not None:
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     loaded = [v.name for v in service.registry.index()]
-    print(f"adapters: {', '.join(loaded) or 'none'}; bases: {', '.join(config.bases)}", file=sys.stderr)
+    bases = ", ".join(f"{b} ({e.platform.removeprefix('wara_')})" for b, e in service.engines.items())
+    print(f"adapters: {', '.join(loaded) or 'none'}; bases: {bases}", file=sys.stderr)
     print(f"serving on {config.host}:{port}", flush=True)
     stop.wait()
     print(f"draining (grace {config.grace_s:.0f}s) ...", file=sys.stderr, flush=True)

@@ -170,7 +170,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_guard
     def ModelMetadata(self, request, context):
         base, versions, inputs, outputs = self.service.describe(request.name)
-        resp = pb.ModelMetadataResponse(name=request.name, versions=versions, platform=f"wara_pytorch:{base}")
+        resp = pb.ModelMetadataResponse(name=request.name, versions=versions, platform=f"{self.service.engines[base].platform}:{base}")
         for spec in inputs:
             resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         for spec in outputs:

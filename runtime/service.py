@@ -22,7 +22,7 @@ import torch
 from wara_train.artifact import CONFIG_NAME
 
 from .batcher import Batcher, Request
-from .config import ServeConfig
+from .config import ServeConfig, resolve_backend
 from .engine import TorchEngine
 from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound
 from .metrics import Metrics
@@ -62,7 +62,7 @@ def output_specs(base_model: str, version: Version | None) -> list[TensorSpec]:
 
 def make_engine(config: ServeConfig, base: str) -> TorchEngine:
     """The configured backend for one base model (a registry of two)."""
-    if config.backend == "onnxruntime":
+    if resolve_backend(config, base) == "onnxruntime":
         from .ort_engine import OrtEngine
 
         return OrtEngine(base, slots=config.slots, max_rank=config.max_rank)

@@ -37,3 +37,15 @@ def test_round_trip_through_dict_and_defaults():
     assert WaraConfig.from_dict(regex.to_dict()) == regex
     d = WaraConfig().to_dict()
     assert d["wavelet"] == "haar" and d["mode"] == "periodization" and d["factorization"] == "subband"
+
+
+def test_auto_backend_picks_onnxruntime_for_minilm_on_cpu_only():
+    from runtime.config import ServeConfig, resolve_backend
+
+    auto = ServeConfig(port=0)
+    assert auto.backend == "auto"
+    assert resolve_backend(auto, "minilm") == "onnxruntime"  # the 'cpu' extra is installed in the test venv
+    assert resolve_backend(auto, "effnet-lite0") == "torch"  # any image size
+    assert resolve_backend(auto.replace(device="cuda"), "minilm") == "torch"
+    for explicit in ("torch", "onnxruntime"):
+        assert resolve_backend(auto.replace(backend=explicit), "effnet-lite0") == explicit

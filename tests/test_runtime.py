@@ -79,7 +79,8 @@ def served(request, tmp_path_factory):
     server, port = create_server(config)
     service = server.service
     try:
-        yield {"port": port, "service": service, "root": root, "variants": variants, "ref": ref}
+        yield {"port": port, "service": service, "root": root, "variants": variants, "ref": ref,
+               "backend": request.param}
     finally:
         server.stop(grace=2.0)
 
@@ -111,6 +112,7 @@ def test_tritonclient_smoke_from_another_process(served):
     assert out["metadata"]["versions"] == [version]
     assert out["metadata"]["inputs"] == ["text", "input_ids", "attention_mask"]
     assert out["metadata"]["outputs"] == ["logits", "labels"]
+    assert out["metadata"]["platform"] == {"torch": "wara_pytorch", "onnxruntime": "wara_onnxruntime"}[served["backend"]] + ":minilm"
     texts = ["what is artificial intelligence", "tell me a joke"]
     for i, text in enumerate(texts):
         np.testing.assert_allclose(out["adapter"]["logits"][i], ref.logits(version, text), rtol=1e-4, atol=1e-4)
@@ -330,7 +332,7 @@ def test_auto_merge_takes_the_dominant_adapter_to_the_merged_path(tmp_path):
     adapter = random_adapter("minilm", tmp_path / "hot", rank=2, seed=5)
     ref.add(adapter)
     random_adapter("minilm", tmp_path / "cold", rank=2, seed=6)
-    service = Service(ServeConfig(port=0, adapter_root=str(tmp_path), bases=("minilm",), max_delay_ms=0.0,
+    service = Service(ServeConfig(port=0, adapter_root=str(tmp_path), bases=("minilm",), max_delay_ms=0.0, backend="torch",
                                   auto_merge_window=10, auto_merge_share=0.9))
     try:
         text = np.array([b"tell me a joke"], dtype=object)
@@ -379,10 +381,10 @@ def test_host_tier_budget_pinning_and_slot_eviction(tmp_path):
     ref = Reference()
     for k, name in enumerate(["pinned-one", "x", "y"]):
         ref.add(random_adapter("minilm", tmp_path / name, rank=2, seed=20 + k))
-    one = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), auto_merge=False))
+    one = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), auto_merge=False, backend="torch"))
     size_mb = one.registry.current["x"].nbytes / (1 << 20)
     one.drain()
-    service = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), slots=3, max_delay_ms=0.0,
+    service = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), slots=3, max_delay_ms=0.0, backend="torch",
                                   host_budget_mb=size_mb * 1.5, pinned=("pinned-one",), auto_merge=False))
     try:
         reg = service.registry
