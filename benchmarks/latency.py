@@ -234,7 +234,6 @@ def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], lev
 def run_minilm(*, batches: list[int], seqs: list[int], rounds: int, max_iters: int, device: torch.device, engines: list[str],
                workdir: Path, log) -> list[dict]:
     from exporter.common import base_for
-    from exporter.merge import merged_model
     from exporter.onnx_export import INDEX_INPUT, export_onnx, model_io
     from exporter.verify import ort_session, pack_slots
     from runtime.engine import TorchEngine

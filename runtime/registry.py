@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -20,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wara_train.artifact import CONFIG_NAME, WEIGHTS_NAME, WaraAdapter, load_adapter
+from wara_train.artifact import CONFIG_NAME, WEIGHTS_NAME, WaraAdapter, adapter_from_bytes
 from wara_train.errors import AdapterError, ConfigError
 
 from .engine import Folded, TorchEngine
@@ -46,18 +44,13 @@ class Version:
     loaded_at: float = field(default_factory=time.time)
 
 
-def read_artifact(files: dict[str, bytes]) -> WaraAdapter:
-    """Validate an artifact given as file contents (as RepositoryModelLoad sends them)."""
+def read_artifact(files: dict[str, bytes], source: str = "adapter") -> WaraAdapter:
+    """Validate an artifact given as file contents (as RepositoryModelLoad sends them), in
+    memory: nothing is written to disk."""
     missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in files]
     if missing:
         raise AdapterError(f"adapter files missing: {', '.join(missing)} (send both {CONFIG_NAME} and {WEIGHTS_NAME})")
-    tmp = Path(tempfile.mkdtemp(prefix="wara-load-"))
-    try:
-        for fname in (CONFIG_NAME, WEIGHTS_NAME):
-            (tmp / fname).write_bytes(files[fname])
-        return load_adapter(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return adapter_from_bytes(files[CONFIG_NAME], files[WEIGHTS_NAME], source=source)
 
 
 def read_dir(path: Path) -> dict[str, bytes]:
@@ -91,7 +84,7 @@ class Registry:
         nothing changes."""
         if not name or "/" in name or name in self.engines:
             raise ConfigError(f"invalid adapter name {name!r} (a base model's name or containing '/')")
-        adapter = read_artifact(files)
+        adapter = read_artifact(files, f"adapter {name!r}")
         engine = self.engines.get(adapter.base_model)
         if engine is None:
             raise ModelNotFound(f"adapter {name!r} needs base model {adapter.base_model!r}, which this server does not serve")

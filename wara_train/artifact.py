@@ -142,61 +142,64 @@ def save_adapter(
 # load + validate (no model needed)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    f = path / CONFIG_NAME
+def _read_file(path: Path, name: str, limit: int) -> bytes:
+    f = path / name
     if not f.is_file():
-        raise AdapterError(f"{path}: missing {CONFIG_NAME}")
-    if f.stat().st_size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{f}: {f.stat().st_size} bytes, larger than the {MAX_CONFIG_BYTES}-byte limit")
-    try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{f}: expected a JSON object")
-    return cfg
+        raise AdapterError(f"{path}: missing {name}")
+    if f.stat().st_size > limit:
+        raise AdapterError(f"{f}: {f.stat().st_size} bytes exceeds the {limit}-byte limit")
+    return f.read_bytes()
 
 
 def load_adapter(path: str | os.PathLike) -> WaraAdapter:
     """Read and validate an artifact directory. Raises `AdapterError` naming the problem."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: not an adapter directory")
-    raw = _read_config(path)
+    config = _read_file(path, CONFIG_NAME, MAX_CONFIG_BYTES)
+    return adapter_from_bytes(config, _read_file(path, WEIGHTS_NAME, MAX_WEIGHTS_BYTES), source=str(path))
+
+
+def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, *, source: str = "adapter") -> WaraAdapter:
+    """Validate an artifact given as the contents of its two files (what RepositoryModelLoad
+    sends, or `load_adapter` read). Errors start with ``source``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    if len(config_bytes) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{source}: {CONFIG_NAME} is {len(config_bytes)} bytes, larger than the {MAX_CONFIG_BYTES}-byte limit")
+    if len(weights_bytes) > MAX_WEIGHTS_BYTES:
+        raise AdapterError(f"{source}: {WEIGHTS_NAME} is {len(weights_bytes)} bytes, over the {MAX_WEIGHTS_BYTES}-byte limit")
+    try:
+        raw = json.loads(config_bytes.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{source}: {CONFIG_NAME} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{source}: {CONFIG_NAME}: expected a JSON object")
     if raw.get("format") != FORMAT:
-        raise AdapterError(f"{path}: format is {raw.get('format')!r}, expected {FORMAT!r}")
+        raise AdapterError(f"{source}: format is {raw.get('format')!r}, expected {FORMAT!r}")
     if raw.get("format_version") != FORMAT_VERSION:
         raise AdapterError(
-            f"{path}: format_version {raw.get('format_version')!r} is not supported (this build reads {FORMAT_VERSION})"
+            f"{source}: format_version {raw.get('format_version')!r} is not supported (this build reads {FORMAT_VERSION})"
         )
     for key in ("base_model", "base_fingerprint", "target_modules", "rank", "alpha", "wavelet", "mode", "levels"):
         if key not in raw:
-            raise AdapterError(f"{path}: {CONFIG_NAME} is missing the key {key!r}")
+            raise AdapterError(f"{source}: {CONFIG_NAME} is missing the key {key!r}")
     if not isinstance(raw["target_modules"], list) or not raw["target_modules"]:
-        raise AdapterError(f"{path}: target_modules must be a non-empty list of full module names")
+        raise AdapterError(f"{source}: target_modules must be a non-empty list of full module names")
     try:
         config = WaraConfig.from_dict(raw)
     except (ConfigError, TypeError) as e:
-        raise AdapterError(f"{path}: {e}") from None
+        raise AdapterError(f"{source}: {e}") from None
     labels = raw.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
-        raise AdapterError(f"{path}: labels must be a list of strings")
-
-    wfile = path / WEIGHTS_NAME
-    if not wfile.is_file():
-        raise AdapterError(f"{path}: missing {WEIGHTS_NAME}")
-    if wfile.stat().st_size > MAX_WEIGHTS_BYTES:
-        raise AdapterError(f"{wfile}: {wfile.stat().st_size} bytes exceeds the {MAX_WEIGHTS_BYTES}-byte limit")
+        raise AdapterError(f"{source}: labels must be a list of strings")
     try:
-        tensors = load_file(str(wfile))
+        tensors = load_safetensors(weights_bytes)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterError(f"{wfile}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+        raise AdapterError(f"{source}: {WEIGHTS_NAME} is an unreadable safetensors file (truncated or corrupt?): {e}") from None
 
-    factors, saved = _split_tensors(path, tensors, config)
-    content = hashlib.sha256((path / CONFIG_NAME).read_bytes() + wfile.read_bytes()).hexdigest()
+    factors, saved = _split_tensors(source, tensors, config)
     return WaraAdapter(
         config=config,
         base_model=str(raw["base_model"]),
@@ -205,7 +208,7 @@ def load_adapter(path: str | os.PathLike) -> WaraAdapter:
         saved_modules=saved,
         labels=labels,
         extra=raw.get("extra") or {},
-        content_hash="sha256:" + content,
+        content_hash="sha256:" + hashlib.sha256(config_bytes + weights_bytes).hexdigest(),
     )
 
 
@@ -214,7 +217,7 @@ def _layer_shape(blocks_: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tu
     return 2 * blocks_["h1"][1].shape[0], 2 * blocks_["v1"][0].shape[1]
 
 
-def _split_tensors(path: Path, tensors: dict[str, torch.Tensor], config: WaraConfig):
+def _split_tensors(source: str, tensors: dict[str, torch.Tensor], config: WaraConfig):
     targets = list(config.target_modules)
     r, j = config.rank, config.levels
     names = [b.name for b in blocks(j)]
@@ -226,23 +229,23 @@ def _split_tensors(path: Path, tensors: dict[str, torch.Tensor], config: WaraCon
             ka, kb = f"{mod}.wara_A.{blk}", f"{mod}.wara_B.{blk}"
             for k in (ka, kb):
                 if k not in tensors:
-                    raise AdapterError(f"{path}: {WEIGHTS_NAME} is missing the tensor {k!r}")
+                    raise AdapterError(f"{source}: {WEIGHTS_NAME} is missing the tensor {k!r}")
             factors[mod][blk] = (tensors[ka], tensors[kb])
             used |= {ka, kb}
         if any(t.ndim != 2 for pair in factors[mod].values() for t in pair):
-            raise AdapterError(f"{path}: {mod} factors must be 2-D matrices")
+            raise AdapterError(f"{source}: {mod} factors must be 2-D matrices")
         m, n = _layer_shape(factors[mod])
         try:
             config.spec.check_length(m, f"{mod}: rows")
             config.spec.check_length(n, f"{mod}: columns")
         except ConfigError as e:
-            raise AdapterError(f"{path}: {e}") from None
+            raise AdapterError(f"{source}: {e}") from None
         for b in blocks(j):
             a, bb = factors[mod][b.name]
             ms, ns = b.shape(m, n)
             if tuple(a.shape) != (r, ns) or tuple(bb.shape) != (ms, r):
                 raise AdapterError(
-                    f"{path}: {mod} block {b.name} has A {tuple(a.shape)} and B {tuple(bb.shape)}; "
+                    f"{source}: {mod} block {b.name} has A {tuple(a.shape)} and B {tuple(bb.shape)}; "
                     f"expected A {(r, ns)} and B {(ms, r)} for rank {r}, levels {j}, layer ({m}, {n})"
                 )
     saved: dict[str, dict[str, torch.Tensor]] = {mod: {} for mod in config.modules_to_save}
@@ -251,14 +254,14 @@ def _split_tensors(path: Path, tensors: dict[str, torch.Tensor], config: WaraCon
             continue
         owner = next((mod for mod in config.modules_to_save if key.startswith(mod + ".")), None)
         if owner is None:
-            raise AdapterError(f"{path}: unexpected tensor {key!r} (neither a target factor nor in modules_to_save)")
+            raise AdapterError(f"{source}: unexpected tensor {key!r} (neither a target factor nor in modules_to_save)")
         saved[owner][key[len(owner) + 1 :]] = t
     for mod, params in saved.items():
         if not params:
-            raise AdapterError(f"{path}: modules_to_save names {mod!r} but the file has no tensors for it")
+            raise AdapterError(f"{source}: modules_to_save names {mod!r} but the file has no tensors for it")
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterError(f"{path}: tensor {key!r} contains NaN or Inf")
+            raise AdapterError(f"{source}: tensor {key!r} contains NaN or Inf")
     return factors, saved
 
 
