@@ -23,14 +23,20 @@ class VerificationError(WaraError):
     """An exported form disagrees with the PyTorch reference past the tolerance."""
 
 
-def ort_session(path: str, *, providers: Sequence[str] = ("CPUExecutionProvider",)):
+def ort_session(path: str, *, providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True):
     """An onnxruntime session that really uses ``providers[0]`` (the GPU build falls back to
-    CPU silently when CUDA libraries are missing: DESIGN.md 6)."""
+    CPU silently when CUDA libraries are missing: DESIGN.md 6). ``spinning=False`` stops its
+    worker threads busy-waiting after a run: right for a server, whose other threads (gRPC,
+    tokenizer, batcher) need those cores between runs."""
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise ConfigError(f"running ONNX needs the 'cpu' (or 'gpu') extra: pip install 'wara-serve[cpu]' ({e})") from None
-    sess = ort.InferenceSession(str(path), providers=list(providers))
+    options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     if sess.get_providers()[0] != providers[0]:
         raise ConfigError(f"onnxruntime runs on {sess.get_providers()[0]}, not the requested {providers[0]}")
     return sess
