@@ -25,9 +25,12 @@ def environment() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
+    import torch
+
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
+                    "cpus": os.cpu_count(), "cpus_used": len(os.sched_getaffinity(0)),
+                    "torch_threads": torch.get_num_threads()},
         "versions": versions,
         "git_commit": git_commit(),
     }

@@ -205,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.method or list(METHODS)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     schedules = QUICK_SCHEDULE if args.quick else FULL_SCHEDULE
+    env = environment()  # the commit the study starts from (it runs for up to an hour)
     t0 = time.perf_counter()
     results = study(tasks, methods, seeds, schedules, isolate=not args.quick)
     report = {
-        "benchmark": "quality", **environment(), "rank": RANK, "seeds": seeds, "quick": args.quick,
+        "benchmark": "quality", **env, "rank": RANK, "seeds": seeds, "quick": args.quick,
         "schedule": {t: asdict(schedules[t]) for t in tasks}, "full_lr": FULL_LR,
         "isolated_processes": not args.quick, "wall_seconds": time.perf_counter() - t0, "results": results,
     }
