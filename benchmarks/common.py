@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -18,7 +19,10 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
 def environment() -> dict:
+    """Machine, versions and git commit, read once per process: a benchmark calls it when it
+    starts, so a commit made while it runs is not recorded as the one it measured."""
     versions = {}
     for pkg in ("torch", "onnxruntime", "onnx", "grpcio", "peft", "transformers"):
         try:

@@ -223,6 +223,7 @@ def run(n: int, workdir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    environment()  # read at the start: the commit and machine this run measures
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--quick", action="store_true")

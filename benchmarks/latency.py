@@ -337,6 +337,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    environment()  # read at the start: the commit and machine this run measures
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a test that it runs)")
     p.add_argument("--device", default="cpu", help="torch device (onnxruntime runs only on cpu here)")

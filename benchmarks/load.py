@@ -173,6 +173,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    environment()  # read at the start: the commit and machine this run measures
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="onnxruntime")
     p.add_argument("--seconds", type=float, default=6.0, help="length of each closed-loop run")
