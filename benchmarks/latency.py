@@ -15,7 +15,7 @@ the per-round medians, and each median's ratio to base. Next to each ratio: the 
 the overhead would be if time followed matmul FLOPs) and the base's achieved GFLOP/s as a
 fraction of a plain matmul's measured in the same run.
 
-    .venv/bin/python -m benchmarks.latency            # full grid (about 15 min on 2 cores)
+    .venv/bin/python -m benchmarks.latency            # full grid, 7 rounds (about 14 min on 2 cores)
     .venv/bin/python -m benchmarks.latency --quick    # tiny sizes (used by the tests)
 """
 
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a test that it runs)")
     p.add_argument("--device", default="cpu", help="torch device (onnxruntime runs only on cpu here)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
