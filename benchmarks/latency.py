@@ -238,6 +238,7 @@ def run_minilm(*, batches: list[int], seqs: list[int], rounds: int, max_iters: i
     from exporter.verify import ort_session, pack_slots
     from runtime.engine import TorchEngine
     from wara_train.artifact import apply_adapter
+    from wara_train.bases import build_base
     from wara_train.model import set_path
     from wara_train.synthetic import random_adapter
 
@@ -249,10 +250,10 @@ def run_minilm(*, batches: list[int], seqs: list[int], rounds: int, max_iters: i
     explicit = apply_adapter(base_for(adapter), adapter).to(device).eval()
     set_path(explicit, "explicit")
     peft = peft_minilm(1, rank=2 * RANK, device=device)
-
-    def peft_base(*x: torch.Tensor) -> torch.Tensor:
-        with peft.disable_adapter():
-            return peft(*x)
+    # peft's base: the same model without peft (its disable_adapter() context walks every
+    # module on each call, which would make the base look slower than the adapted model).
+    torch.manual_seed(0)
+    peft_base = build_base("minilm", num_labels=5).to(device).eval()
     shapes = [tuple(layer.base.weight.shape[:2]) for layer in engine.layers.values()]
     sessions = {}
     if "onnxruntime" in engines:
