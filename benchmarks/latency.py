@@ -281,6 +281,9 @@ def run_minilm(*, batches: list[int], seqs: list[int], rounds: int, max_iters: i
                         outs = {f: variants[f]() for f in ("merged", "folded")}
                         outs = {f: torch.stack([r["logits"] for r in o]) for f, o in outs.items()}
                         outs["explicit"] = variants["explicit"]().cpu()
+                        with peft.disable_adapter():  # the peer's base is peft's own base
+                            if not torch.allclose(peft(*inputs), peft_base(*inputs), atol=1e-5):
+                                raise SystemExit("peft's base differs from the plain model")
                 else:
                     feeds = {}
                     for form, sess in sessions.items():
