@@ -10,6 +10,10 @@ Two workloads, each in PyTorch (eager) and onnxruntime:
   explicit path. onnxruntime: the exporter's base, merged, multi (unmerged-folded, slot inputs)
   and unmerged (explicit wavelet ops) graphs. All checked against each other before timing.
 
+onnxruntime sessions run without spinning worker threads, as the server runs them: with
+several sessions timed in turn, one session's spinning pool otherwise steals the cores from the
+next (B=1 merged/base swung between 0.67 and 1.18 in such a run).
+
 Forms are timed interleaved (base, merged, folded, explicit, base, ...): median and min-max of
 the per-round medians, and each median's ratio to base. Next to each ratio: the FLOP ratio (what
 the overhead would be if time followed matmul FLOPs) and the base's achieved GFLOP/s as a
@@ -92,7 +96,7 @@ def ort_matmul_gflops(size: int = 2048) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mm.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
-        sess = ort_session(str(path))
+        sess = ort_session(str(path), spinning=False)
         feeds = {n: np.random.default_rng(0).standard_normal((size, size), dtype=np.float32) for n in "ab"}
         best = float("inf")
         for _ in range(6):
@@ -156,7 +160,7 @@ def _ort_synthetic(layer, form: str, path: Path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
                               functions=wara_functions() if form == "explicit" else [])
     onnx.save(model, path)
-    return ort_session(str(path))
+    return ort_session(str(path), spinning=False)
 
 
 def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], levels: list[int], rounds: int, max_iters: int,
@@ -261,7 +265,7 @@ def run_minilm(*, batches: list[int], seqs: list[int], rounds: int, max_iters: i
         cache: dict = {}
         for form, name in (("base", "base"), ("merged", "merged"), ("folded", "multi"), ("explicit", "unmerged")):
             path = export_onnx(adapter, base, name, workdir / f"{name}.onnx", log=lambda s: None, _cache=cache)
-            sessions[form] = ort_session(str(path))
+            sessions[form] = ort_session(str(path), spinning=False)
     rows = []
     for batch in batches:
         for seq in seqs:
