@@ -10,7 +10,6 @@ same answer, then times them interleaved (gRPC, in-process, gRPC, ...) and repor
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, percentile
+from benchmarks.common import environment, percentile, write_json
 
 
 def run(n: int, workdir: Path, backend: str = "torch") -> dict:
@@ -77,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or Path(f"benchmarks/results/grpc_overhead_{args.backend}.json")
     with tempfile.TemporaryDirectory() as tmp:
         report = run(5 if args.quick else args.requests, Path(tmp), args.backend)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     r = report["results"]
     print(f"gRPC       p50 {r['grpc']['p50_ms']:.2f} ms  p99 {r['grpc']['p99_ms']:.2f} ms")
     print(f"in-process p50 {r['in_process']['p50_ms']:.2f} ms  p99 {r['in_process']['p99_ms']:.2f} ms")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from benchmarks.common import environment
+from benchmarks.common import environment, percentile, write_json
 
 if TYPE_CHECKING:
     from runtime.engine import TorchEngine
@@ -43,7 +43,7 @@ TARGET_MS = 5.0  # fold + slot write, p50
 
 
 def stats(ms: list[float]) -> dict[str, float]:
-    return {"p50_ms": float(np.percentile(ms, 50)), "min_ms": min(ms), "max_ms": max(ms)}
+    return {"p50_ms": percentile(ms, 50), "min_ms": min(ms), "max_ms": max(ms)}
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         report = run(2 if args.quick else args.repeats, Path(tmp))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"{'step':<38} {'p50 ms':>9} {'min ms':>9} {'max ms':>9}")
     for group, rows in report["results"].items():
         for step, s in rows.items():
