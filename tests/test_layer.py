@@ -148,9 +148,9 @@ def test_target_selection_exact_suffix_regex_and_errors():
     assert find_targets(model, r"enc\.(query|value)") == ["enc.query", "enc.value"]
     with pytest.raises(ConfigError, match="'key' matches no module"):
         find_targets(model, ("query", "key"))
-    with pytest.raises(ConfigError, match="LayerNorm.*nn.Linear and 1x1"):
+    with pytest.raises(ConfigError, match="LayerNorm.*nn.Linear, 1x1"):
         find_targets(model, ("norm",))
-    with pytest.raises(ConfigError, match="no nn.Linear or 1x1"):
+    with pytest.raises(ConfigError, match="no nn.Linear, 1x1 nn.Conv2d or Conv1D module matches"):
         find_targets(model, r"nothing.*")
     with pytest.raises(ConfigError, match="not divisible"):
         inject(nn.Sequential(nn.Linear(10, 8)), WaraConfig(target_modules=("0",), levels=2))

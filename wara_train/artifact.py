@@ -59,6 +59,7 @@ class WaraAdapter:
     labels: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
+    base_source: str | None = None  # how the base was given at training (a hint for exports)
 
     def shape(self, module: str) -> tuple[int, int]:
         """The (m, n) of the base layer, read off the level-1 detail factors."""
@@ -95,6 +96,7 @@ def save_adapter(
     labels: list[str] | None = None,
     extra: Mapping[str, Any] | None = None,
     base_fingerprint: str | None = None,
+    base_source: str | None = None,
 ) -> Path:
     """Write the WaRA factors (and ``modules_to_save``) of an injected ``model`` to ``out_dir``.
 
@@ -122,6 +124,7 @@ def save_adapter(
         "target_modules": list(layers),
         "base_model": base_model,
         "base_fingerprint": base_fingerprint or fingerprint(base_weights(model, layers)),
+        **({"base_source": base_source} if base_source and base_source != base_model else {}),
         "labels": list(labels) if labels is not None else None,
         **({"extra": dict(extra)} if extra else {}),
     }
@@ -142,22 +145,37 @@ def save_adapter(
 # load + validate (no model needed)
 
 
-def _read_file(path: Path, name: str, limit: int) -> bytes:
-    f = path / name
-    if not f.is_file():
-        raise AdapterError(f"{path}: missing {name}")
-    if f.stat().st_size > limit:
-        raise AdapterError(f"{f}: {f.stat().st_size} bytes exceeds the {limit}-byte limit")
-    return f.read_bytes()
+def read_artifact_files(path: str | os.PathLike, *, source: str | None = None) -> dict[str, bytes]:
+    """The two files of an artifact directory, size-checked (the one reader of adapter
+    directories: `load_adapter` and the server's adapter root both use it). Errors start with
+    ``source`` (default: the path)."""
+    path = Path(path)
+    label = source or str(path)
+    if not path.is_dir():
+        raise AdapterError(f"{label}: not an adapter directory")
+    files = {}
+    for name, limit in ((CONFIG_NAME, MAX_CONFIG_BYTES), (WEIGHTS_NAME, MAX_WEIGHTS_BYTES)):
+        f = path / name
+        if not f.is_file():
+            raise AdapterError(f"{label}: missing {name}")
+        if f.stat().st_size > limit:
+            raise AdapterError(f"{label}: {name} is {f.stat().st_size} bytes, over the {limit}-byte limit")
+        files[name] = f.read_bytes()
+    return files
+
+
+def adapter_from_files(files: Mapping[str, bytes], *, source: str = "adapter") -> WaraAdapter:
+    """Validate an artifact given as ``{file name: contents}`` (a directory read, or the files
+    a RepositoryModelLoad request sends), in memory."""
+    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in files]
+    if missing:
+        raise AdapterError(f"{source}: adapter files missing: {', '.join(missing)} (send both {CONFIG_NAME} and {WEIGHTS_NAME})")
+    return adapter_from_bytes(files[CONFIG_NAME], files[WEIGHTS_NAME], source=source)
 
 
 def load_adapter(path: str | os.PathLike) -> WaraAdapter:
     """Read and validate an artifact directory. Raises `AdapterError` naming the problem."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterError(f"{path}: not an adapter directory")
-    config = _read_file(path, CONFIG_NAME, MAX_CONFIG_BYTES)
-    return adapter_from_bytes(config, _read_file(path, WEIGHTS_NAME, MAX_WEIGHTS_BYTES), source=str(path))
+    return adapter_from_files(read_artifact_files(path), source=str(path))
 
 
 def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, *, source: str = "adapter") -> WaraAdapter:
@@ -208,6 +226,7 @@ def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, *, source: str
         saved_modules=saved,
         labels=labels,
         extra=raw.get("extra") or {},
+        base_source=raw.get("base_source") if isinstance(raw.get("base_source"), str) else None,
         content_hash="sha256:" + hashlib.sha256(config_bytes + weights_bytes).hexdigest(),
     )
 

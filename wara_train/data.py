@@ -107,3 +107,77 @@ def stratified_split(labels: Sequence[int], *, test_fraction: float, seed: int) 
         test += idx[:k]
         train += idx[k:]
     return sorted(train), sorted(test)
+
+
+# ------------------------------------------------------------------------------------------
+# the user's own data (wara train --data)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_jsonl(path: str | os.PathLike, *, labels: Sequence[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """A JSONL file of ``{"text": ..., "label": ...}`` lines -> ``(texts, label ids, label names)``.
+
+    Label names are sorted unless ``labels`` fixes their order (a held-out file must use the
+    training file's labels). Every bad line is reported by number."""
+    import json
+
+    texts, raw = [], []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--data {path}: cannot read it ({e})") from None
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or "label" not in row:
+            raise ConfigError(f'{path}:{i}: expected {{"text": "...", "label": ...}}')
+        if not isinstance(row["label"], (str, int)) or isinstance(row["label"], bool):
+            raise ConfigError(f"{path}:{i}: label must be a string or an integer, got {row['label']!r}")
+        texts.append(row["text"])
+        raw.append(str(row["label"]))
+    return _index_labels(str(path), texts, raw, labels)
+
+
+def load_image_folder(root: str | os.PathLike, *, labels: Sequence[str] | None = None) -> tuple[list[Any], list[int], list[str]]:
+    """``ROOT/<label>/<file>.png|jpg`` -> ``(PIL images, label ids, label names)``. An image that
+    does not decode is refused by name."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:
+        raise ConfigError(f"image folders need Pillow: pip install 'wara-serve[models]' ({e})") from None
+    if not os.path.isdir(root):
+        raise ConfigError(f"--data {root}: not a directory (an image folder is ROOT/<label>/<file>.png)")
+    images, raw = [], []
+    for label in sorted(os.listdir(root)):
+        folder = os.path.join(root, label)
+        if not os.path.isdir(folder):
+            continue
+        for fname in sorted(os.listdir(folder)):
+            if not fname.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            f = os.path.join(folder, fname)
+            try:
+                with Image.open(f) as im:
+                    images.append(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as e:
+                raise ConfigError(f"{f}: not a decodable image ({e})") from None
+            raw.append(label)
+    return _index_labels(str(root), images, raw, labels)
+
+
+def _index_labels(source: str, examples: list, raw: list[str], labels: Sequence[str] | None):
+    if not examples:
+        raise ConfigError(f"{source}: no examples found")
+    names = list(labels) if labels is not None else sorted(set(raw))
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{source}: labels {unknown[:5]} are not among the training labels {names[:10]}")
+    if labels is None and len(names) < 2:
+        raise ConfigError(f"{source}: needs at least two labels to train a classifier, found {names}")
+    index = {n: i for i, n in enumerate(names)}
+    return examples, [index[r] for r in raw], names

@@ -94,10 +94,3 @@ def fold_many(
             out[name][side] = synth[start : start + count]
             start += count
     return {name: (sides["A"].contiguous(), (scale * sides["B"]).T.contiguous()) for name, sides in out.items()}
-
-
-def merge_weight(base: torch.Tensor, delta: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A merged copy ``W0 + ΔW``: summed in float32 (or float64), cast once. ``base`` is untouched."""
-    dt = torch.float64 if torch.float64 in (base.dtype, delta.dtype) else torch.float32
-    merged = base.detach().to(dt) + delta.detach().to(dt).reshape(base.shape)
-    return merged.to(out_dtype or base.dtype)

@@ -1,4 +1,4 @@
-"""`WaraLinear` and `WaraConv1x1`: a frozen base layer plus WaRA factors, three forward paths.
+"""`WaraLinear`, `WaraConv1x1`, `WaraConv1D`: a frozen base layer plus WaRA factors, three paths.
 
 * ``explicit``: ``y = W0 x + scale · Σ_s P_row,sᵀ B_s A_s P_col,s x``, with the DWT/IDWT run as
   cascades on the activations (DESIGN.md 2.1). The training default.
@@ -6,6 +6,11 @@
 * ``merged``:   ``y = (W0 + ΔW) x`` with a merged copy built in float32; the base stays pristine.
 
 All three give the same output to float tolerance; tests check that against pywt.
+
+Three kinds of base layer can carry an adapter; `layer_shape`, `weight_matrix` and
+`merged_weight` are the only code that knows how each stores its (m, n) = (out, in) matrix:
+``nn.Linear`` (out, in), a pointwise ``nn.Conv2d`` (out, in, 1, 1) and the transposed ``Conv1D``
+of GPT-2-style transformers models (in, out).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .config import WaraConfig
-from .delta import delta_weight, fold, merge_weight
+from .delta import delta_weight, fold
 from .errors import ConfigError
 from .wavelets import blocks, dwt1_cascade, idwt1_cascade
 
@@ -65,11 +70,11 @@ class WaraLayer(nn.Module):
     # --- shape of the base as a matrix -------------------------------------------------------
     @property
     def weight_shape(self) -> tuple[int, int]:
-        raise NotImplementedError
+        return layer_shape(self.base)
 
     def base_matrix(self) -> torch.Tensor:
         """The frozen base weight as an (m, n) matrix (a view; never modified)."""
-        return self.base.weight.reshape(self.weight_shape)
+        return weight_matrix(self.base)
 
     # --- pure-math views ---------------------------------------------------------------------
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -94,7 +99,7 @@ class WaraLayer(nn.Module):
     def merge(self) -> None:
         """Build the merged copy ``W0 + ΔW`` (float32 math, one cast) and use it."""
         with torch.no_grad():
-            self._merged = merge_weight(self.base.weight, self.delta_weight())
+            self._merged = merged_weight(self.base, self.delta_weight())
         self.path = "merged"
 
     def unmerge(self) -> None:
@@ -121,11 +126,12 @@ class WaraLayer(nn.Module):
         return self.config.scale * idwt1_cascade(approx_out, detail_out, length=m, spec=self.spec)
 
     def _merged_weight(self) -> torch.Tensor:
+        """``W0 + ΔW`` in the base module's own weight layout."""
         if self._merged is not None and not torch.is_grad_enabled():
             return self._merged
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.wara_A.values()):
             # Training through the merged path: differentiable, recomputed every call.
-            return (self.base_matrix().float() + self.delta_weight().float()).to(self.base.weight.dtype)
+            return merged_weight(self.base, self.delta_weight(), differentiable=True)
         if self._merged is None:
             self.merge()
         return self._merged  # type: ignore[return-value]
@@ -133,10 +139,6 @@ class WaraLayer(nn.Module):
 
 class WaraLinear(WaraLayer):
     """WaRA on an ``nn.Linear``: W0 is its (out_features, in_features) weight."""
-
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        return tuple(self.base.weight.shape)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "merged":
@@ -149,10 +151,6 @@ class WaraLinear(WaraLayer):
 class WaraConv1x1(WaraLayer):
     """WaRA on a pointwise ``nn.Conv2d`` (1x1 kernel, groups 1, stride 1): W0 is (out, in)."""
 
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        return self.base.weight.shape[0], self.base.weight.shape[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "merged":
             w = self._merged_weight().reshape(self.base.weight.shape)
@@ -163,6 +161,59 @@ class WaraConv1x1(WaraLayer):
         d = self._delta_2d(xc.reshape(-1, xc.shape[-1]))
         d = d.reshape(*xc.shape[:-1], d.shape[-1]).movedim(-1, 1)
         return y + d.to(y.dtype)
+
+
+class WaraConv1D(WaraLayer):
+    """WaRA on the ``Conv1D`` of GPT-2-style models (``y = x W + b``, W stored (in, out)):
+    W0 is its transpose, so the adapter math is the same as for a Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "merged":
+            w = self._merged_weight()
+            return torch.addmm(self.base.bias, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
+        y = self.base(x)
+        d = self._delta_2d(x.reshape(-1, x.shape[-1]))
+        return y + d.reshape(*x.shape[:-1], d.shape[-1]).to(y.dtype)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """The transposed ``Conv1D`` of transformers' GPT-2 family (matched by shape of its API,
+    so this module never imports transformers)."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 2)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer kind WaRA can carry (shape aside): Linear, pointwise Conv2d, Conv1D."""
+    return isinstance(module, nn.Linear) or is_pointwise_conv(module) or is_conv1d(module)
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(m, n) = (out, in) of an adaptable layer."""
+    w = module.weight
+    if is_conv1d(module):
+        return int(w.shape[1]), int(w.shape[0])
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an (m, n) matrix: a view, never a copy or a modification."""
+    if is_conv1d(module):
+        return module.weight.T
+    return module.weight.reshape(layer_shape(module))
+
+
+def merged_weight(module: nn.Module, delta: torch.Tensor, *, differentiable: bool = False) -> torch.Tensor:
+    """``W0 + ΔW`` in ``module.weight``'s own layout and dtype: summed in float32 (float64 if
+    either is), cast once; the module's weight is untouched. The one merge in the project:
+    the layer's merged path, the exporter's merged weights and the server's merged copies all
+    call it. ``delta`` is (m, n)."""
+    w = module.weight if differentiable else module.weight.detach()
+    d = delta if differentiable else delta.detach()
+    dt = torch.float64 if torch.float64 in (w.dtype, d.dtype) else torch.float32
+    d = d.to(device=w.device, dtype=dt)
+    d = d.T if is_conv1d(module) else d.reshape(w.shape)
+    return (w.to(dt) + d).to(w.dtype)
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:
@@ -182,14 +233,16 @@ def check_wrappable(module: nn.Module, config: WaraConfig) -> None:
             f"WaRA adapts 1x1 convolutions with stride 1 and groups 1 only; got kernel "
             f"{tuple(module.kernel_size)}, stride {tuple(module.stride)}, groups {module.groups}"
         )
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise ConfigError(f"WaRA adapts nn.Linear and 1x1 nn.Conv2d modules, not {type(module).__name__}")
-    m, n = module.weight.shape[0], module.weight.shape[1]
+    if not is_adaptable(module):
+        raise ConfigError(f"WaRA adapts nn.Linear, 1x1 nn.Conv2d and Conv1D modules, not {type(module).__name__}")
+    m, n = layer_shape(module)
     config.spec.check_length(m, f"{type(module).__name__} output size")
     config.spec.check_length(n, f"{type(module).__name__} input size")
 
 
 def wrap(module: nn.Module, config: WaraConfig) -> WaraLayer:
-    """The WaRA wrapper for a supported base module (Linear or pointwise Conv2d)."""
+    """The WaRA wrapper for a supported base module (Linear, pointwise Conv2d or Conv1D)."""
     check_wrappable(module, config)
+    if is_conv1d(module):
+        return WaraConv1D(module, config)
     return WaraLinear(module, config) if isinstance(module, nn.Linear) else WaraConv1x1(module, config)

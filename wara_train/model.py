@@ -10,17 +10,13 @@ import torch.nn as nn
 
 from .config import WaraConfig
 from .errors import ConfigError
-from .layer import Path, WaraLayer, check_wrappable, is_pointwise_conv, wrap
+from .layer import Path, WaraLayer, check_wrappable, is_adaptable, layer_shape, weight_matrix, wrap
 
 
 def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_pointwise_conv(module)
 
 
 def find_targets(model: nn.Module, target_modules: tuple[str, ...] | str) -> list[str]:
@@ -34,14 +30,13 @@ def find_targets(model: nn.Module, target_modules: tuple[str, ...] | str) -> lis
             continue
         if any(name.startswith(f + ".") for f in found):
             continue
-        (found if _adaptable(module) else unsupported).append(name)
+        (found if is_adaptable(module) else unsupported).append(name)
     if unsupported and isinstance(target_modules, tuple):
-        raise ConfigError(
-            f"target modules {unsupported[:5]} are {type(model.get_submodule(unsupported[0])).__name__}; "
-            "WaRA adapts nn.Linear and 1x1 stride-1 nn.Conv2d layers"
-        )
+        kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in unsupported[:8])
+        raise ConfigError(f"target modules cannot take an adapter: {kinds}; "
+                          "WaRA adapts nn.Linear, 1x1 stride-1 nn.Conv2d and Conv1D layers")
     if not found:
-        raise ConfigError(f"no nn.Linear or 1x1 nn.Conv2d module matches target_modules={target_modules!r}")
+        raise ConfigError(f"no nn.Linear, 1x1 nn.Conv2d or Conv1D module matches target_modules={target_modules!r}")
     if isinstance(target_modules, tuple):
         for t in target_modules:
             if not any(_matches(n, (t,)) for n in found):
@@ -49,7 +44,29 @@ def find_targets(model: nn.Module, target_modules: tuple[str, ...] | str) -> lis
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def adaptable_layers(model: nn.Module, *, levels: int = 0, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The fallback targets: every adaptable layer (Linear, 1x1 Conv2d, Conv1D) whose dims are
+    divisible by ``2**levels``, outside the modules in ``exclude`` (the task head). Raises
+    `ConfigError` naming what the model has when none qualifies."""
+    step = 1 << levels
+    found, skipped = [], []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, WaraLayer) or not is_adaptable(module):
+            continue
+        if any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        m, n = layer_shape(module)
+        (found if m % step == 0 and n % step == 0 else skipped).append(f"{name} ({m}x{n})")
+    if not found:
+        if skipped:
+            raise ConfigError(f"no layer of the model has both dims divisible by 2^{levels} = {step}: "
+                              f"{', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}")
+        raise ConfigError("the model has no adaptable layer: WaRA adapts nn.Linear, 1x1 nn.Conv2d and Conv1D layers")
+    return [f.rsplit(" (", 1)[0] for f in found]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (the one module swap in the project)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -67,11 +84,16 @@ def inject(model: nn.Module, config: WaraConfig, *, seed: int | None = None) -> 
             raise ConfigError(f"modules_to_save: the model has no module {name!r}") from None
     # Validate every target first, then wrap and swap them in: a bad config changes nothing.
     frozen_config = config.replace(target_modules=tuple(targets))
+    refused = []
     for name in targets:
         try:
             check_wrappable(model.get_submodule(name), frozen_config)
         except ConfigError as e:
-            raise ConfigError(f"{name}: {e}") from None
+            refused.append(f"{name}: {e}")
+    if refused:
+        more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
+        raise ConfigError(f"{len(refused)} target layer(s) cannot take this adapter, nothing was changed: "
+                          + "; ".join(refused[:8]) + more)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     wrappers = {}
     for name in targets:
@@ -82,7 +104,7 @@ def inject(model: nn.Module, config: WaraConfig, *, seed: int | None = None) -> 
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in wrappers.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         for p in list(layer.wara_A.values()) + list(layer.wara_B.values()):
             p.requires_grad_(True)
     for name in config.modules_to_save:
@@ -118,8 +140,8 @@ def base_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tens
             raise ConfigError(f"the model has no module {name!r}") from None
         if isinstance(module, WaraLayer):
             out[name] = module.base_matrix()
-        elif _adaptable(module):
-            out[name] = module.weight.reshape(module.weight.shape[0], module.weight.shape[1])
+        elif is_adaptable(module):
+            out[name] = weight_matrix(module)
         else:
             raise ConfigError(f"module {name!r} is {type(module).__name__}, not an adaptable layer")
     return out

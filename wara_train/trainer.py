@@ -68,7 +68,10 @@ class TrainResult:
 
 
 def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    """Inputs as a collate made them: keyword tensors, a tuple of positional ones, or one."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
 def macro_f1(preds: Sequence[int], labels: Sequence[int], num_classes: int | None = None) -> float:
