@@ -1,5 +1,8 @@
-"""WaRA exporter: adapter artifact + base model -> merged weights, folded LoRA, ONNX, TensorRT.
+"""WaRA exporter: adapter artifact + base -> merged weights, folded LoRA, ONNX, TensorRT.
 
-The export commands arrive with issue 3; the math they use (delta weight, fold) already lives in
-`wara_train.delta`, so the exporter only packages it.
+Any base the spec registry resolves (`wara_train.basespec`): `common` finds an adapter's base
+and builds it, `merge` writes merged weights (a complete transformers model directory where the
+base is one), `lora` a peft LoRA with the transformers model's own module names, `onnx_export`
+the ONNX forms, `slots` the slot feeds of the multi-adapter graph, `verify` checks every form
+against the PyTorch unmerged model. The math (delta weight, fold, merge) lives in `wara_train`.
 """

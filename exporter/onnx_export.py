@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -26,10 +27,14 @@ import torch.nn as nn
 from onnx import TensorProto, helper
 
 from wara_train.artifact import WaraAdapter
+from wara_train.bases import get_base
+from wara_train.basespec import BaseSpec, TensorSpec
 from wara_train.errors import ConfigError
-from wara_train.layer import is_pointwise_conv
+from wara_train.layer import is_pointwise_conv, layer_shape
 
+from .common import resolve_adapter_base, with_saved_modules
 from .merge import merged_model
+from .slots import head_input_names, slot_input_names
 from .onnx_ops import DOMAIN, DOMAIN_VERSION, OPSET, GraphBuilder, explicit_delta, wara_functions
 
 Form = Literal["base", "merged", "unmerged", "multi"]
@@ -40,24 +45,47 @@ FEATURES_OUTPUT = "features"
 
 @dataclass(frozen=True)
 class ModelIO:
-    """How a base model is called: input names, a sample, which axes are dynamic."""
+    """How a base model is called: input names, a sample, which axes are dynamic (and the
+    bounds of each named axis: (min, max), max None for unbounded)."""
 
     input_names: tuple[str, ...]
     sample: tuple[torch.Tensor, ...]
     dynamic: tuple[dict[int, str], ...]
     output_name: str = "logits"
+    bounds: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
 
-def model_io(base_model: str, *, batch: int = 2, seq: int = 16, image_size: int = 64) -> ModelIO:
-    gen = torch.Generator().manual_seed(batch * 1000 + seq)  # the same sample every time
-    if base_model == "minilm":
-        ids = torch.randint(1000, 2000, (batch, seq), generator=gen)
-        ids[:, 0], ids[:, -1] = 101, 102
-        mask = torch.ones(batch, seq, dtype=torch.long)
-        return ModelIO(("input_ids", "attention_mask"), (ids, mask), ({0: "batch", 1: "seq"},) * 2)
-    if base_model == "effnet-lite0":
-        return ModelIO(("images",), (torch.randn(batch, 3, image_size, image_size, generator=gen),), ({0: "batch"},))
-    raise ConfigError(f"no ONNX input recipe for base model {base_model!r}: built-in bases are minilm, effnet-lite0")
+def model_io(spec_or_name: BaseSpec | str, *, batch: int = 2, seq: int = 16, image_size: int | None = None) -> ModelIO:
+    """The ONNX inputs of a base, from its spec (a built-in may be given by name): the spec's
+    sample at ``batch`` x ``seq``, its dynamic axes and their bounds. ``image_size`` resamples
+    image inputs whose height and width are dynamic in the spec (a fixed size is refused)."""
+    spec = get_base(spec_or_name) if isinstance(spec_or_name, str) else spec_or_name
+    sample = tuple(spec.sample(batch, seq))
+    if len(sample) != len(spec.inputs):
+        raise ConfigError(f"base {spec.name!r}: its sample has {len(sample)} tensors for {len(spec.inputs)} inputs")
+    if image_size is not None:
+        sample = tuple(_resized(spec, t, x, batch, image_size) for t, x in zip(spec.inputs, sample))
+    lows: dict[str, list[int]] = {}
+    highs: dict[str, list[int]] = {}
+    for t, axes in zip(spec.inputs, spec.onnx_dynamic):
+        for axis, name in axes.items():
+            # torch.export specialises sizes 0 and 1: a dynamic axis other than the batch starts at 2.
+            lows.setdefault(name, []).append(max((t.min_dims[axis] if t.min_dims else None) or 1, 1 if axis == 0 else 2))
+            if t.max_dims and t.max_dims[axis] is not None:
+                highs.setdefault(name, []).append(t.max_dims[axis])
+    bounds = {name: (max(lo), min(highs[name]) if name in highs else None) for name, lo in lows.items()}
+    dynamic = tuple(spec.onnx_dynamic) or tuple({} for _ in spec.inputs)
+    return ModelIO(spec.input_names, sample, dynamic, output_name=spec.output, bounds=bounds)
+
+
+def _resized(spec: BaseSpec, t: TensorSpec, x: torch.Tensor, batch: int, size: int) -> torch.Tensor:
+    if x.dim() != 4 or not x.is_floating_point():
+        return x
+    if t.shape[-2:] != (-1, -1):
+        raise ConfigError(f"base {spec.name!r} takes images of {t.shape[-2]}x{t.shape[-1]} only; "
+                          f"--image-size {size} does not apply")
+    gen = torch.Generator().manual_seed(batch * 1000 + size)
+    return torch.randn(x.shape[0], x.shape[1], size, size, generator=gen, dtype=x.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,10 +126,10 @@ def _export(model: nn.Module, io: ModelIO, probe_modules: Sequence[str] = ()) ->
     out_names = [io.output_name]
     for i, _ in enumerate(probe_modules):
         out_names += [f"wara_probe/{i}/x", f"wara_probe/{i}/y"]
-    dims = {}
+    dims: dict[str, torch.export.Dim] = {}
     dynamic = []
-    for spec in io.dynamic:
-        dynamic.append({axis: dims.setdefault(name, torch.export.Dim(name, min=1) if name == "batch" else torch.export.Dim(name, min=2, max=512)) for axis, name in spec.items()})
+    for axes in io.dynamic:
+        dynamic.append({axis: dims.setdefault(name, _dim(name, io.bounds.get(name))) for axis, name in axes.items()})
     try:
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(
@@ -118,6 +146,11 @@ def _export(model: nn.Module, io: ModelIO, probe_modules: Sequence[str] = ()) ->
         for i, n in enumerate(probe_modules)
     ]
     return proto, probes
+
+
+def _dim(name: str, bounds: tuple[int, int | None] | None):
+    lo, hi = bounds or ((1, None) if name == "batch" else (2, None))
+    return torch.export.Dim(name, min=lo, max=hi) if hi is not None else torch.export.Dim(name, min=lo)
 
 
 @contextlib.contextmanager
@@ -318,7 +351,7 @@ def _multi_splice(shapes: dict[str, tuple[int, int]], heads: set[str], new_input
         m, n = shapes[p.module]
         if p.module in heads:
             # A per-row task head: Y = X W[slot]ᵀ + b[slot] replaces the base head.
-            w_in, b_in = f"wara.{p.module}.weight", f"wara.{p.module}.bias"
+            w_in, b_in = head_input_names(p.module)
             new_inputs.append(_multi_inputs(w_in, ["slots", "labels", n]))
             new_inputs.append(_multi_inputs(b_in, ["slots", "labels"]))
             w = g.node("Transpose", [g.node("Gather", [w_in, INDEX_INPUT], "w", axis=0)], "wT", perm=[0, 2, 1])
@@ -328,7 +361,7 @@ def _multi_splice(shapes: dict[str, tuple[int, int]], heads: set[str], new_input
             g.node("Add", [z, b], "head", out=p.y)
             g.node("Identity", [x], "features", out=FEATURES_OUTPUT)
             return
-        a_in, b_in = f"wara.{p.module}.lora_A", f"wara.{p.module}.lora_B"
+        a_in, b_in = slot_input_names(p.module)
         new_inputs.append(_multi_inputs(a_in, ["slots", "rank", n]))
         new_inputs.append(_multi_inputs(b_in, ["slots", m, "rank"]))
         a_sel = g.node("Gather", [a_in, INDEX_INPUT], "A", axis=0)  # (B, R, n)
@@ -355,22 +388,24 @@ def export_onnx(
     form: Form,
     out: str | Path,
     *,
+    spec: BaseSpec | None = None,
     io: ModelIO | None = None,
     log: Callable[[str], None] = print,
     _cache: dict | None = None,
 ) -> Path:
     """Export one form to ``out`` (a .onnx file), checked with ``onnx.checker`` (full check).
 
-    ``base`` is the plain base model the adapter fits (see `exporter.common.base_for`).
+    ``base`` is the plain base model the adapter fits (see `exporter.common.base_for`), ``spec``
+    its spec (default `resolve_adapter_base`; only needed when ``io`` is not given).
     ``multi`` takes the (folded, rank-padded) factors of any set of adapters as inputs; the
     given adapter only decides which layers and heads are adaptable."""
     if form not in FORMS:
         raise ConfigError(f"unknown ONNX form {form!r}: valid forms are {', '.join(FORMS)}")
-    io = io or model_io(adapter.base_model)
+    io = io or model_io(spec or resolve_adapter_base(adapter))
     t0 = time.perf_counter()
-    head_model = copy.deepcopy(base)
-    for mod, params in adapter.saved_modules.items():
-        head_model.get_submodule(mod).load_state_dict(params, strict=False)
+    head_model = with_saved_modules(base, adapter)
+    if io.output_name == "embeddings" and any(isinstance(base.get_submodule(m), nn.Linear) for m in adapter.saved_modules):
+        io = dataclasses.replace(io, output_name="logits")  # the adapter's task head answers logits
     meta = {"wara.form": form, "wara.base_model": adapter.base_model, "wara.adapter": adapter.content_hash,
             "wara.labels": json.dumps(adapter.labels), "wara.inputs": json.dumps(list(io.input_names))}
     targets = list(adapter.config.target_modules)
@@ -387,7 +422,9 @@ def export_onnx(
         # of a base; any other saved module is baked in (and then keys the cache).
         heads = {m for m in adapter.saved_modules if isinstance(base.get_submodule(m), nn.Linear)}
         baked = sorted(set(adapter.saved_modules) - heads)
-        key = (adapter.base_model, tuple(targets + sorted(heads)), adapter.content_hash if baked else "")
+        static = tuple(tuple(d for a, d in enumerate(x.shape) if a not in axes) for x, axes in zip(io.sample, io.dynamic))
+        key = (adapter.base_fingerprint, tuple(targets + sorted(heads)), adapter.content_hash if baked else "",
+               static, io.output_name)
         cached = _cache.get(key) if _cache is not None else None
         if cached is None:
             log(f"exporting {adapter.base_model} with probes on {len(targets) + len(heads)} layers ...")
@@ -399,7 +436,7 @@ def export_onnx(
         if form == "unmerged":
             model = _splice(proto, probes, _unmerged_splice(adapter, heads))
         else:
-            shapes = {m: tuple(base.get_submodule(m).weight.shape[:2]) for m in targets + sorted(heads)}
+            shapes = {m: layer_shape(base.get_submodule(m)) for m in targets + sorted(heads)}
             new_inputs: list = []
             model = _splice(proto, probes, _multi_splice(shapes, heads, new_inputs))
             model.graph.input.append(helper.make_tensor_value_info(INDEX_INPUT, TensorProto.INT64, ["batch"]))

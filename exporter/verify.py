@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -12,9 +14,13 @@ import torch
 import torch.nn as nn
 
 from wara_train.artifact import WaraAdapter, apply_adapter
+from wara_train.basespec import BaseSpec
 from wara_train.errors import ConfigError, WaraError
+from wara_train.layer import layer_shape
 
+from .common import load_hf, read_head, resolve_adapter_base, saved_head, served_from_hf, with_saved_modules
 from .onnx_export import INDEX_INPUT, ModelIO, model_io
+from .slots import head_feeds, parse_input_name, slot_feeds, stack_folded
 
 DEFAULT_ATOL = 1e-4
 
@@ -45,34 +51,17 @@ def ort_session(path: str, *, providers: Sequence[str] = ("CPUExecutionProvider"
 def pack_slots(
     session_inputs: Sequence[str], adapters: Sequence[WaraAdapter], base: nn.Module
 ) -> dict[str, np.ndarray]:
-    """Slot tensors for a ``multi`` graph: slot 0 is the base (zero factors), slot i+1 holds
-    ``adapters[i]`` folded and zero-padded to the largest rank (and head size)."""
-    feeds: dict[str, np.ndarray] = {}
-    slots = len(adapters) + 1
-    for name in session_inputs:
-        if not name.startswith("wara."):
-            continue
-        module, kind = name[len("wara."):].rsplit(".", 1)
-        layer = base.get_submodule(module)
-        if kind in ("lora_A", "lora_B"):
-            m, n = layer.weight.shape[:2]
-            folded = [a.folded(module) for a in adapters]
-            rank = max(la.shape[0] for la, _ in folded)
-            arr = np.zeros((slots, rank, n) if kind == "lora_A" else (slots, m, rank), dtype=np.float32)
-            for i, (la, lb) in enumerate(folded, start=1):
-                if kind == "lora_A":
-                    arr[i, : la.shape[0]] = la.numpy()
-                else:
-                    arr[i, :, : lb.shape[1]] = lb.numpy()
-        else:  # a task head: weight (labels, n) / bias (labels)
-            own = layer.state_dict()[kind]
-            tensors = [own] + [a.saved_modules[module][kind] for a in adapters]
-            labels = max(t.shape[0] for t in tensors)
-            arr = np.zeros((slots, labels, *own.shape[1:]), dtype=np.float32)
-            for i, t in enumerate(tensors):
-                arr[i, : t.shape[0]] = t.float().numpy()
-        feeds[name] = arr
-    return feeds
+    """Slot feeds for a ``multi`` graph's inputs (`exporter.slots`): slot 0 the base (zero
+    factors, its own head), slot i+1 ``adapters[i]`` folded, zero-padded to the largest rank
+    (and head size)."""
+    parsed = [p for p in map(parse_input_name, session_inputs) if p is not None]
+    layers = sorted({m for m, kind in parsed if kind in ("lora_A", "lora_B")})
+    heads = sorted({m for m, kind in parsed if kind in ("weight", "bias")})
+    shapes = {m: layer_shape(base.get_submodule(m)) for m in layers}
+    feeds = slot_feeds(stack_folded([a.folded_all() for a in adapters], shapes))
+    for h in heads:
+        feeds.update(head_feeds(h, base.get_submodule(h).state_dict(), [a.saved_modules.get(h) for a in adapters]))
+    return {n: feeds[n] for n in session_inputs if n in feeds}
 
 
 @dataclass
@@ -103,6 +92,7 @@ def verify_onnx(
     adapters: Sequence[WaraAdapter],
     base: nn.Module,
     *,
+    spec: BaseSpec | None = None,
     io: ModelIO | None = None,
     rows: Sequence[int] | None = None,
     atol: float = DEFAULT_ATOL,
@@ -110,13 +100,15 @@ def verify_onnx(
 ) -> VerifyResult:
     """Compare an exported graph with the PyTorch reference. For ``multi`` graphs, ``rows``
     gives each row's adapter (an index into ``adapters``; -1 for the base) so a heterogeneous
-    batch is checked row by row; single-adapter forms use ``adapters[0]``."""
+    batch is checked row by row; single-adapter forms use ``adapters[0]``. ``io``: default the
+    spec's sample (``spec``: default `resolve_adapter_base` of the first adapter)."""
     sess = ort_session(path, providers=providers)
     meta = sess.get_modelmeta().custom_metadata_map
     form = meta.get("wara.form", "?")
     names = [i.name for i in sess.get_inputs()]
     first = adapters[0]
-    io = io or model_io(first.base_model, batch=len(rows) if rows is not None else 3, seq=24)
+    if io is None:
+        io = model_io(spec or resolve_adapter_base(first), batch=len(rows) if rows is not None else 3, seq=24)
     feeds = {n: t.numpy() for n, t in zip(io.input_names, io.sample)}
     batch = io.sample[0].shape[0]
     if form == "multi":
@@ -126,24 +118,20 @@ def verify_onnx(
         feeds.update(pack_slots(names, adapters, base))
         feeds[INDEX_INPUT] = np.asarray([r + 1 for r in rows], dtype=np.int64)
     got = sess.run(None, feeds)[0]
-    expected = []
     with torch.no_grad():
         if form == "multi":
-            refs = {i: reference_model(a, base) for i, a in enumerate(adapters) if i in set(rows or [])}
-            for r, row in enumerate(rows or []):
+            refs = {i: reference_model(a, base) for i, a in enumerate(adapters) if i in set(rows)}
+            expected = []
+            for r, row in enumerate(rows):
                 one = tuple(t[r : r + 1] for t in io.sample)
-                out = refs[row](*one) if row >= 0 else base(*one)
-                expected.append(out[0].numpy())
+                expected.append((refs[row](*one) if row >= 0 else base(*one))[0].numpy())
             labels = max(e.shape[-1] for e in expected)
             want = np.zeros((batch, labels), dtype=np.float32)
             for r, e in enumerate(expected):
                 want[r, : e.shape[-1]] = e
             got = got[:, :labels]
         elif form == "base":
-            head = copy.deepcopy(base)
-            for mod, params in first.saved_modules.items():
-                head.get_submodule(mod).load_state_dict(params, strict=False)
-            want = head(*io.sample).numpy()
+            want = with_saved_modules(base, first)(*io.sample).numpy()
         else:
             want = reference_model(first, base)(*io.sample).numpy()
     diff = np.abs(got - want)
@@ -164,36 +152,49 @@ def _compare_torch(form: str, model: nn.Module, adapter: WaraAdapter, base: nn.M
     with torch.no_grad():
         want = reference_model(adapter, base)(*io.sample)
         got = model(*io.sample)
-    diff = (got - want).abs()
+    diff = (got.float() - want).abs()
     rel = diff / want.abs().clamp_min(1e-6)
     return VerifyResult(form, float(diff.max()), float(rel.max()), atol, "torch CPU")
 
 
-def verify_exported(adapter_dir, exported, *, atol: float = DEFAULT_ATOL) -> VerifyResult:
+def peft_model(lora_dir: str | os.PathLike, adapter: WaraAdapter, spec: BaseSpec, base: nn.Module) -> nn.Module:
+    """A peft LoRA directory loaded by peft onto the model it was written for: the base's own
+    transformers model for a transformers base (wrapped as the spec's served module, with the
+    head written beside it), else a copy of ``base`` with the adapter's saved modules."""
+    lora_dir = Path(lora_dir)
+    cfg = json.loads((lora_dir / "adapter_config.json").read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ConfigError(f"{lora_dir}: adapter_config.json is not a peft LoRA adapter")
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise ConfigError(f"verifying a LoRA export needs peft installed ({e})") from None
+    if spec.hf is None:
+        return PeftModel.from_pretrained(copy.deepcopy(base), str(lora_dir)).eval()
+    head = saved_head(adapter, spec)
+    num_labels = int(head["weight"].shape[0]) if spec.hf.head_in_model and head is not None else None
+    if num_labels is not None and spec.labels is not None and len(spec.labels) == num_labels:
+        num_labels = None
+    hf = load_hf(spec, spec.hf.path, num_labels=num_labels)
+    PeftModel.from_pretrained(hf, str(lora_dir)).eval()  # injects into hf in place
+    return served_from_hf(spec, hf, read_head(lora_dir))
+
+
+def verify_exported(adapter_dir, exported, *, atol: float = DEFAULT_ATOL, source: str | None = None) -> VerifyResult:
     """Verify any exported form (an .onnx file, a merged directory, or a peft LoRA directory)
-    of the adapter in ``adapter_dir`` against the PyTorch unmerged model."""
-    from pathlib import Path
-
+    of the adapter in ``adapter_dir`` against the PyTorch unmerged model. ``source``: the base,
+    when the adapter's is not built in (as ``--base``)."""
     from .common import load_with_base
+    from .merge import INFO_FILE, load_merged
 
-    adapter, base = load_with_base(adapter_dir)
+    adapter, spec, base = load_with_base(adapter_dir, source)
     exported = Path(exported)
-    io = model_io(adapter.base_model, batch=3, seq=24)
+    io = model_io(spec, batch=3, seq=24)
     if exported.suffix == ".onnx" and exported.is_file():
         rows = [0, -1, 0] if describe(str(exported)).get("wara.form") == "multi" else None
         return verify_onnx(str(exported), [adapter], base, io=io, rows=rows, atol=atol)
-    if (exported / "model.safetensors").is_file():
-        from .merge import load_merged
-
-        return _compare_torch("merged weights", load_merged(exported), adapter, base, io, atol)
+    if (exported / INFO_FILE).is_file() or (exported / "model.safetensors").is_file():
+        return _compare_torch("merged weights", load_merged(exported, spec), adapter, base, io, atol)
     if (exported / "adapter_config.json").is_file():
-        cfg = json.loads((exported / "adapter_config.json").read_text())
-        if cfg.get("peft_type") != "LORA":
-            raise ConfigError(f"{exported}: adapter_config.json is not a peft LoRA adapter")
-        try:
-            from peft import PeftModel
-        except ImportError as e:
-            raise ConfigError(f"verifying a LoRA export needs peft installed ({e})") from None
-        model = PeftModel.from_pretrained(copy.deepcopy(base), str(exported)).eval()
-        return _compare_torch("peft LoRA", model, adapter, base, io, atol)
+        return _compare_torch("peft LoRA", peft_model(exported, adapter, spec, base), adapter, base, io, atol)
     raise ConfigError(f"{exported}: not an .onnx file, a merged directory or a peft LoRA directory")

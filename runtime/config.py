@@ -2,15 +2,54 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from wara_train.bases import BASES
+from wara_train.bases import BUILTINS
+from wara_train.basespec import BaseSpec, parse_source
 from wara_train.errors import ConfigError
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+BASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class BaseEntry:
+    """One served base: its served name and its source (a built-in name, hf:PATH, py:mod:fn),
+    with a task for hf sources. ``NAME=SOURCE[@TASK]`` on the command line, a
+    ``[[serve.base]]`` table (name, source, task) in TOML; a bare built-in name serves it under
+    its own name."""
+
+    name: str
+    source: str
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not BASE_NAME.match(self.name):
+            raise ConfigError(f"base name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+        kind, _, suffix_task = parse_source(self.source)  # checks the syntax and any @TASK
+        if self.task is not None and kind != "hf":
+            raise ConfigError(f"base {self.name!r}: a task applies to hf: sources only")
+        if self.task is not None and suffix_task is not None and self.task != suffix_task:
+            raise ConfigError(f"base {self.name!r}: task {self.task!r} and the source's @{suffix_task} disagree")
+
+    @classmethod
+    def parse(cls, text: str) -> "BaseEntry":
+        """``NAME=SOURCE[@TASK]``, or a built-in name alone."""
+        if "=" not in text:
+            return cls(text, text)
+        name, _, source = text.partition("=")
+        return cls(name, source)
+
+    @classmethod
+    def from_table(cls, table: Any) -> "BaseEntry":
+        if not isinstance(table, dict) or set(table) - {"name", "source", "task"} or "source" not in table:
+            raise ConfigError(f"[[serve.base]] needs 'source' and takes 'name' and 'task' only, got {table!r}")
+        source = table["source"]
+        return cls(table.get("name") or source, source, table.get("task"))
 
 
 @dataclass(frozen=True)
@@ -18,7 +57,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0: any free port
     adapter_root: str | None = None  # every sub-directory with an adapter is loaded at start
-    bases: tuple[str, ...] = ("minilm", "effnet-lite0")
+    bases: tuple[BaseEntry, ...] = tuple(BaseEntry(b, b) for b in BUILTINS)  # served bases; default: the built-ins
     # "torch", "onnxruntime" (the exporter's multi graph, slot factors as inputs), or "auto":
     # per base, the one that is faster here (see `resolve_backend`).
     backend: str = "auto"
@@ -42,7 +81,17 @@ class ServeConfig:
     auto_merge_share: float = 0.9  # share of them one adapter must have
 
     def __post_init__(self) -> None:
-        for name in ("bases", "pinned", "merged"):
+        bases = (self.bases,) if isinstance(self.bases, (str, BaseEntry)) else self.bases
+        if not isinstance(bases, (list, tuple)) or not bases:
+            raise ConfigError("bases must list at least one base (NAME=SOURCE[@TASK] or a built-in name)")
+        bases = tuple(b if isinstance(b, BaseEntry) else BaseEntry.parse(b) if isinstance(b, str) else BaseEntry.from_table(b)
+                      for b in bases)
+        names = [b.name for b in bases]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"base names must be unique; {dup} appear twice")
+        object.__setattr__(self, "bases", bases)
+        for name in ("pinned", "merged"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
@@ -55,9 +104,6 @@ class ServeConfig:
                 raise ConfigError(f"{f.name} must be a number, got {value!r}")
             if f.type == "int" and not isinstance(value, int):
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
-        unknown = [b for b in self.bases if b not in BASES]
-        if unknown or not self.bases:
-            raise ConfigError(f"bases {unknown or '[]'}: valid base models are {', '.join(BASES)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: valid backends are {', '.join(BACKENDS)}")
         for name in ("slots", "max_rank", "max_batch", "max_queue", "max_message_mb", "workers", "max_text_length"):
@@ -75,7 +121,8 @@ class ServeConfig:
             raise ConfigError(f"adapter_root {self.adapter_root!r} is not a directory")
 
     def replace(self, **changes: Any) -> "ServeConfig":
-        return ServeConfig(**{**asdict(self), **{k: v for k, v in changes.items() if v is not None}})
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ServeConfig(**{**current, **{k: v for k, v in changes.items() if v is not None}})
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "ServeConfig":
@@ -83,7 +130,14 @@ class ServeConfig:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from None
-        section = data.get("serve", data)
+        section = dict(data.get("serve", data))
+        if "base" in section:  # [[serve.base]] tables
+            if "bases" in section:
+                raise ConfigError(f"{path}: give either 'bases' or [[serve.base]] tables, not both")
+            tables = section.pop("base")
+            if not isinstance(tables, list):
+                raise ConfigError(f"{path}: 'base' must be an array of tables: [[serve.base]]")
+            section["bases"] = tuple(BaseEntry.from_table(t) for t in tables)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
@@ -94,11 +148,13 @@ class ServeConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
-def resolve_backend(config: ServeConfig, base: str) -> str:
-    """The engine backend for one base. "auto": onnxruntime for MiniLM on CPU when it is
-    installed (3-4x lower batch-1 latency than PyTorch eager on the 2-core machine, README
-    Benchmarks); PyTorch on CUDA, and for EfficientNet, whose onnxruntime graph is fixed to
-    64x64 images while PyTorch takes any size."""
+def resolve_backend(config: ServeConfig, spec: BaseSpec) -> str:
+    """The engine backend for one base. "auto": PyTorch on CUDA; on CPU the first of the
+    spec's ``backends`` that is installed. Text bases list onnxruntime first (3-4x lower
+    batch-1 latency than PyTorch eager for MiniLM on the 2-core machine, README Benchmarks);
+    EfficientNet lists PyTorch first, as its onnxruntime graph is fixed to one image size while
+    PyTorch takes any. Where the onnxruntime engine cannot be built (an export failure), the
+    service falls back to PyTorch (`runtime.service.make_engine`)."""
     if config.backend != "auto":
         return config.backend
     import importlib.util
@@ -106,5 +162,7 @@ def resolve_backend(config: ServeConfig, base: str) -> str:
     import torch
 
     on_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if on_cuda:
+        return "torch"
     has_ort = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript"))
-    return "onnxruntime" if base == "minilm" and not on_cuda and has_ort else "torch"
+    return next(b for b in spec.backends if b != "onnxruntime" or has_ort) if spec.backends else "torch"

@@ -18,10 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wara_train.artifact import WaraAdapter, fingerprint
-from wara_train.bases import build_base, get_base
+from wara_train.basespec import BaseSpec, resolve_base
 from wara_train.errors import ConfigError, IncompatibleAdapterError
-from wara_train.layer import is_pointwise_conv
-from wara_train.model import find_targets
+from wara_train.layer import is_pointwise_conv, layer_shape, merged_weight, weight_matrix
+from wara_train.model import adaptable_layers, find_targets, set_submodule
 
 from .kernels import LoraKernel, grouped_lora
 
@@ -40,7 +40,7 @@ class SlotLayer(nn.Module):
         super().__init__()
         self.base = base
         self.conv = is_pointwise_conv(base)
-        m, n = base.weight.shape[0], base.weight.shape[1]
+        m, n = layer_shape(base)
         dev, dt = base.weight.device, base.weight.dtype
         self.register_buffer("lora_A", torch.zeros(slots, max_rank, n, device=dev, dtype=dt), persistent=False)
         self.register_buffer("lora_B", torch.zeros(slots, m, max_rank, device=dev, dtype=dt), persistent=False)
@@ -108,25 +108,30 @@ class TorchEngine:
 
     platform = "wara_pytorch"
 
-    def __init__(self, base_model: str, *, slots: int = 16, max_rank: int = 32, device: str | None = None,
+    def __init__(self, base: BaseSpec | str, *, slots: int = 16, max_rank: int = 32, device: str | None = None,
                  kernel: LoraKernel = grouped_lora) -> None:
         if slots < 2:
             raise ConfigError("slots must be >= 2 (slot 0 is the base)")
-        self.base_model = base_model
-        self.recipe = get_base(base_model)
+        self.spec = spec = base if isinstance(base, BaseSpec) else resolve_base(base)
+        self.base_model = spec.name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_base(base_model, num_labels=None)
-        self.targets = find_targets(model, self.recipe.default_targets)
+        model = spec.build(None)
+        # Every layer an adapter of this base may target: the family's defaults, else every
+        # adaptable layer (the fallback's divisibility by 2^J is the adapter's own business).
+        self.targets = (find_targets(model, spec.default_targets) if spec.default_targets
+                        else adaptable_layers(model, exclude=(spec.head,)))
         self.routing = Routing()
         self._fingerprints: dict[tuple[str, ...], str] = {}  # target set -> hash of its base weights
         for name in self.targets:
-            base = model.get_submodule(name)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    SlotLayer(base, slots=slots, max_rank=max_rank, routing=self.routing, kernel=kernel))
-        head_name = self.recipe.head
-        self.base_head: nn.Module | None = getattr(model, head_name, None)
-        setattr(model, head_name, HeadTap())
+            set_submodule(model, name, SlotLayer(model.get_submodule(name), slots=slots, max_rank=max_rank,
+                                                 routing=self.routing, kernel=kernel))
+        try:
+            self.base_head: nn.Module | None = model.get_submodule(spec.head)
+        except AttributeError:  # a feature-extraction base: no head of its own
+            self.base_head = None
+        if self.base_head is None and spec.output == "logits":
+            raise ConfigError(f"base {spec.name!r} answers with logits but has no head {spec.head!r}")
+        set_submodule(model, spec.head, HeadTap())
         self.model = model.to(self.device).eval()
         if self.base_head is not None:
             self.base_head = self.base_head.to(self.device).eval()
@@ -140,45 +145,55 @@ class TorchEngine:
         self.lock = threading.Lock()  # one forward or slot write at a time
 
     def _feature_dim(self) -> int:
-        head = self.base_head
-        if isinstance(head, nn.Linear):
-            return head.in_features
-        return self.model.bert.config.hidden_size  # the MiniLM classifier without a head
+        """What the head sees: the base head's input, or (no head) the model's output on a sample."""
+        if isinstance(self.base_head, nn.Linear):
+            return self.base_head.in_features
+        with torch.no_grad():
+            return int(self.model(*[t.to(self.device) for t in self.spec.sample(1, 4)]).shape[-1])
+
+    def fingerprint(self, targets: tuple[str, ...]) -> str:
+        """The hash of this base's weights at ``targets`` (as adapters record it), cached: the
+        base never changes."""
+        if targets not in self._fingerprints:
+            self._fingerprints[targets] = fingerprint({t: weight_matrix(self.layers[t].base).detach() for t in targets})
+        return self._fingerprints[targets]
+
+    def mismatch(self, adapter: WaraAdapter) -> str | None:
+        """Why ``adapter`` does not fit this base (None: it does): targets, shapes, fingerprint."""
+        unknown = [t for t in adapter.config.target_modules if t not in self.layers]
+        if unknown:
+            return f"it targets layers this base does not have or adapt ({', '.join(unknown[:3])})"
+        for t in adapter.config.target_modules:
+            if layer_shape(self.layers[t].base) != adapter.shape(t):
+                return f"{t} is {layer_shape(self.layers[t].base)} here, {adapter.shape(t)} in the adapter"
+        got = self.fingerprint(tuple(adapter.config.target_modules))
+        if got != adapter.base_fingerprint:
+            return f"its weights hash to {got[:19]}..., the adapter's base to {adapter.base_fingerprint[:19]}..."
+        return None
 
     # --- adapters -------------------------------------------------------------------------
     def prepare(self, adapter: WaraAdapter) -> Folded:
         """Validate ``adapter`` against this base and fold it (load time, not per request)."""
-        if adapter.base_model != self.base_model:
-            raise IncompatibleAdapterError(f"adapter is for base model {adapter.base_model!r}, not {self.base_model!r}")
-        unknown = [t for t in adapter.config.target_modules if t not in self.layers]
-        if unknown:
-            raise IncompatibleAdapterError(f"this server adapts {len(self.layers)} layers of {self.base_model}; "
-                                           f"the adapter targets others: {unknown[:3]}")
-        targets = tuple(adapter.config.target_modules)
-        for t in targets:
-            w = self.layers[t].base.weight
-            if (w.shape[0], w.shape[1]) != adapter.shape(t):
-                raise IncompatibleAdapterError(f"{t}: base layer {tuple(w.shape[:2])}, adapter made for {adapter.shape(t)}")
-        if targets not in self._fingerprints:  # the base never changes: hash each target set once
-            self._fingerprints[targets] = fingerprint(
-                {t: self.layers[t].base.weight.detach().reshape(adapter.shape(t)) for t in targets})
-        if self._fingerprints[targets] != adapter.base_fingerprint:
-            raise IncompatibleAdapterError("base fingerprint mismatch: the adapter was trained on a different base")
+        why = self.mismatch(adapter)
+        if why is not None:
+            raise IncompatibleAdapterError(f"the adapter (trained on base {adapter.base_model!r}) does not fit "
+                                           f"base {self.base_model!r}: {why}")
         factors = adapter.folded_all()
         for la, _ in factors.values():
             if la.shape[0] > self.max_rank:
                 raise IncompatibleAdapterError(
                     f"folded rank {la.shape[0]} exceeds the server's max_rank {self.max_rank}; raise max_rank")
-        extra = sorted(set(adapter.saved_modules) - {self.recipe.head})
+        head_name = self.spec.head
+        extra = sorted(set(adapter.saved_modules) - {head_name})
         if extra:
-            raise IncompatibleAdapterError(f"this server applies only the task head {self.recipe.head!r} from "
+            raise IncompatibleAdapterError(f"this server applies only the task head {head_name!r} from "
                                            f"modules_to_save; the adapter also saves {extra}")
         head = None
-        params = adapter.saved_modules.get(self.recipe.head)
+        params = adapter.saved_modules.get(head_name)
         if params is not None:
             w, b = params.get("weight"), params.get("bias")
             if w is None or w.dim() != 2 or w.shape[1] != self.head_w.shape[2] or set(params) - {"weight", "bias"}:
-                raise IncompatibleAdapterError(f"task head {self.recipe.head} must be a Linear on {self.head_w.shape[2]} features")
+                raise IncompatibleAdapterError(f"task head {head_name} must be a Linear on {self.head_w.shape[2]} features")
             if b is not None and tuple(b.shape) != (w.shape[0],):
                 raise IncompatibleAdapterError(f"task head bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
             head = (w.float(), b.float() if b is not None else None)
@@ -229,10 +244,8 @@ class TorchEngine:
                 plain = copy.deepcopy(layer.base)
                 if name in folded.factors:
                     a, b = folded.factors[name]
-                    w = plain.weight.float() + (b.to(self.device) @ a.to(self.device)).reshape(plain.weight.shape)
-                    plain.weight.copy_(w.to(plain.weight.dtype))
-                parent, _, child = name.rpartition(".")
-                setattr(merged.get_submodule(parent) if parent else merged, child, plain)
+                    plain.weight.copy_(merged_weight(plain, b.to(self.device) @ a.to(self.device)))
+                set_submodule(merged, name, plain)
         return merged.eval()
 
     @torch.no_grad()
@@ -280,6 +293,7 @@ class TorchEngine:
             self.routing.groups = []
 
     def _base_output(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.base_head is None:  # MiniLM: the sentence embedding
+        """The base's own answer: normalised embeddings, or its head's logits."""
+        if self.spec.output == "embeddings":
             return {"embeddings": F.normalize(feats, dim=-1).float().cpu()}
         return {"logits": self.base_head(feats).float().cpu()}

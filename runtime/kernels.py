@@ -59,15 +59,3 @@ def grouped_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     a = lora_a[slot_of_row, :r]  # (B, r, n)
     b = lora_b[slot_of_row, :, :r]  # (B, m, r)
     return out.baddbmm_(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-
-
-def reference_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                   groups: list[tuple[int, torch.Tensor]], ranks: list[int] | None = None) -> torch.Tensor | None:
-    """Slow oracle: row by row, float64."""
-    if not groups:
-        return None
-    out = torch.zeros(*x.shape[:-1], lora_b.shape[1], dtype=torch.float64)
-    for slot, rows in groups:
-        for r in rows.tolist():
-            out[r] = (x[r].double() @ lora_a[slot].double().T) @ lora_b[slot].double().T
-    return out.to(x.dtype)

@@ -15,7 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from wara_train.basespec import BaseSpec
 from wara_train.errors import ConfigError
+from wara_train.layer import layer_shape
 
 from .engine import TorchEngine
 from .errors import InvalidRequest
@@ -24,17 +26,21 @@ from .errors import InvalidRequest
 class OrtEngine(TorchEngine):
     platform = "wara_onnxruntime"
 
-    def __init__(self, base_model: str, *, slots: int = 16, max_rank: int = 32, device: str | None = None,
+    def __init__(self, base: BaseSpec | str, *, slots: int = 16, max_rank: int = 32, device: str | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
-        super().__init__(base_model, slots=slots, max_rank=max_rank, device="cpu")
+        super().__init__(base, slots=slots, max_rank=max_rank, device="cpu")
         try:
             from exporter.onnx_export import INDEX_INPUT, export_multi_graph, model_io
+            from exporter.slots import slot_feeds, slot_input_names
             from exporter.verify import ort_session
         except ImportError as e:
             raise ConfigError(f"the onnxruntime backend needs the 'export' and 'cpu' extras ({e})") from None
         self._index_input = INDEX_INPUT
-        self.io = model_io(base_model)
-        shapes = {n: (layer.base.weight.shape[0], layer.base.weight.shape[1]) for n, layer in self.layers.items()}
+        self._slot_feeds, self._slot_names = slot_feeds, slot_input_names
+        self.io = model_io(self.spec)
+        # Axes the graph takes at any size; every other axis must match the export sample.
+        self._fixed = [[a for a in range(t.dim()) if a not in dyn] for t, dyn in zip(self.io.sample, self.io.dynamic)]
+        shapes = {n: layer_shape(layer.base) for n, layer in self.layers.items()}
         self._tmp = tempfile.TemporaryDirectory(prefix="wara-ort-")
         path = export_multi_graph(self.model, list(self.layers), shapes, self.io, Path(self._tmp.name) / "multi.onnx")
         # No busy-waiting between runs: on a few cores the spinning workers starve the gRPC and
@@ -55,18 +61,19 @@ class OrtEngine(TorchEngine):
         rank = max(1, max(max(layer.ranks) for layer in self.layers.values()))
         if rank != self._rank_in_use:
             self._rank_in_use = rank
-            for name, layer in self.layers.items():
-                self.slot_feeds[f"wara.{name}.lora_A"] = np.ascontiguousarray(layer.lora_A[:, :rank].numpy())
-                self.slot_feeds[f"wara.{name}.lora_B"] = np.ascontiguousarray(layer.lora_B[:, :, :rank].numpy())
+            self.slot_feeds = self._slot_feeds({n: (layer.lora_A, layer.lora_B) for n, layer in self.layers.items()}, rank)
             return
         for name, layer in self.layers.items():
-            self.slot_feeds[f"wara.{name}.lora_A"][index] = layer.lora_A[index, :rank].numpy()
-            self.slot_feeds[f"wara.{name}.lora_B"][index] = layer.lora_B[index, :, :rank].numpy()
+            a_name, b_name = self._slot_names(name)
+            self.slot_feeds[a_name][index] = layer.lora_A[index, :rank].numpy()
+            self.slot_feeds[b_name][index] = layer.lora_B[index, :, :rank].numpy()
 
     def _features(self, inputs, slot_t, groups) -> torch.Tensor:
-        if self.base_model != "minilm" and tuple(inputs[0].shape[1:]) != tuple(self.io.sample[0].shape[1:]):
-            raise InvalidRequest(f"the onnxruntime backend of {self.base_model} takes images of shape "
-                                 f"{list(self.io.sample[0].shape[1:])}, got {list(inputs[0].shape[1:])}")
+        for name, t, sample, fixed in zip(self.io.input_names, inputs, self.io.sample, self._fixed):
+            if any(t.shape[a] != sample.shape[a] for a in fixed):
+                want = ["any" if a not in fixed else sample.shape[a] for a in range(sample.dim())]
+                raise InvalidRequest(f"the onnxruntime engine of {self.base_model} takes {name!r} of shape {want}, "
+                                     f"got {list(t.shape)} (serve it with backend 'torch' for other sizes)")
         feeds = {n: t.numpy() for n, t in zip(self.io.input_names, inputs)}
         feeds[self._index_input] = slot_t.numpy().astype(np.int64)
         feeds.update(self.slot_feeds)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wara_train.artifact import CONFIG_NAME, WEIGHTS_NAME, WaraAdapter, adapter_from_bytes
-from wara_train.errors import AdapterError, ConfigError
+from wara_train.artifact import WaraAdapter, adapter_from_files, read_artifact_files
+from wara_train.errors import ConfigError, IncompatibleAdapterError
 
 from .engine import Folded, TorchEngine
 from .errors import ModelNotFound, Overloaded
@@ -47,22 +47,16 @@ class Version:
 def read_artifact(files: dict[str, bytes], source: str = "adapter") -> WaraAdapter:
     """Validate an artifact given as file contents (as RepositoryModelLoad sends them), in
     memory: nothing is written to disk."""
-    missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in files]
-    if missing:
-        raise AdapterError(f"adapter files missing: {', '.join(missing)} (send both {CONFIG_NAME} and {WEIGHTS_NAME})")
-    return adapter_from_bytes(files[CONFIG_NAME], files[WEIGHTS_NAME], source=source)
+    return adapter_from_files(files, source=source)
 
 
-def read_dir(path: Path) -> dict[str, bytes]:
+def read_dir(root: Path, name: str) -> dict[str, bytes]:
+    """The files of adapter ``name`` under the adapter root; NOT_FOUND if there is none. Errors
+    name the adapter, never the server's paths."""
+    path = root / name
     if not path.is_dir():
-        raise ModelNotFound(f"no adapter directory {path.name!r} under the adapter root")
-    files = {}
-    for fname in (CONFIG_NAME, WEIGHTS_NAME):
-        f = path / fname
-        if not f.is_file():
-            raise AdapterError(f"{path}: missing {fname}")
-        files[fname] = f.read_bytes()
-    return files
+        raise ModelNotFound(f"no adapter directory {name!r} under the adapter root")
+    return read_artifact_files(path, source=f"adapter {name!r}")
 
 
 class Registry:
@@ -85,11 +79,9 @@ class Registry:
         if not name or "/" in name or name in self.engines:
             raise ConfigError(f"invalid adapter name {name!r} (a base model's name or containing '/')")
         adapter = read_artifact(files, f"adapter {name!r}")
-        engine = self.engines.get(adapter.base_model)
-        if engine is None:
-            raise ModelNotFound(f"adapter {name!r} needs base model {adapter.base_model!r}, which this server does not serve")
+        engine = self.bind(name, adapter)
         folded = engine.prepare(adapter)  # validates against the base, folds
-        version = Version(name, adapter.content_hash, adapter.base_model, adapter.labels, dict(files), folded,
+        version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, dict(files), folded,
                           folded.nbytes, pinned=pinned or merged)
         if merged:
             version.merged = engine.build_merged(folded)
@@ -102,6 +94,21 @@ class Registry:
             self._enforce_host_budget()
             self.stats["loads"] += 1
         return version
+
+    def bind(self, name: str, adapter: WaraAdapter) -> TorchEngine:
+        """The served base this adapter was trained on, found by fingerprint (the base may be
+        served under another name than the one the adapter records). FAILED_PRECONDITION,
+        naming the adapter's base and every served one, when none fits."""
+        order = sorted(self.engines.values(), key=lambda e: e.base_model != adapter.base_model)
+        reasons = []
+        for engine in order:
+            why = engine.mismatch(adapter)
+            if why is None:
+                return engine
+            reasons.append(f"{engine.base_model}: {why}")
+        raise IncompatibleAdapterError(
+            f"adapter {name!r} was trained on base {adapter.base_model!r} (fingerprint "
+            f"{adapter.base_fingerprint[:19]}...), and no served base matches it: " + "; ".join(reasons))
 
     def unload(self, name: str) -> None:
         with self.lock:

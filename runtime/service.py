@@ -12,7 +12,6 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,13 @@ import numpy as np
 import torch
 
 from wara_train.artifact import CONFIG_NAME
+from wara_train.basespec import BaseSpec, TensorSpec, resolve_base
 
 from .batcher import Batcher, Request
-from .config import ServeConfig, resolve_backend
+from .config import BaseEntry, ServeConfig, resolve_backend
 from .engine import TorchEngine
 from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound
+from .inputs import InputConverter, input_specs
 from .metrics import Metrics
 from .registry import Registry, Version, read_dir
 
@@ -34,25 +35,15 @@ SERVER_VERSION = "0.1.0"
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-def input_specs(base_model: str) -> list[TensorSpec]:
-    if base_model == "minilm":
-        return [TensorSpec("text", "BYTES", (-1,)), TensorSpec("input_ids", "INT64", (-1, -1)),
-                TensorSpec("attention_mask", "INT64", (-1, -1))]
-    return [TensorSpec("images", "FP32", (-1, 3, -1, -1))]
-
-
-def output_specs(base_model: str, version: Version | None) -> list[TensorSpec]:
+def output_specs(engine: TorchEngine, version: Version | None) -> list[TensorSpec]:
+    """A base answers with its embeddings or its own logits (and labels, when its head has
+    names); an adapter with its head's logits and labels."""
+    spec = engine.spec
     if version is None:
-        if base_model == "minilm":
-            return [TensorSpec("embeddings", "FP32", (-1, 384))]
-        return [TensorSpec("logits", "FP32", (-1, 1000))]
+        if spec.output == "embeddings":
+            return [TensorSpec("embeddings", "FP32", (-1, engine.head_w.shape[2]))]
+        n = engine.base_head.out_features if isinstance(engine.base_head, torch.nn.Linear) else -1
+        return [TensorSpec("logits", "FP32", (-1, n))] + ([TensorSpec("labels", "BYTES", (-1,))] if spec.labels else [])
     n = len(version.labels) if version.labels else -1
     specs = [TensorSpec("logits", "FP32", (-1, n))]
     if version.labels:
@@ -60,20 +51,36 @@ def output_specs(base_model: str, version: Version | None) -> list[TensorSpec]:
     return specs
 
 
-def make_engine(config: ServeConfig, base: str) -> TorchEngine:
-    """The configured backend for one base model (a registry of two)."""
-    if resolve_backend(config, base) == "onnxruntime":
+def make_engine(config: ServeConfig, spec: BaseSpec) -> TorchEngine:
+    """The configured backend for one base. Under ``auto``, a base onnxruntime cannot serve
+    (its export fails) is served by PyTorch instead, with a warning; ModelMetadata's platform
+    says which engine serves it."""
+    backend = resolve_backend(config, spec)
+    if backend == "onnxruntime":
         from .ort_engine import OrtEngine
 
-        return OrtEngine(base, slots=config.slots, max_rank=config.max_rank)
-    return TorchEngine(base, slots=config.slots, max_rank=config.max_rank, device=config.device)
+        try:
+            return OrtEngine(spec, slots=config.slots, max_rank=config.max_rank)
+        except Exception as e:
+            if config.backend != "auto":
+                raise
+            log.warning("base %s: the onnxruntime engine could not be built (%s: %s); serving it with PyTorch",
+                        spec.name, type(e).__name__, str(e)[:300])
+    return TorchEngine(spec, slots=config.slots, max_rank=config.max_rank, device=config.device)
+
+
+def resolve_entry(entry: BaseEntry) -> BaseSpec:
+    return resolve_base(entry.source, task=entry.task, name=entry.name)
 
 
 class Service:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.engines = {b: make_engine(config, b) for b in config.bases}
+        self.specs = {e.name: resolve_entry(e) for e in config.bases}  # every base checked before any is built
+        self.engines = {name: make_engine(config, spec) for name, spec in self.specs.items()}
+        self.converters = {name: InputConverter(spec, max_text_length=config.max_text_length)
+                           for name, spec in self.specs.items()}
         self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)))
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
                                     max_queue=config.max_queue, on_batch=self._on_batch,
@@ -82,8 +89,6 @@ class Service:
         self._recent: deque = deque(maxlen=config.auto_merge_window)
         self._auto_merged: dict[str, Version] = {}
         self._merge_lock = threading.Lock()
-        self._tokenizer = None
-        self._tok_lock = threading.Lock()
         self.ready = False
         self.draining = False
         if config.adapter_root:
@@ -121,7 +126,7 @@ class Service:
         if files is None:
             if not self.config.adapter_root:
                 raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
-            files = read_dir(Path(self.config.adapter_root) / name)
+            files = read_dir(Path(self.config.adapter_root), name)
         version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged)
         self.metrics.loads.inc()
         self.metrics.load_latency.observe(time.perf_counter() - t0)
@@ -155,7 +160,7 @@ class Service:
         base, version = self.resolve(name)
         try:
             versions = [version.version] if version else ["1"]
-            return base, versions, input_specs(base), output_specs(base, version)
+            return base, versions, input_specs(self.specs[base]), output_specs(self.engines[base], version)
         finally:
             if version is not None:
                 self.registry.release(version)
@@ -203,7 +208,7 @@ class Service:
         finally:
             if version is not None and not submitted:
                 self.registry.release(version)
-        outputs = self._outputs(rows, version)
+        outputs = self._outputs(rows, base, version)
         self.metrics.requests.labels(label, "ok").inc()
         self.metrics.latency.observe(time.perf_counter() - t0)
         return (version.version if version else "1"), outputs
@@ -256,67 +261,19 @@ class Service:
             version.merged = None
             version.pinned = version.name in self.config.pinned
 
-    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from wara_train.bases import MiniLMTokenizer
-
-        with self._tok_lock:
-            if self._tokenizer is None:
-                self._tokenizer = MiniLMTokenizer(max_length=self.config.max_text_length)
-            enc = self._tokenizer(texts)
-        return enc["input_ids"], enc["attention_mask"]
-
     def _model_inputs(self, base: str, inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
-        for name, arr in inputs.items():
-            if arr.ndim == 0 or arr.shape[0] == 0:
-                raise InvalidRequest(f"input {name!r} has an empty batch (shape {list(arr.shape)})")
-        if base == "minilm":
-            if "text" in inputs:
-                extra = set(inputs) - {"text"}
-                if extra:
-                    raise InvalidRequest(f"send either 'text' or 'input_ids' + 'attention_mask', not both ({sorted(extra)})")
-                arr = inputs["text"]
-                if arr.dtype != object:
-                    raise InvalidRequest("input 'text' must be BYTES")
-                if arr.ndim == 2 and arr.shape[1] == 1:
-                    arr = arr[:, 0]
-                if arr.ndim != 1:
-                    raise InvalidRequest(f"input 'text' must have shape [batch] or [batch, 1], got {list(arr.shape)}")
-                try:
-                    texts = [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in arr]
-                except UnicodeDecodeError:
-                    raise InvalidRequest("input 'text' is not valid UTF-8") from None
-                return self._tokenize(texts)
-            missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
-            if missing:
-                raise InvalidRequest(f"missing input {missing[0]!r}: minilm takes 'text' (BYTES) or 'input_ids' + 'attention_mask' (INT64)")
-            ids, mask = inputs["input_ids"], inputs["attention_mask"]
-            for n, a in (("input_ids", ids), ("attention_mask", mask)):
-                if a.dtype != np.int64:
-                    raise InvalidRequest(f"input {n!r} must be INT64, got {a.dtype}")
-                if a.ndim != 2:
-                    raise InvalidRequest(f"input {n!r} must have shape [batch, seq], got {list(a.shape)}")
-            if ids.shape != mask.shape:
-                raise InvalidRequest(f"input_ids {list(ids.shape)} and attention_mask {list(mask.shape)} differ in shape")
-            if ids.shape[1] > 512 or ids.min() < 0 or ids.max() >= 30522:
-                raise InvalidRequest("input_ids must be token ids in [0, 30522) with at most 512 per row")
-            return torch.from_numpy(ids.copy()), torch.from_numpy(mask.copy())
-        if "images" not in inputs:
-            raise InvalidRequest(f"missing input 'images': {base} takes FP32 images [batch, 3, H, W]")
-        img = inputs["images"]
-        if img.dtype != np.float32:
-            raise InvalidRequest(f"input 'images' must be FP32, got {img.dtype}")
-        if img.ndim != 4 or img.shape[1] != 3 or not (32 <= img.shape[2] <= 512 and 32 <= img.shape[3] <= 512):
-            raise InvalidRequest(f"input 'images' must have shape [batch, 3, H, W] with 32 <= H, W <= 512, got {list(img.shape)}")
-        if not np.isfinite(img).all():
-            raise InvalidRequest("input 'images' contains NaN or Inf")
-        return (torch.from_numpy(img.copy()),)
+        return self.converters[base](inputs)
 
-    def _outputs(self, rows: list[dict[str, Any]], version: Version | None) -> dict[str, np.ndarray]:
+    def _outputs(self, rows: list[dict[str, Any]], base: str, version: Version | None) -> dict[str, np.ndarray]:
         keys = rows[0].keys()
         out = {k: torch.stack([r[k] for r in rows]).numpy() for k in keys}
-        if version is not None and version.labels and "logits" in out:
+        labels = version.labels if version is not None else None
+        if version is None and "logits" in out:  # the base's own head, with its label names if any
+            spec = self.specs[base]
+            labels = list(spec.labels) if spec.labels else None
+        if labels and "logits" in out:
             idx = out["logits"].argmax(-1)
-            out["labels"] = np.array([version.labels[i].encode() for i in idx], dtype=object)
+            out["labels"] = np.array([labels[i].encode() for i in idx], dtype=object)
         return out
 
     # --- lifecycle --------------------------------------------------------------------------

@@ -39,13 +39,33 @@ def test_round_trip_through_dict_and_defaults():
     assert d["wavelet"] == "haar" and d["mode"] == "periodization" and d["factorization"] == "subband"
 
 
-def test_auto_backend_picks_onnxruntime_for_minilm_on_cpu_only():
+def test_auto_backend_follows_the_spec_on_cpu_and_is_torch_on_cuda():
     from runtime.config import ServeConfig, resolve_backend
+    from wara_train.bases import get_base
 
     auto = ServeConfig(port=0)
+    minilm, effnet = get_base("minilm"), get_base("effnet-lite0")
     assert auto.backend == "auto"
-    assert resolve_backend(auto, "minilm") == "onnxruntime"  # the 'cpu' extra is installed in the test venv
-    assert resolve_backend(auto, "effnet-lite0") == "torch"  # any image size
-    assert resolve_backend(auto.replace(device="cuda"), "minilm") == "torch"
+    assert resolve_backend(auto, minilm) == "onnxruntime"  # the 'cpu' extra is installed in the test venv
+    assert resolve_backend(auto, effnet) == "torch"  # any image size
+    assert resolve_backend(auto.replace(device="cuda"), minilm) == "torch"
     for explicit in ("torch", "onnxruntime"):
-        assert resolve_backend(auto.replace(backend=explicit), "effnet-lite0") == explicit
+        assert resolve_backend(auto.replace(backend=explicit), effnet) == explicit
+
+
+def test_served_bases_from_flags_and_toml(tmp_path):
+    from runtime.config import BaseEntry, ServeConfig
+
+    assert BaseEntry.parse("mine=hf:/models/bert@text-classification") == BaseEntry("mine", "hf:/models/bert@text-classification")
+    assert BaseEntry.parse("minilm") == BaseEntry("minilm", "minilm")
+    (tmp_path / "serve.toml").write_text(
+        '[serve]\nport = 0\n[[serve.base]]\nname = "a"\nsource = "hf:/x"\ntask = "feature-extraction"\n'
+        '[[serve.base]]\nsource = "minilm"\n')
+    config = ServeConfig.from_toml(tmp_path / "serve.toml")
+    assert config.bases == (BaseEntry("a", "hf:/x", "feature-extraction"), BaseEntry("minilm", "minilm"))
+    for bad, message in [("a=hf:/x@translation", "unknown task 'translation'.*feature-extraction"),
+                         ("a b=minilm", "base name 'a b'"), ("a=py:nocolon", "py:package.module:function")]:
+        with pytest.raises(ConfigError, match=message):
+            ServeConfig(bases=(bad,))
+    with pytest.raises(ConfigError, match="unique"):
+        ServeConfig(bases=("minilm", "minilm"))

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from helpers import assert_close
 from test_layer import CASES, pywt_delta
 
-from runtime.kernels import grouped_lora, reference_lora
+from references import reference_lora
+from runtime.kernels import grouped_lora
 from wara_train.config import WaraConfig
 from wara_train.layer import PATHS, WaraConv1x1, WaraLinear
 from wara_train.synthetic import randomize_factors
@@ -50,22 +51,33 @@ def test_grouped_lora_on_cuda_matches_cpu_reference():
 
 
 @pytest.fixture(scope="module")
-def two_adapters(tmp_path_factory):
+def tiny_base(tmp_path_factory):
+    """A tiny random GPT-2 (Conv1D layers) as a feature extractor: no model package needed on
+    the GPU machine, only transformers."""
+    import tiny_models
+
+    from wara_train.basespec import resolve_base
+
+    return resolve_base(f"hf:{tiny_models.make_gpt2(tmp_path_factory.mktemp('cuda-base') / 'gpt2')}@feature-extraction")
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_base, tmp_path_factory):
     from wara_train.synthetic import random_adapter
 
     root = tmp_path_factory.mktemp("cuda-adapters")
-    return (random_adapter("minilm", root / "one", wavelet="haar", levels=1, rank=2, num_labels=5, seed=1),
-            random_adapter("minilm", root / "two", wavelet="db2", levels=2, rank=3, num_labels=3, seed=2))
+    return (random_adapter(tiny_base, root / "one", wavelet="haar", levels=1, rank=2, num_labels=5, seed=1),
+            random_adapter(tiny_base, root / "two", wavelet="db2", levels=2, rank=3, num_labels=3, seed=2))
 
 
-def test_engine_mixed_batch_on_cuda_matches_cpu_engine(two_adapters, minilm_batch):
+def test_engine_mixed_batch_on_cuda_matches_cpu_engine(tiny_base, two_adapters):
     from runtime.engine import TorchEngine
 
-    inputs = (minilm_batch["input_ids"], minilm_batch["attention_mask"])
+    inputs = tiny_base.sample(3, 12)
     slots = [0, 1, 2]  # base row, adapter 1, adapter 2: one forward
     answers = {}
     for device in ("cpu", CUDA):
-        engine = TorchEngine("minilm", slots=3, max_rank=32, device=device)
+        engine = TorchEngine(tiny_base, slots=3, max_rank=32, device=device)
         folded = [engine.prepare(a) for a in two_adapters]
         for i, f in enumerate(folded, start=1):
             engine.write_slot(i, f)

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.common import base_for, conv_targets
+from exporter.common import base_for
 from exporter.lora import save_peft_lora
 from exporter.merge import merged_model, merged_state_dict
 from exporter.onnx_export import export_onnx, model_io
@@ -96,7 +96,7 @@ def test_folded_lora_reproduces_outputs_through_peft(exports, tmp_path, base_nam
 
     _, made, _ = exports
     adapter, base = made[(base_name, wavelet)]
-    out = save_peft_lora(adapter, tmp_path / "lora", conv_modules=conv_targets(adapter, base))
+    out = save_peft_lora(adapter, tmp_path / "lora", base=base)  # no spec: our module's names
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == (3 * levels + 1) * 2 and cfg["lora_alpha"] == cfg["r"]
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
@@ -189,7 +189,7 @@ def test_cli_export_and_verify(exports, tmp_path):
     adapter_dir = root / "effnet-lite0-db2"
 
     def wara(*args):
-        return subprocess.run([sys.executable, "-m", "wara_train.cli", "export", *args], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "wara", "export", *args], capture_output=True, text=True)
 
     proc = wara("onnx", "--adapter", str(adapter_dir), "--form", "unmerged", "--out", str(tmp_path / "u.onnx"))
     assert proc.returncode == 0, proc.stderr
@@ -229,4 +229,98 @@ def test_target_order_in_the_artifact_does_not_matter(exports, tmp_path):
     base = made[("effnet-lite0", "haar")][1]
     path = export_onnx(adapter, base, "unmerged", tmp_path / "u.onnx", log=lambda s: None)
     result = verify_onnx(str(path), [adapter], base, io=model_io("effnet-lite0", batch=2), atol=ATOL)
+    assert result.ok, str(result)
+
+
+# ------------------------------------------------------------------------------------------
+# the slot packer (exporter.slots): against a per-adapter loop
+
+
+def test_slots_stack_pads_ranks_and_zero_fills_missing_layers():
+    from exporter.slots import head_feeds, slot_feeds, slot_input_names, stack_folded
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (6, 4), "b": (8, 8)}
+    folded = [{"a": (torch.randn(2, 4, generator=gen), torch.randn(6, 2, generator=gen))},
+              {"a": (torch.randn(3, 4, generator=gen), torch.randn(6, 3, generator=gen)),
+               "b": (torch.randn(1, 8, generator=gen), torch.randn(8, 1, generator=gen))}]
+    stacked = stack_folded(folded, shapes)
+    a, b = stacked["a"]
+    assert a.shape == (3, 3, 4) and b.shape == (3, 6, 3) and not a[0].any() and not b[0].any()
+    x = torch.randn(5, 4, generator=gen)
+    for i, f in enumerate(folded, start=1):  # padding adds nothing: each slot is its own LoRA
+        la, lb = f["a"]
+        torch.testing.assert_close((x @ a[i].T) @ b[i].T, (x @ la.T) @ lb.T)
+    assert not stacked["b"][0][1].any() and stacked["b"][0].shape == (3, 1, 8)  # adapter 0 lacks b
+    feeds = slot_feeds(stacked, rank=2)
+    name_a, name_b = slot_input_names("a")
+    assert feeds[name_a].shape == (3, 2, 4) and feeds[name_b].shape == (3, 6, 2)
+    assert feeds[name_a].dtype == np.float32 and feeds[name_a].flags["C_CONTIGUOUS"]
+    assert slot_feeds(stacked, rank=8)[name_a].shape == (3, 3, 4)  # never wider than the stack
+    with pytest.raises(ConfigError, match="rank must be >= 1"):
+        slot_feeds(stacked, rank=0)
+    with pytest.raises(ConfigError, match="the layer is"):
+        stack_folded([{"a": (torch.zeros(2, 5), torch.zeros(6, 2))}], shapes)
+    own = {"weight": torch.ones(2, 4), "bias": torch.ones(2)}
+    heads = head_feeds("head", own, [{"weight": torch.full((3, 4), 2.0), "bias": torch.full((3,), 2.0)}, None])
+    w, bias = heads["wara.head.weight"], heads["wara.head.bias"]
+    assert w.shape == (3, 3, 4) and bias.shape == (3, 3)
+    assert (w[0, :2] == 1).all() and not w[0, 2].any() and (w[1] == 2).all() and (w[2, :2] == 1).all()
+
+
+# ------------------------------------------------------------------------------------------
+# a py:module:function base (tests/custom_base.py): exports in our module's own layout
+
+CUSTOM = "py:custom_base:tiny_vision_base"
+
+
+@pytest.fixture(scope="module")
+def custom(tmp_path_factory):
+    from wara_train.basespec import resolve_base
+
+    spec = resolve_base(CUSTOM)
+    model = spec.build(None)
+    inject(model, WaraConfig(rank=2, alpha=4.0, wavelet="db2", levels=1, target_modules=spec.default_targets,
+                             modules_to_save=(spec.head,)), seed=0)
+    for i, layer in enumerate(wara_layers(model).values()):
+        randomize(layer, 10 + i)
+    with torch.no_grad():
+        model.get_submodule(spec.head).bias.add_(0.5)
+    out = tmp_path_factory.mktemp("custom") / "adapter"
+    save_adapter(model, out, base_model=spec.name, labels=list(spec.labels), base_source=spec.source)
+    adapter = load_adapter(out)
+    return out, adapter, spec, base_for(adapter)
+
+
+def _custom_reference(adapter, spec, base):
+    from references import merge_into
+
+    model = merge_into(copy.deepcopy(base), adapter)
+    model.get_submodule(spec.head).load_state_dict(adapter.saved_modules[spec.head])
+    return model.eval()
+
+
+def test_custom_base_merge_and_lora(custom, tmp_path):
+    from peft import PeftModel
+
+    from exporter.merge import INFO_FILE, load_merged, save_merged
+    from exporter.verify import verify_exported
+
+    adapter_dir, adapter, spec, base = custom
+    io = model_io(spec, batch=3)
+    with torch.no_grad():
+        want = _custom_reference(adapter, spec, base)(*io.sample)
+        out = save_merged(base, [(adapter, 1.0)], tmp_path / "merged", spec=spec)
+        assert json.loads((out / INFO_FILE).read_text())["layout"] == "module"
+        assert (load_merged(out)(*io.sample) - want).abs().max().item() <= ATOL  # spec from the provenance
+        lora = save_peft_lora(adapter, tmp_path / "lora", spec=spec, base=base)
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(lora)).eval()
+        assert (peft_model(*io.sample) - want).abs().max().item() <= ATOL
+    assert verify_exported(adapter_dir, out).ok and verify_exported(adapter_dir, lora).ok
+
+
+def test_custom_base_onnx_multi(custom, tmp_path):
+    adapter_dir, adapter, spec, base = custom
+    path = export_onnx(adapter, base, "multi", tmp_path / "multi.onnx", spec=spec, log=lambda s: None)
+    result = verify_onnx(str(path), [adapter], base, rows=[0, -1, 0, 0], atol=ATOL)
     assert result.ok, str(result)

@@ -34,3 +34,22 @@ def test_server_import_does_not_load_training_or_cuda():
     assert out[0] == "False"
     mods = set(out[1:])
     assert not {"wara_train.trainer", "wara_train.tasks", "wara_train.data", "transformers", "onnx"} & mods
+
+
+def test_one_way_imports_and_no_base_named_outside_the_registry():
+    """core <- training <- exporter <- runtime <- the wara CLI: the training package imports
+    neither the exporter nor the runtime, and no module of runtime/ or exporter/ names a base."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    mods = _loaded_after("import wara_train.tasks, wara_train.trainer, wara_train.hf, wara_train.basespec")
+    assert not [m for m in mods if m.split(".")[0] in ("exporter", "runtime", "wara")]
+    for package, forbidden in (("wara_train", ("exporter", "runtime", "wara.")), ("exporter", ("runtime", "wara."))):
+        for f in (root / package).rglob("*.py"):
+            text = f.read_text()
+            for name in forbidden:
+                assert not re.search(rf"^\s*(from|import) {re.escape(name)}", text, re.M), f"{f} imports {name}"
+    named = [f"{f}:{i}" for package in ("runtime", "exporter") for f in (root / package).rglob("*.py")
+             for i, line in enumerate(f.read_text().splitlines(), 1) if re.search(r'"minilm"|"effnet-lite0"', line)]
+    assert not named, named

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from helpers import assert_close
 
-from runtime.kernels import grouped_lora, reference_lora
+from references import reference_lora
+from runtime.kernels import grouped_lora
 
 
 def test_grouped_lora_matches_reference_with_padded_ranks():

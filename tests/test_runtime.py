@@ -288,7 +288,7 @@ def test_bad_requests_get_the_right_code_and_the_server_keeps_serving(served):
 @pytest.mark.slow
 def test_serve_cli_prints_its_address_and_drains_on_sigterm(tmp_path):
     shutil.copytree(Path(__file__).parent / "clients", tmp_path / "unused")  # any directory works as a root
-    proc = subprocess.Popen([sys.executable, "-m", "wara_train.cli", "serve", "--port", "0", "--adapter-root", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "wara", "serve", "--port", "0", "--adapter-root", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""

@@ -60,7 +60,7 @@ def test_macro_f1_against_hand_computed_value():
 
 
 def _wara(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "wara_train.cli", *args], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, "-m", "wara", *args], capture_output=True, text=True, **kw)
 
 
 @pytest.mark.slow

@@ -6,15 +6,26 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import WaraError
+from wara_train.errors import ConfigError, WaraError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .config import MODES
-    from .tasks import TASKS
+    from wara_train.config import MODES
+    from wara_train.tasks import TASKS
 
-    p = sub.add_parser("train", help="fine-tune a WaRA adapter on a built-in offline task")
-    p.add_argument("--task", required=True, choices=sorted(TASKS), help="built-in task")
+    p = sub.add_parser("train", help="fine-tune a WaRA adapter: a built-in task, or any base on your data",
+                       description="Either --task NAME (a built-in recipe: base, offline data and defaults), "
+                                   "or --base SOURCE --data PATH for any base on your own data.")
+    p.add_argument("--task", choices=sorted(TASKS), help="built-in recipe")
+    p.add_argument("--base", help="base model: a built-in name, hf:PATH[@TASK] (a transformers model directory; "
+                                  "TASK: feature-extraction, text-classification, image-classification) or "
+                                  "py:package.module:function")
+    p.add_argument("--data", type=Path, help="a JSONL file of {\"text\": ..., \"label\": ...} lines, "
+                                             "or an image folder ROOT/<label>/<file>.png|jpg")
+    p.add_argument("--eval-data", type=Path, help="held-out data in the same form (default: a seeded 20%% split of --data)")
+    p.add_argument("--base-name", help="the name the adapter records for its base (default: the built-in's name, "
+                                       "the directory's or the function's)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--rank", type=int, default=4, help="rank r per coefficient block (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="scaling alpha; ΔW is scaled by alpha/r (default 2r)")
@@ -30,8 +41,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .tasks import train_task
+    from wara_train.tasks import train_on_base, train_task
 
+    if args.task and (args.base or args.data or args.eval_data or args.base_name):
+        raise ConfigError("--task is a built-in recipe: use either --task NAME or --base SOURCE --data PATH, not both")
+    if not args.task:
+        if not (args.base and args.data):
+            raise ConfigError("give --task NAME (a built-in recipe) or both --base SOURCE and --data PATH")
+        train_on_base(args.base, args.data, args.out, eval_data=args.eval_data, base_name=args.base_name,
+                      rank=args.rank, alpha=args.alpha, wavelet=args.wavelet, mode=args.mode, levels=args.levels,
+                      epochs=args.epochs, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                      max_length=args.max_length, progress=not args.no_progress)
+        return 0
     train_task(
         args.task, args.out, rank=args.rank, alpha=args.alpha, wavelet=args.wavelet, mode=args.mode,
         levels=args.levels, epochs=args.epochs, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -47,7 +68,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from runtime.demo import run_demo
+    from .demo import run_demo
 
     return run_demo(args.out, steps=args.steps)
 

@@ -50,7 +50,7 @@ def _train_missing(root: Path, steps: int | None) -> None:
 
 
 def _start_server(root: Path) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "wara_train.cli", "serve", "--port", "0", "--adapter-root", str(root)],
+    proc = subprocess.Popen([sys.executable, "-m", "wara", "serve", "--port", "0", "--adapter-root", str(root)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while time.time() - t0 < 180:
@@ -77,9 +77,9 @@ def _mixed_stream(port: int) -> dict[str, list[tuple[str, str, float]]]:
     """Every tenant's requests, sent from 8 threads at once so batches mix adapters."""
     import grpc
 
-    from .kserve import inference_pb2 as pb
-    from .kserve import inference_pb2_grpc as pb_grpc
-    from .server import decode_outputs
+    from runtime.kserve import inference_pb2 as pb
+    from runtime.kserve import inference_pb2_grpc as pb_grpc
+    from runtime.server import decode_outputs
 
     images, truth = _digit_images(6)
     jobs = [(t, q, None) for t, qs in QUESTIONS.items() for q in qs]
@@ -127,9 +127,9 @@ def _latency_table(root: Path) -> str:
     from exporter.verify import reference_model
     from wara_train.bases import MiniLMTokenizer
 
-    from .engine import TorchEngine
+    from runtime.engine import TorchEngine
 
-    adapter, base = load_with_base(root / "topics")
+    adapter, _, base = load_with_base(root / "topics")
     merged = merged_model(base, [(adapter, 1.0)]).eval()
     engine = TorchEngine("minilm", slots=2, max_rank=32, device="cpu")
     engine.write_slot(1, engine.prepare(adapter))

@@ -69,12 +69,14 @@ class HFModel:
     is the module itself), so ``<prefix>.<name>`` of ours is ``<name>`` in transformers (peft
     target names, merged state-dict keys). ``auto_class`` loads a merged directory back;
     ``path`` holds its config, tokenizer or image-processor files; ``head_in_model``: the task
-    head is part of the transformers model (a classification model) rather than ours."""
+    head is part of the transformers model (a classification model) rather than ours;
+    ``arg_names``: the keywords the transformers model takes the spec's inputs as, in order."""
 
     prefix: str
     auto_class: str
     path: str
     head_in_model: bool
+    arg_names: tuple[str, ...] = ("input_ids", "attention_mask")
 
 
 Preprocessor = Callable[[Sequence[Any]], tuple[torch.Tensor, ...]]

@@ -37,7 +37,7 @@ _POOLER_FAMILIES = {"bert", "roberta", "xlm-roberta", "camembert", "mpnet"}  # A
 DEFAULT_MAX_LENGTH = 128
 
 
-def _transformers():
+def transformers_module():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
@@ -136,7 +136,7 @@ class TextPreprocessor:
     """Texts -> (input_ids, attention_mask) with the directory's own tokenizer, right-padded."""
 
     def __init__(self, path: str, *, max_length: int | None = None, max_positions: int | None = None) -> None:
-        tr = _transformers()
+        tr = transformers_module()
         try:
             self.tokenizer = tr.AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, TypeError) as e:
@@ -163,7 +163,7 @@ class ImagePreprocessor:
     """PIL images -> (pixel_values,) with the directory's own image processor."""
 
     def __init__(self, path: str) -> None:
-        tr = _transformers()
+        tr = transformers_module()
         try:
             self.processor = tr.AutoImageProcessor.from_pretrained(path, local_files_only=True, use_fast=False)
         except (OSError, ValueError, TypeError, ImportError) as e:
@@ -228,25 +228,29 @@ def hf_spec(path: str, *, task: str | None = None, source: str | None = None) ->
     if task is not None and task not in TASKS:
         raise ConfigError(f"unknown task {task!r}: valid tasks are {', '.join(TASKS)}")
     task = task or infer_task(p)
-    tr = _transformers()
+    tr = transformers_module()
     try:
         config = tr.AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"hf:{path}: unreadable config.json ({e})") from None
-    model_type = getattr(config, "model_type", None)
     path_s = str(p.resolve())
-    name = p.resolve().name
-    common = dict(name=name, source=source or f"hf:{path}@{task}", task=task, default_targets=default_targets(model_type),
+    with torch.device("meta"):  # module names (head, targets, prefix) without reading any weights
+        try:
+            meta = getattr(tr, AUTO_CLASSES[task]).from_config(config)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"hf:{path}: {type(config).__name__} has no {AUTO_CLASSES[task]} for task {task} ({e})") from None
+    common = dict(name=p.resolve().name, source=source or f"hf:{path}@{task}", task=task,
+                  default_targets=default_targets(meta, getattr(config, "model_type", None)),
                   description=f"{type(config).__name__.removesuffix('Config')} from {path_s} ({task})")
     if task == "image-classification":
-        return _image_spec(path_s, config, common)
+        return _image_spec(path_s, config, meta, common)
     if task == "text-classification":
-        return _text_classification_spec(path_s, config, common)
-    return _feature_spec(path_s, config, common)
+        return _text_classification_spec(path_s, config, meta, common)
+    return _feature_spec(path_s, config, meta, common)
 
 
 def _load(auto_class: str, path: str, **kwargs: Any) -> nn.Module:
-    tr = _transformers()
+    tr = transformers_module()
     try:
         model, info = getattr(tr, auto_class).from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -263,12 +267,10 @@ def _refuse_missing(path: str, info: dict, allowed: str | None) -> None:
                           f"{' ...' if len(missing) > 6 else ''}; they would be random (is the task right?)")
 
 
-def _feature_spec(path: str, config: Any, common: dict) -> BaseSpec:
-    tr = _transformers()
+def _feature_spec(path: str, config: Any, meta: nn.Module, common: dict) -> BaseSpec:
     vocab = int(config.vocab_size)
     positions = _max_positions(config)
-    with torch.device("meta"):  # the family's base_model_prefix, without reading any weights
-        prefix = getattr(tr.AutoModel.from_config(config), "base_model_prefix", "") or "encoder"
+    prefix = getattr(meta, "base_model_prefix", "") or "encoder"  # the family's own name: bert, transformer, ...
     kwargs = {"add_pooling_layer": False} if config.model_type in _POOLER_FAMILIES else {}
 
     def build(num_labels: int | None = None) -> nn.Module:
@@ -304,20 +306,13 @@ def _labels(config: Any) -> tuple[str, ...]:
     return tuple(str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(int(config.num_labels)))
 
 
-def _head_name(auto_class: str, path: str, config: Any) -> str:
-    tr = _transformers()
-    with torch.device("meta"):  # find the head's name without reading any weights
-        model = getattr(tr, auto_class).from_config(config)
-    return "model." + find_head(model, int(config.num_labels))
-
-
-def _text_classification_spec(path: str, config: Any, common: dict) -> BaseSpec:
+def _text_classification_spec(path: str, config: Any, meta: nn.Module, common: dict) -> BaseSpec:
     vocab = int(config.vocab_size)
     positions = _max_positions(config)
     auto = AUTO_CLASSES["text-classification"]
     return BaseSpec(
         **common, build=_classifier_builder(auto, path, ("input_ids", "attention_mask"), int(config.num_labels)),
-        inputs=_text_inputs(vocab, positions), head=_head_name(auto, path, config), output="logits",
+        inputs=_text_inputs(vocab, positions), head="model." + find_head(meta, int(config.num_labels)), output="logits",
         labels=_labels(config), sample=_text_sample(vocab), raw_input="text",
         preprocessor=lambda max_length=None: TextPreprocessor(path, max_length=max_length, max_positions=positions),
         onnx_dynamic=({0: "batch", 1: "seq"},) * 2, backends=("onnxruntime", "torch"),
@@ -325,7 +320,7 @@ def _text_classification_spec(path: str, config: Any, common: dict) -> BaseSpec:
     )
 
 
-def _image_spec(path: str, config: Any, common: dict) -> BaseSpec:
+def _image_spec(path: str, config: Any, meta: nn.Module, common: dict) -> BaseSpec:
     size = _image_size(Path(path), config)
     channels = int(getattr(config, "num_channels", 3))
     auto = AUTO_CLASSES["image-classification"]
@@ -336,9 +331,9 @@ def _image_spec(path: str, config: Any, common: dict) -> BaseSpec:
 
     return BaseSpec(
         **common, build=_classifier_builder(auto, path, ("pixel_values",), int(config.num_labels)),
-        inputs=(TensorSpec("images", "FP32", (-1, channels, size, size)),), head=_head_name(auto, path, config),
+        inputs=(TensorSpec("images", "FP32", (-1, channels, size, size)),), head="model." + find_head(meta, int(config.num_labels)),
         output="logits", labels=_labels(config), sample=sample, raw_input="image",
         preprocessor=lambda max_length=None: ImagePreprocessor(path),
         onnx_dynamic=({0: "batch"},), backends=("onnxruntime", "torch"),
-        hf=HFModel(prefix="model", auto_class=auto, path=path, head_in_model=True),
+        hf=HFModel(prefix="model", auto_class=auto, path=path, head_in_model=True, arg_names=("pixel_values",)),
     )

@@ -11,10 +11,11 @@ import os
 import torch
 
 from .artifact import WaraAdapter, fingerprint, load_adapter, save_adapter
-from .bases import build_base, get_base
+from .basespec import BaseSpec, resolve_base
+from .bases import BUILTINS, get_base
 from .config import WaraConfig
 from .layer import WaraLayer
-from .model import base_weights, inject, wara_layers
+from .model import adaptable_layers, base_weights, inject, wara_layers
 
 
 def randomize_factors(layer: WaraLayer, seed: int = 0, *, std: float = 0.1) -> None:
@@ -39,7 +40,7 @@ def _randomize(model, head: str, seed: int) -> None:
 
 
 def random_adapters(
-    base_model: str,
+    base_model: str | BaseSpec,
     outs: list[str | os.PathLike],
     *,
     wavelet: str = "haar",
@@ -49,24 +50,28 @@ def random_adapters(
     seed: int = 0,
 ) -> None:
     """Write one random adapter per path in ``outs`` (seeds ``seed``, ``seed + 1``, ...), building
-    the base model and hashing its weights once: fast enough for a thousand adapters."""
+    the base model and hashing its weights once: fast enough for a thousand adapters. The base
+    is a spec or a source (a built-in name, hf:PATH[@TASK], py:module:function)."""
     torch.manual_seed(seed)
-    recipe = get_base(base_model)
-    model = build_base(base_model, num_labels=num_labels)
+    spec = base_model if isinstance(base_model, BaseSpec) else (
+        get_base(base_model) if base_model in BUILTINS else resolve_base(base_model))
+    model = spec.build(num_labels)
+    targets = spec.default_targets or tuple(adaptable_layers(model, levels=levels, exclude=(spec.head,)))
     config = WaraConfig(rank=rank, alpha=2.0 * rank, wavelet=wavelet, levels=levels,
-                        target_modules=recipe.default_targets, modules_to_save=(recipe.head,))
+                        target_modules=targets, modules_to_save=(spec.head,))
     inject(model, config, seed=seed)
-    head = {k: v.clone() for k, v in model.get_submodule(recipe.head).state_dict().items()}
+    head = {k: v.clone() for k, v in model.get_submodule(spec.head).state_dict().items()}
     base_hash = fingerprint(base_weights(model, list(wara_layers(model))))
     labels = [f"label{i}" for i in range(num_labels)]
     for k, out in enumerate(outs):
-        model.get_submodule(recipe.head).load_state_dict(head)
-        _randomize(model, recipe.head, seed + k)
-        save_adapter(model, out, base_model=base_model, labels=labels, base_fingerprint=base_hash)
+        model.get_submodule(spec.head).load_state_dict(head)
+        _randomize(model, spec.head, seed + k)
+        save_adapter(model, out, base_model=spec.name, labels=labels, base_fingerprint=base_hash,
+                     base_source=spec.source)
 
 
-def random_adapter(base_model: str, out: str | os.PathLike, **kwargs) -> WaraAdapter:
-    """Write (and load back) one adapter with random factors and head for a built-in base.
+def random_adapter(base_model: str | BaseSpec, out: str | os.PathLike, **kwargs) -> WaraAdapter:
+    """Write (and load back) one adapter with random factors and head for any base.
     Keywords as `random_adapters`."""
     random_adapters(base_model, [out], **kwargs)
     return load_adapter(out)

@@ -3,6 +3,7 @@ protobuf symbols as our stubs: never both in one process).
 
     python triton_client.py smoke PORT ADAPTER_DIR      -> one JSON object on stdout
     python triton_client.py load PORT PLAN_JSON         -> one JSON line per request
+    python triton_client.py phases PORT PLAN_JSON       -> one JSON object: every step's result
 """
 
 from __future__ import annotations
@@ -98,5 +99,70 @@ def load(port: str, plan_path: str) -> None:
     print(json.dumps({"done": True, "seconds": time.perf_counter() - t0}), flush=True)
 
 
+def _inputs(spec: dict) -> list:
+    """A step's inputs: {"text": [...]} | {"image_files": [paths]} (sent as image_bytes) |
+    {"images": nested list} (FP32) | {"image_bytes": [hex strings]}."""
+    if "text" in spec:
+        return [text_input(spec["text"])]
+    if "image_files" in spec or "image_bytes" in spec:
+        raw = [open(f, "rb").read() for f in spec["image_files"]] if "image_files" in spec else [bytes.fromhex(h) for h in spec["image_bytes"]]
+        t = grpcclient.InferInput("image_bytes", [len(raw)], "BYTES")
+        t.set_data_from_numpy(np.array(raw, dtype=object))
+        return [t]
+    arr = np.asarray(spec["images"], dtype=np.float32)
+    t = grpcclient.InferInput("images", list(arr.shape), "FP32")
+    t.set_data_from_numpy(arr)
+    return [t]
+
+
+def _step(c, step: dict) -> dict:
+    op = step["op"]
+    try:
+        if op == "infer":
+            return {**step, "status": "OK", **result_row(c.infer(step["model"], _inputs(step["inputs"])), step["model"])}
+        if op == "metadata":
+            md = c.get_model_metadata(step["model"])
+            return {**step, "status": "OK", "platform": md.platform, "versions": list(md.versions),
+                    "inputs": [[i.name, i.datatype, list(i.shape)] for i in md.inputs],
+                    "outputs": [[o.name, o.datatype, list(o.shape)] for o in md.outputs]}
+        if op == "load":
+            if "dir" in step:
+                c.load_model(step["model"], config=open(f"{step['dir']}/adapter_config.json").read(),
+                             files={"file:adapter_model.safetensors": open(f"{step['dir']}/adapter_model.safetensors", "rb").read()})
+            else:
+                c.load_model(step["model"])
+            return {**step, "status": "OK"}
+        if op == "unload":
+            c.unload_model(step["model"])
+            return {**step, "status": "OK"}
+        if op == "index":
+            return {**step, "status": "OK", "models": sorted([m.name, m.state] for m in c.get_model_repository_index().models)}
+        raise ValueError(f"unknown op {op!r}")
+    except InferenceServerException as e:
+        return {**step, "status": e.status(), "message": e.message()}
+
+
+def phases(port: str, plan_path: str) -> None:
+    """Phases run one after another; the steps of a phase run from up to 8 threads at once, so
+    an infer phase's requests share batches."""
+    plan = json.load(open(plan_path))
+    results = []
+    for steps in plan["phases"]:
+        out: list = [None] * len(steps)
+
+        def worker(k):
+            c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+            for i in range(k, len(steps), 8):
+                out[i] = _step(c, steps[i])
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(min(8, len(steps)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results.append(out)
+    print(json.dumps({"phases": results}))
+
+
 if __name__ == "__main__":
-    {"smoke": smoke, "load": load}[sys.argv[1]](*sys.argv[2:])
+    {"smoke": smoke, "load": load, "phases": phases}[sys.argv[1]](*sys.argv[2:])
