@@ -102,19 +102,52 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
-def peft_minilm(n_adapters: int, *, rank: int, device="cpu"):
-    """The peer: MiniLM wrapped by peft with ``n_adapters`` random LoRA adapters (a0, a1, ...)
-    of rank ``rank`` (alpha 2·rank) on the same layers WaRA adapts; B is random, not zero."""
+DEFAULT_BASE = "minilm"
+
+
+def add_base_option(parser) -> None:
+    """``--base SOURCE``: the base the model workload runs on (a built-in name, hf:DIR[@TASK] or
+    py:module:function)."""
+    parser.add_argument("--base", default=DEFAULT_BASE, metavar="SOURCE",
+                        help=f"base of the model workload: a built-in name, hf:DIR[@TASK] or py:module:function "
+                             f"(default {DEFAULT_BASE})")
+
+
+def base_spec(source: str):
+    """The `BaseSpec` of a base source (built-ins from their cached registry entry)."""
+    from wara_train.bases import BUILTINS, get_base
+    from wara_train.basespec import resolve_base
+
+    return get_base(source) if source in BUILTINS else resolve_base(source)
+
+
+def base_info(spec) -> dict:
+    """What a result records about a base that is not the default."""
+    return {"name": spec.name, "source": spec.source, "task": spec.task, "description": spec.description}
+
+
+def seq_limit(spec) -> int | None:
+    """The most sequence positions the base takes (its 2-D inputs' bound; None: no bound)."""
+    bounds = [t.max_dims[1] for t in spec.inputs if len(t.shape) == 2 and t.max_dims and t.max_dims[1]]
+    return min(bounds) if bounds else None
+
+
+def plain_base(spec, *, num_labels: int = 5, seed: int = 0):
+    """A fresh base with a seeded ``num_labels``-way head: the same model every call."""
     import torch
+
+    torch.manual_seed(seed)
+    return spec.build(num_labels)
+
+
+def peft_peer(spec, n_adapters: int, *, rank: int, targets: list[str], device="cpu"):
+    """The peer: the base (`plain_base`) wrapped by peft with ``n_adapters`` random LoRA adapters
+    (a0, a1, ...) of rank ``rank`` (alpha 2·rank) on ``targets``, the layers WaRA adapts; B is
+    random, not zero. Called positionally with the spec's inputs, like the base."""
     from peft import LoraConfig, get_peft_model
 
-    from wara_train.bases import build_base, get_base
-    from wara_train.model import find_targets
-
-    torch.manual_seed(0)
-    base = build_base("minilm", num_labels=5)
-    targets = find_targets(base, get_base("minilm").default_targets)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+    base = plain_base(spec)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(base, cfg, adapter_name="a0")
     for i in range(1, n_adapters):
         model.add_adapter(f"a{i}", cfg)

@@ -1,14 +1,17 @@
 """`make gpu-check`: on a machine with an NVIDIA GPU, run the CUDA tests and the GPU benchmarks
 and record the outcome in benchmarks/results/gpu/<device-slug>/gpu_check.json.
 
-    .venv/bin/python -m benchmarks.gpu_check [--budget-s 420]
+    .venv/bin/python -m benchmarks.gpu_check [--budget-s 420] [--base SOURCE]
 
-Steps: ``pytest -m cuda -q``, then each module in BENCHMARKS with ``--device cuda --out
+Steps: ``pytest -m cuda -q`` (its tests build their own tiny random models), then each module in
+BENCHMARKS with ``--device cuda --base SOURCE --out
 benchmarks/results/gpu/<device-slug>/<name>.json`` (in a child process, so the budget can stop
-it). A step that would start after ``--budget-s`` seconds is recorded as skipped for time; a
-benchmark module that does not exist is recorded as missing. The JSON is rewritten after every
-step, so a run killed from outside still leaves what it did. Exit codes: 2 at once where torch
-sees no CUDA device, 1 if a step failed or timed out, else 0.
+it). No model package is needed: without ``--base``, the base is a random BERT of MiniLM's
+shapes written to a temporary directory (`benchmarks.random_base`), so only transformers and
+peft must be installed. A step that would start after ``--budget-s`` seconds is recorded as
+skipped for time; a benchmark module that does not exist is recorded as missing. The JSON is
+rewritten after every step, so a run killed from outside still leaves what it did. Exit codes: 2
+at once where torch sees no CUDA device, 1 if a step failed or timed out, else 0.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +37,7 @@ RESULTS = Path("benchmarks/results/gpu")  # relative to ROOT, as the benchmarks'
 BENCHMARKS: dict[str, str] = {"latency": "benchmarks.latency", "multitenant": "benchmarks.multitenant"}
 # Runs a benchmark's main(argv) in a child: python -c CALL MODULE ARGS...
 CALL = "import importlib, sys; sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))"
+RANDOM_BASE_SHAPE = "minilm"  # the built base has MiniLM's shapes: GPU figures of the same workload
 COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)\b")
 
 
@@ -109,9 +114,32 @@ def pytest_counts(output: str) -> dict[str, int]:
     return {}
 
 
+def prepare_base(source: str | None, tmp: Path) -> dict[str, Any]:
+    """The benchmarks' base: ``source`` as given, else a random BERT of MiniLM's shapes built
+    into ``tmp`` (no model package needed). Returns the step's record, with ``source`` to pass
+    on as ``--base`` when it passed."""
+    if source is not None:
+        return {"status": "passed", "source": source, "built": False}
+    t0 = time.perf_counter()
+    try:
+        from .random_base import write_random_bert
+
+        path = write_random_bert(tmp / f"random-bert-{RANDOM_BASE_SHAPE}", shape=RANDOM_BASE_SHAPE)
+    except Exception as e:  # transformers missing or broken: the benchmarks cannot run, the report says why
+        return {"status": "failed", "reason": f"building the random base failed: {type(e).__name__}: {e}",
+                "wall_s": round(time.perf_counter() - t0, 2)}
+    print(f"== base: random BERT ({RANDOM_BASE_SHAPE} shapes) in {path}", flush=True)
+    return {"status": "passed", "source": f"hf:{path}", "built": True, "shape": RANDOM_BASE_SHAPE,
+            "description": f"random-initialised BERT of {RANDOM_BASE_SHAPE!r} shapes (benchmarks.random_base)",
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; later steps are skipped")
+    p.add_argument("--base", metavar="SOURCE", default=None,
+                   help="base of the benchmarks' model workload (a built-in name, hf:DIR[@TASK], py:module:function; "
+                        f"default: a random BERT of MiniLM's shapes, {RANDOM_BASE_SHAPE!r} in benchmarks.random_base)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     reason = no_cuda_reason()
@@ -147,18 +175,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         report["tests"] = dict(skipped)
     save()
-    for name, module in BENCHMARKS.items():
-        print(f"== {module} --device cuda", flush=True)
-        if left() <= 0:
-            report["benchmarks"][name] = dict(skipped)
-        elif importlib.util.find_spec(module) is None:
-            report["benchmarks"][name] = {"status": "missing", "reason": f"no module {module} (not written yet?)"}
-        else:
-            out = out_dir / f"{name}.json"
-            step = run_step([sys.executable, "-c", CALL, module, "--device", "cuda", "--out", str(out)], left())
-            report["benchmarks"][name] = {**step, "out": str(out)}
+    with tempfile.TemporaryDirectory(prefix="wara-gpu-base-") as tmp:
+        report["base"] = base = prepare_base(args.base, Path(tmp))
         save()
-    steps = {"tests": report["tests"], **{f"bench {k}": v for k, v in report["benchmarks"].items()}}
+        for name, module in BENCHMARKS.items():
+            print(f"== {module} --device cuda --base {base.get('source', '?')}", flush=True)
+            if left() <= 0:
+                report["benchmarks"][name] = dict(skipped)
+            elif importlib.util.find_spec(module) is None:
+                report["benchmarks"][name] = {"status": "missing", "reason": f"no module {module} (not written yet?)"}
+            elif base["status"] != "passed":
+                report["benchmarks"][name] = {"status": "failed", "reason": f"no base to run on: {base['reason']}"}
+            else:
+                out = out_dir / f"{name}.json"
+                step = run_step([sys.executable, "-c", CALL, module, "--device", "cuda", "--base", base["source"],
+                                 "--out", str(out)], left())
+                report["benchmarks"][name] = {**step, "out": str(out)}
+            save()
+    steps = {"tests": report["tests"], "base": report["base"], **{f"bench {k}": v for k, v in report["benchmarks"].items()}}
     report["ok"] = all(s["status"] not in ("failed", "timeout") for s in steps.values())
     save()
     print(f"\n== gpu-check summary ({dev['name']}, {report['wall_s']:.0f} s of {args.budget_s:.0f}):")

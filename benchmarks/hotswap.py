@@ -8,8 +8,10 @@ check that the model now answers like that content (max abs error <= 1e-4):
   ("load -> servable", target <= 5 ms p50), and `build_merged` (the merged path's re-merge);
 * over gRPC (a real server): RepositoryModelLoad by name -> first ModelInfer answer, the same
   for a reload of the name with new content on disk, and RepositoryModelUnload;
-* peft on the same base, with the equivalent LoRA: `load_adapter` under a new name, and
-  `hotswap_adapter` replacing the content of "default" in place.
+* peft with the equivalent LoRA, exported with transformers module names and loaded onto
+  ``AutoModel.from_pretrained`` of MiniLM's own directory (the task head, written beside the
+  LoRA, read with it): `load_adapter` under a new name, and `hotswap_adapter` replacing the
+  content of "default" in place.
 
     .venv/bin/python -m benchmarks.hotswap            # 30 repetitions of each
     .venv/bin/python -m benchmarks.hotswap --quick    # a tiny run (used by the tests)
@@ -18,7 +20,6 @@ check that the model now answers like that content (max abs error <= 1e-4):
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -34,6 +35,7 @@ from benchmarks.common import environment, percentile, write_json
 if TYPE_CHECKING:
     from runtime.engine import TorchEngine
     from wara_train.artifact import WaraAdapter
+    from wara_train.basespec import BaseSpec
 
 TEXT = "What is artificial intelligence and how do computers learn?"
 NAME = "tenant"
@@ -129,51 +131,57 @@ def over_grpc(root: Path, staged: dict[int, Path], n: int, check: Checks) -> dic
     return {k: stats(v) for k, v in times.items()}
 
 
-def factors_only(lora: Path, out: Path) -> Path:
-    """A copy of a peft LoRA without its modules_to_save."""
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True)
-    tensors = load_file(lora / "adapter_model.safetensors")
-    save_file({k: v for k, v in tensors.items() if ".lora_" in k}, str(out / "adapter_model.safetensors"))
-    config = json.loads((lora / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
-    return out
-
-
-def in_peft(base: torch.nn.Module, loras: dict[int, Path], factors: dict[int, Path],
-            heads: dict[int, dict[str, torch.Tensor]], inputs: tuple[torch.Tensor, ...], n: int,
-            check: Checks, device: torch.device) -> dict:
+def in_peft(spec: BaseSpec, loras: dict[int, Path], inputs: tuple[torch.Tensor, ...], n: int, check: Checks,
+            device: torch.device) -> dict:
+    """peft as the ecosystem runs it: the LoRA exported with transformers names
+    (`exporter.lora.save_peft_lora` with the spec) on the base's own transformers model
+    (``AutoModel.from_pretrained`` of its directory), served as the spec serves it. The task
+    head on the pooled features is no part of a transformers model, so it is written beside the
+    LoRA; loading an adapter reads it too, and swapping one copies it into the served head."""
     from peft import PeftModel
     from peft.utils.hotswap import hotswap_adapter
 
-    model = PeftModel.from_pretrained(base, str(loras[SEEDS[0]]), adapter_name="default").to(device).eval()
+    from exporter.common import load_hf, read_head, served_from_hf
+
+    heads = {s: read_head(lora) for s, lora in loras.items()}
+    if any(h is None for h in heads.values()):
+        raise SystemExit(f"the LoRA export of base {spec.name!r} wrote no task head beside it")
+    hf = load_hf(spec, spec.hf.path)
+    model = PeftModel.from_pretrained(hf, str(loras[SEEDS[0]]), adapter_name="default")  # injects into hf
+    served = served_from_hf(spec, hf, heads[SEEDS[0]]).to(device).eval()
+    model.to(device).eval()
+
+    def set_head(head: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for pname, value in head.items():
+                getattr(served.classifier, pname).copy_(value)
 
     def answer() -> np.ndarray:
-        # The peft model keeps the adapter's task head (modules_to_save), so it returns logits
-        # like the engine's adapter rows: compared with the head, the whole adapter is checked.
+        # With the adapter's task head, peft's answer is logits like the engine's adapter rows:
+        # the whole adapter is checked.
         with torch.no_grad():
-            return model(*(t.to(device) for t in inputs)).cpu().numpy()
+            return served(*(t.to(device) for t in inputs)).cpu().numpy()
+
+    def load(seed: int, name: str) -> dict[str, torch.Tensor]:
+        model.load_adapter(str(loras[seed]), adapter_name=name)
+        return read_head(loras[seed])
 
     check("peft_from_pretrained", answer(), SEEDS[0])
     times: dict[str, list[float]] = {"load_adapter": [], "hotswap_adapter": []}
     for i in range(n):
         seed, name = SEEDS[(i + 1) % 2], f"new{i}"
-        _, t = timed(model.load_adapter, str(loras[seed]), adapter_name=name)
+        head, t = timed(load, seed, name)
         times["load_adapter"].append(t)
         model.set_adapter(name)
+        set_head(head)
         check("peft_load_adapter", answer(), seed)
-        model.set_adapter("default")
-        model.delete_adapter(name)  # untimed: one resident adapter each time, like the server
-    # peft's hotswap_adapter swaps only lora_* tensors (a head in modules_to_save raises KeyError),
-    # so it gets the factors alone and the head is copied into peft's copy of the head with it.
-    head = model.base_model.model.classifier.modules_to_save["default"]
+        model.set_adapter("default")  # untimed: one resident adapter each time, like the server
+        set_head(heads[SEEDS[0]])
+        model.delete_adapter(name)
 
-    def swap(seed: int) -> None:
-        hotswap_adapter(model, str(factors[seed]), adapter_name="default", torch_device=device.type)
-        with torch.no_grad():
-            for pname, value in heads[seed].items():
-                getattr(head, pname).copy_(value)
+    def swap(seed: int) -> None:  # new content for "default" in place: factors and head
+        hotswap_adapter(model, str(loras[seed]), adapter_name="default", torch_device=device.type)
+        set_head(read_head(loras[seed]))
 
     for i in range(n):  # "default" holds SEEDS[0]: swap in the other content, then back, ...
         seed = SEEDS[(i + 1) % 2]
@@ -189,18 +197,19 @@ def run(n: int, workdir: Path) -> dict:
     from exporter.verify import reference_model
     from runtime.config import ServeConfig
     from runtime.engine import TorchEngine
-    from wara_train.bases import MiniLMTokenizer
+    from wara_train.bases import MiniLMTokenizer, get_base
     from wara_train.synthetic import random_adapter
 
+    spec = get_base("minilm")
     staged = {s: workdir / "wara" / str(s) for s in SEEDS}
-    adapters = {s: random_adapter("minilm", staged[s], rank=4, levels=1, wavelet="haar", seed=s) for s in SEEDS}
-    loras = {s: save_peft_lora(adapters[s], workdir / "lora" / str(s)) for s in SEEDS}
+    adapters = {s: random_adapter(spec, staged[s], rank=4, levels=1, wavelet="haar", seed=s) for s in SEEDS}
     enc = MiniLMTokenizer(max_length=ServeConfig().max_text_length)([TEXT])  # as the server tokenizes
     inputs = (enc["input_ids"], enc["attention_mask"])
-    base = base_for(adapters[SEEDS[0]])
+    base = base_for(adapters[SEEDS[0]], spec)
+    loras = {s: save_peft_lora(adapters[s], workdir / "lora" / str(s), spec=spec, base=base) for s in SEEDS}
     with torch.no_grad():
         check = Checks({s: reference_model(adapters[s], base)(*inputs).numpy() for s in SEEDS})
-    engine = TorchEngine("minilm")
+    engine = TorchEngine(spec)
     answers = {}
     for s in SEEDS:  # the engine against the explicit wavelet path (exporter.verify); also a warm-up
         engine.write_slot(1, engine.prepare(adapters[s]))  # (the first prepare hashes the base once)
@@ -211,9 +220,7 @@ def run(n: int, workdir: Path) -> dict:
     root.mkdir()
     results = {"in_process": in_process(engine, adapters, inputs, n, check),
                "grpc": over_grpc(root, staged, n, check)}
-    factors = {s: factors_only(loras[s], workdir / "lora-factors" / str(s)) for s in SEEDS}
-    heads = {s: adapters[s].saved_modules["classifier"] for s in SEEDS}
-    results["peft"] = in_peft(base, loras, factors, heads, inputs, n, check, engine.device)
+    results["peft"] = in_peft(spec, loras, inputs, n, check, engine.device)
     p50 = results["in_process"]["load_to_servable"]["p50_ms"]
     return {"benchmark": "hotswap", **environment(), "repeats": n, "device": str(engine.device),
             "torch_threads": torch.get_num_threads(),

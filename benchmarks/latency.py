@@ -5,10 +5,14 @@ Two workloads, each in PyTorch (eager) and onnxruntime:
 - ``synthetic``: one (d, d) linear layer, d in {1024, 4096}, WaRA r=4 haar at J = 1, 2, 3; the
   layer applied to batch x seq tokens. Every form is first checked against a float64
   ``x (W0 + ΔW)ᵀ``.
-- ``minilm``: the whole MiniLM (36 adapted linears), WaRA r=4 haar J=1. PyTorch: the serving
-  engine's base rows, its slot path (unmerged-folded), its merged path, and the injected model's
-  explicit path. onnxruntime: the exporter's base, merged, multi (unmerged-folded, slot inputs)
-  and unmerged (explicit wavelet ops) graphs. All checked against each other before timing.
+- the base model (``--base SOURCE``, default ``minilm``: the whole MiniLM, 36 adapted linears;
+  any spec, e.g. ``hf:DIR[@TASK]``), WaRA r=4 haar J=1 on its default layers, rows labelled with
+  the base's name. PyTorch: the serving engine's base rows, its slot path (unmerged-folded), its
+  merged path, the injected model's explicit path, and peft's LoRA r=8 on the same layers.
+  onnxruntime (where the base supports it): the exporter's base, merged, multi
+  (unmerged-folded, slot inputs) and unmerged (explicit wavelet ops) graphs. All checked against
+  each other before timing. Sequence lengths past the base's position table are skipped (the
+  JSON's ``notes`` say so).
 
 onnxruntime sessions run without spinning worker threads, as the server runs them: with
 several sessions timed in turn, one session's spinning pool otherwise steals the cores from the
@@ -17,10 +21,13 @@ next (B=1 merged/base swung between 0.67 and 1.18 in such a run).
 Forms are timed interleaved (base, merged, folded, explicit, base, ...): median and min-max of
 the per-round medians, and each median's ratio to base. Next to each ratio: the FLOP ratio (what
 the overhead would be if time followed matmul FLOPs) and the base's achieved GFLOP/s as a
-fraction of a plain matmul's measured in the same run.
+fraction of a plain matmul's measured in the same run. A model's FLOPs are counted from the model:
+2·m·n per token for each adapted (m, n) layer (tokens counted by forward hooks), plus attention's
+Q Kᵀ and softmax·V where a transformers config gives its depth and width.
 
     .venv/bin/python -m benchmarks.latency            # full grid, 7 rounds (about 14 min on 2 cores)
     .venv/bin/python -m benchmarks.latency --quick    # tiny sizes (used by the tests)
+    .venv/bin/python -m benchmarks.latency --base hf:DIR --device cuda   # another base, on a GPU
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import environment, figure, interleaved, peft_minilm, save_figure, summary, write_json
+from benchmarks.common import (DEFAULT_BASE, add_base_option, base_info, base_spec, environment, figure, interleaved,
+                               peft_peer, plain_base, save_figure, seq_limit, summary, write_json)
 
 RANK = 4
 FORMS = ("base", "merged", "folded", "explicit")
@@ -60,10 +68,53 @@ def adapter_flops(m: int, n: int, *, rank: int, levels: int, taps: int, form: st
     return 2 * wara_param_count(m, n, rank=rank, levels=levels) + wavelet_flops(n, taps, levels) + wavelet_flops(m, taps, levels)
 
 
-def minilm_base_flops(batch: int, seq: int, shapes: list[tuple[int, int]], layers: int = 6, hidden: int = 384) -> int:
-    linear = sum(2 * m * n for m, n in shapes) * batch * seq
-    attention = layers * 2 * (2 * batch * seq * seq * hidden)  # Q Kᵀ and (softmax) V
-    return linear + attention
+def layer_tokens(model: torch.nn.Module, layers: list[str], inputs: list[torch.Tensor]) -> dict[str, int]:
+    """Token positions each of ``layers`` sees in one forward of ``model`` on ``inputs``: the
+    number of length-n input vectors it multiplies by its (m, n) weight (batch x seq for a text
+    model's linears, batch x H x W for a 1x1 conv), counted with forward hooks."""
+    from wara_train.layer import layer_shape
+
+    seen: dict[str, int] = {}
+    hooks = []
+    for name in layers:
+        module = model.get_submodule(name)
+        n = layer_shape(module)[1]
+        hooks.append(module.register_forward_hook(
+            lambda mod, args, out, name=name, n=n: seen.__setitem__(name, seen.get(name, 0) + args[0].numel() // n)))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [name for name in layers if name not in seen]
+    if missing:
+        raise SystemExit(f"adapted layers never ran in a forward: {missing[:3]}")
+    return seen
+
+
+def attention_dims(model: torch.nn.Module) -> tuple[int, int] | None:
+    """(layers, hidden) of the transformer inside ``model``, read from its transformers config;
+    None for a model without one (its attention, if any, is not counted)."""
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        layers, hidden = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "hidden_size", None)
+        if isinstance(layers, int) and isinstance(hidden, int):
+            return layers, hidden
+    return None
+
+
+def model_base_flops(shapes: dict[str, tuple[int, int]], tokens: dict[str, int], *, batch: int,
+                     attention: tuple[int, int] | None) -> int:
+    """The base's matmul FLOPs: 2·m·n per token for each adapted (m, n) layer, plus, for a
+    transformer of L layers and width d, Q Kᵀ and softmax·V: L · 2 · 2·B·S²·d, with S the tokens
+    per row the adapted layers see."""
+    linear = sum(2 * m * n * tokens[name] for name, (m, n) in shapes.items())
+    if attention is None:
+        return linear
+    layers, hidden = attention
+    seq = max(tokens.values()) // batch
+    return linear + layers * 2 * (2 * batch * seq * seq * hidden)
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,45 +283,66 @@ def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], lev
 
 
 # ------------------------------------------------------------------------------------------
-# MiniLM
+# a whole base model
 
 
-def run_minilm(*, batches: list[int], seqs: list[int], rounds: int, max_iters: int, device: torch.device, engines: list[str],
-               workdir: Path, log) -> list[dict]:
+def seq_grid(spec, seqs: list[int]) -> tuple[list[int], list[str]]:
+    """The sequence lengths the base takes out of ``seqs`` (at most its inputs' largest seq
+    axis; one value when its inputs do not depend on seq, as an image model's), and why any
+    were dropped."""
+    limit = seq_limit(spec)
+    notes = []
+    if limit is not None and max(seqs) > limit:
+        kept = [s for s in seqs if s <= limit] or [limit]
+        notes.append(f"seq {', '.join(str(s) for s in seqs if s not in kept)} skipped: base {spec.name!r} "
+                     f"takes at most {limit} positions")
+        seqs = kept
+    if len(seqs) > 1 and [t.shape for t in spec.sample(1, seqs[0])] == [t.shape for t in spec.sample(1, seqs[-1])]:
+        notes.append(f"one seq only: base {spec.name!r}'s inputs do not depend on seq")
+        seqs = seqs[:1]
+    return seqs, notes
+
+
+def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_iters: int, device: torch.device,
+              engines: list[str], workdir: Path, log) -> list[dict]:
+    """The whole base ``spec`` with one random WaRA adapter on its default layers (r=4 haar J=1),
+    every form checked against the explicit model before timing; rows labelled with its name."""
     from exporter.common import base_for
     from exporter.onnx_export import INDEX_INPUT, export_onnx, model_io
     from exporter.verify import ort_session, pack_slots
     from runtime.engine import TorchEngine
     from wara_train.artifact import apply_adapter
-    from wara_train.bases import build_base
+    from wara_train.layer import layer_shape
     from wara_train.model import set_path
     from wara_train.synthetic import random_adapter
 
-    adapter = random_adapter("minilm", workdir / "adapter", rank=RANK, seed=0)
-    engine = TorchEngine("minilm", slots=2, max_rank=4 * RANK, device=str(device))
+    adapter = random_adapter(spec, workdir / "adapter", rank=RANK, seed=0)
+    targets = list(adapter.config.target_modules)
+    engine = TorchEngine(spec, slots=2, max_rank=4 * RANK, device=str(device))
     folded = engine.prepare(adapter)
     engine.write_slot(1, folded)
     merged = engine.build_merged(folded)
-    explicit = apply_adapter(base_for(adapter), adapter).to(device).eval()
+    explicit = apply_adapter(base_for(adapter, spec), adapter).to(device).eval()
     set_path(explicit, "explicit")
-    peft = peft_minilm(1, rank=2 * RANK, device=device)
+    peft = peft_peer(spec, 1, rank=2 * RANK, targets=targets, device=device)
     # peft's base: the same model without peft (its disable_adapter() context walks every
     # module on each call, which would make the base look slower than the adapted model).
-    torch.manual_seed(0)
-    peft_base = build_base("minilm", num_labels=5).to(device).eval()
-    shapes = [tuple(layer.base.weight.shape[:2]) for layer in engine.layers.values()]
+    peft_base = plain_base(spec).to(device).eval()
+    shapes = {t: layer_shape(engine.layers[t].base) for t in targets}
+    attention = attention_dims(peft_base)
     sessions = {}
     if "onnxruntime" in engines:
-        base = base_for(adapter)
+        base = base_for(adapter, spec)
         cache: dict = {}
         for form, name in (("base", "base"), ("merged", "merged"), ("folded", "multi"), ("explicit", "unmerged")):
-            path = export_onnx(adapter, base, name, workdir / f"{name}.onnx", log=lambda s: None, _cache=cache)
+            path = export_onnx(adapter, base, name, workdir / f"{name}.onnx", spec=spec, log=lambda s: None, _cache=cache)
             sessions[form] = ort_session(str(path), spinning=False)
     rows = []
     for batch in batches:
         for seq in seqs:
-            io = model_io("minilm", batch=batch, seq=seq)
+            io = model_io(spec, batch=batch, seq=seq)
             inputs = [t.to(device) for t in io.sample]
+            tokens = layer_tokens(peft_base, targets, inputs)
             for eng in engines:
                 if eng == "torch":
                     variants = {
@@ -301,26 +373,26 @@ def run_minilm(*, batches: list[int], seqs: list[int], rounds: int, max_iters: i
                 ref = outs["explicit"]
                 errors = {f: float((o - ref).abs().max()) for f, o in outs.items()}
                 if max(errors.values()) > 1e-3:
-                    raise SystemExit(f"minilm {eng} B={batch} seq={seq}: forms disagree: {errors}")
-                iters = max(1, min(max_iters, int(3e9 / minilm_base_flops(batch, seq, shapes)) + 1))
+                    raise SystemExit(f"{spec.name} {eng} B={batch} seq={seq}: forms disagree: {errors}")
+                base_flops = model_base_flops(shapes, tokens, batch=batch, attention=attention)
+                iters = max(1, min(max_iters, int(3e9 / base_flops) + 1))
                 with torch.no_grad():
                     times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device))
-                base_flops = minilm_base_flops(batch, seq, shapes)
                 if "peft_lora" in times:  # the peer: peft's unmerged LoRA r=8 over its own base
-                    lora = 2 * 2 * RANK * sum(m + n for m, n in shapes) * batch * seq
-                    rows.append({"workload": "minilm", "engine": "torch", "batch": batch, "seq": seq, "form": "peft_lora",
+                    lora = sum(2 * 2 * RANK * (m + n) * tokens[t] for t, (m, n) in shapes.items())
+                    rows.append({"workload": spec.name, "engine": "torch", "batch": batch, "seq": seq, "form": "peft_lora",
                                  "levels": None, **summary(times["peft_lora"], times["peft_base"]),
                                  "flop_ratio": (base_flops + lora) / base_flops, "peft_base_ms": summary(times["peft_base"])["median_ms"]})
                 for form in FORMS:
-                    extra = sum(adapter_flops(m, n, rank=RANK, levels=1, taps=2, form=form) for m, n in shapes) * batch * seq
-                    row = {"workload": "minilm", "engine": eng, "batch": batch, "seq": seq, "form": form, "levels": 1,
+                    extra = sum(adapter_flops(m, n, rank=RANK, levels=1, taps=2, form=form) * tokens[t] for t, (m, n) in shapes.items())
+                    row = {"workload": spec.name, "engine": eng, "batch": batch, "seq": seq, "form": form, "levels": 1,
                            **summary(times[form], times["base"]), "flop_ratio": (base_flops + extra) / base_flops}
                     if form == "base":
                         row["base_gflops"] = base_flops / (np.median(times["base"]) * 1e6)
                     else:
                         row["max_abs_error"] = errors.get(form, 0.0)
                     rows.append(row)
-                log(f"minilm {eng} B={batch} seq={seq}: base {np.median(times['base']):.2f} ms; "
+                log(f"{spec.name} {eng} B={batch} seq={seq}: base {np.median(times['base']):.2f} ms; "
                     + ", ".join(f"{r['form']} {r['ratio']:.2f}x" for r in rows[-3:]))
     return rows
 
@@ -350,17 +422,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a test that it runs)")
     p.add_argument("--device", default="cpu", help="torch device (onnxruntime runs only on cpu here)")
     p.add_argument("--rounds", type=int, default=7)
+    add_base_option(p)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    spec = base_spec(args.base)
     engines = ["torch"] + (["onnxruntime"] if device.type == "cpu" else [])
-    # --quick skips MiniLM's onnxruntime exports (a minute of work; benchmarks.onnx_forms tests them).
-    minilm_engines = engines[:1] if args.quick else engines
+    # --quick skips the model's onnxruntime exports (a minute of work for MiniLM; the exporter's
+    # tests check them).
+    model_engines = [e for e in (engines[:1] if args.quick else engines) if e == "torch" or e in spec.backends]
     if args.quick:
-        grid = dict(widths=[64], batches=[2], seqs=[4], levels=[1, 2], minilm_batches=[1], minilm_seqs=[8], rounds=1, max_iters=1)
+        grid = dict(widths=[64], batches=[2], seqs=[4], levels=[1, 2], model_batches=[1], model_seqs=[8], rounds=1, max_iters=1)
     else:
         grid = dict(widths=[1024, 4096], batches=[1, 8, 32], seqs=[16, 128], levels=[1, 2, 3],
-                    minilm_batches=[1, 8, 32], minilm_seqs=[16, 64, 128], rounds=args.rounds, max_iters=10)
+                    model_batches=[1, 8, 32], model_seqs=[16, 64, 128], rounds=args.rounds, max_iters=10)
+    model_seqs, notes = seq_grid(spec, grid["model_seqs"])
+    if len(model_engines) < len(engines) and not args.quick:
+        notes.append(f"onnxruntime skipped: base {spec.name!r} is served by {', '.join(spec.backends)} only")
     t0 = time.perf_counter()
     peak = {"torch": torch_matmul_gflops(device, 256 if args.quick else 2048)}
     if "onnxruntime" in engines:
@@ -368,14 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = run_synthetic(widths=grid["widths"], batches=grid["batches"], seqs=grid["seqs"], levels=grid["levels"],
                              rounds=grid["rounds"], max_iters=grid["max_iters"], device=device, engines=engines, workdir=Path(tmp), log=print)
-        rows += run_minilm(batches=grid["minilm_batches"], seqs=grid["minilm_seqs"], rounds=grid["rounds"], max_iters=grid["max_iters"],
-                           device=device, engines=minilm_engines, workdir=Path(tmp), log=print)
+        rows += run_model(spec, batches=grid["model_batches"], seqs=model_seqs, rounds=grid["rounds"], max_iters=grid["max_iters"],
+                          device=device, engines=model_engines, workdir=Path(tmp), log=print)
     for r in rows:
         if "base_gflops" in r:
             r["fraction_of_matmul_peak"] = r["base_gflops"] / peak[r["engine"]]
     report = {"benchmark": "latency", **environment(), "device": str(device), "engines": engines, "rank": RANK,
               "wavelet": "haar", "rounds": grid["rounds"], "matmul_peak_gflops": peak, "quick": args.quick,
               "wall_seconds": time.perf_counter() - t0, "results": rows}
+    if args.base != DEFAULT_BASE:  # the default's report keeps its established keys
+        report["base"] = base_info(spec)
+        report["notes"] = notes
     write_json(args.out, report)
     plot(report, args.out.with_suffix(".png"))
     print(f"{len(rows)} rows in {report['wall_seconds']:.0f} s -> {args.out}")

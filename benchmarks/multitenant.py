@@ -1,6 +1,7 @@
 """Multi-tenant throughput: one batch of 32 requests spread over 1, 4, 16 or 32 adapters.
 
-Compared on the same MiniLM base, seq 64, at equal trainable parameters:
+Compared on the same base (``--base SOURCE``, default MiniLM; any spec, e.g. ``hf:DIR[@TASK]``),
+seq 64 (or the base's largest), at equal trainable parameters:
 
 - ours: the serving engine's heterogeneous forward (WaRA r=4 haar J=1, folded into slots),
   PyTorch and onnxruntime;
@@ -15,6 +16,7 @@ relative to its own single-adapter batch.
 
     .venv/bin/python -m benchmarks.multitenant            # 32 adapters, seq 64 (a few minutes)
     .venv/bin/python -m benchmarks.multitenant --quick    # tiny (used by the tests)
+    .venv/bin/python -m benchmarks.multitenant --base hf:DIR --device cuda   # another base, on a GPU
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import environment, figure, interleaved, peft_minilm, save_figure, summary, write_json
+from benchmarks.common import (DEFAULT_BASE, add_base_option, base_info, base_spec, environment, figure, interleaved,
+                               peft_peer, save_figure, seq_limit, summary, write_json)
 
 RANK = 4  # WaRA r=4 at J=1 has the parameter count of LoRA r=8
 
 
-def run(*, counts: list[int], batch: int, seq: int, rounds: int, device: torch.device, engines: list[str],
+def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: torch.device, engines: list[str],
         workdir: Path, log) -> dict:
     from exporter.common import base_for
     from exporter.onnx_export import model_io
@@ -44,23 +47,21 @@ def run(*, counts: list[int], batch: int, seq: int, rounds: int, device: torch.d
 
     n = max(counts)
     paths = [workdir / f"t{i}" for i in range(n)]
-    random_adapters("minilm", paths, rank=RANK, seed=0)
+    random_adapters(spec, paths, rank=RANK, seed=0)
     adapters = [load_adapter(p) for p in paths]
     ours = {}
     for eng in engines:
         if eng == "torch":
-            e = TorchEngine("minilm", slots=n + 1, max_rank=4 * RANK, device=str(device))
+            e = TorchEngine(spec, slots=n + 1, max_rank=4 * RANK, device=str(device))
         else:
             from runtime.ort_engine import OrtEngine
 
-            e = OrtEngine("minilm", slots=n + 1, max_rank=4 * RANK)
+            e = OrtEngine(spec, slots=n + 1, max_rank=4 * RANK)
         for i, a in enumerate(adapters):
             e.write_slot(i + 1, e.prepare(a))
         ours[eng] = e
-    peft = peft_minilm(n, rank=2 * RANK, device=device)
-    io = model_io("minilm", batch=batch, seq=seq)
-    inputs = [t.to(device) for t in io.sample]
-    kwargs = dict(zip(io.input_names, inputs))
+    peft = peft_peer(spec, n, rank=2 * RANK, targets=list(adapters[0].config.target_modules), device=device)
+    inputs = [t.to(device) for t in model_io(spec, batch=batch, seq=seq).sample]
 
     def slots_for(k: int) -> list[int]:
         return [1 + (i % k) for i in range(batch)]
@@ -71,7 +72,7 @@ def run(*, counts: list[int], batch: int, seq: int, rounds: int, device: torch.d
         for eng, e in ours.items():
             rows = e.forward(inputs, slots_for(k))
             for s in sorted(set(slots_for(k)))[:4]:  # four adapters against their explicit model
-                ref_model = apply_adapter(base_for(adapters[s - 1]), adapters[s - 1]).to(device).eval()
+                ref_model = apply_adapter(base_for(adapters[s - 1], spec), adapters[s - 1]).to(device).eval()
                 set_path(ref_model, "explicit")
                 ref = ref_model(*inputs)
                 for i in [i for i, t in enumerate(slots_for(k)) if t == s]:
@@ -79,10 +80,10 @@ def run(*, counts: list[int], batch: int, seq: int, rounds: int, device: torch.d
                     if err > 1e-4:
                         raise SystemExit(f"{eng}: row {i} (adapter {s}) differs from its explicit model by {err:.2e}")
         names = [f"a{s - 1}" for s in slots_for(k)]
-        mixed = peft(**kwargs, adapter_names=names)
+        mixed = peft(*inputs, adapter_names=names)
         for name in sorted(set(names))[:4]:
             peft.set_adapter(name)
-            alone = peft(**kwargs)
+            alone = peft(*inputs)
             rows = [i for i, x in enumerate(names) if x == name]
             err = float((mixed[rows] - alone[rows]).abs().max())
             if err > 1e-4:
@@ -91,16 +92,16 @@ def run(*, counts: list[int], batch: int, seq: int, rounds: int, device: torch.d
     # --- timing --------------------------------------------------------------------------------
     results = []
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    single = [{n: v[i: i + 1] for n, v in kwargs.items()} for i in range(batch)]
+    single = [[t[i: i + 1] for t in inputs] for i in range(batch)]
 
     def naive(k: int) -> None:
         for i, s in enumerate(slots_for(k)):
             peft.set_adapter(f"a{s - 1}")
-            peft(**single[i])
+            peft(*single[i])
 
     for k in counts:
         variants = {f"ours_{eng}": (lambda e=e, k=k: e.forward(inputs, slots_for(k))) for eng, e in ours.items()}
-        variants["peft_mixed"] = lambda k=k: peft(**kwargs, adapter_names=[f"a{s - 1}" for s in slots_for(k)])
+        variants["peft_mixed"] = lambda k=k: peft(*inputs, adapter_names=[f"a{s - 1}" for s in slots_for(k)])
         variants["naive_loop"] = lambda k=k: naive(k)
         with torch.no_grad():
             times = interleaved(variants, rounds=rounds, iters=1, warmup=1, sync=sync)
@@ -126,7 +127,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel(f"distinct adapters in a batch of {report['batch']}")
     ax.set_ylabel("batch latency, ms (median)")
-    ax.set_title(f"MiniLM seq {report['seq']}, {report['device']}", fontsize=9)
+    ax.set_title(f"{report.get('base', {}).get('name', 'MiniLM')} seq {report['seq']}, {report['device']}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
@@ -139,18 +140,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="torch device (onnxruntime runs on cpu only here)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seq", type=int, default=64)
+    add_base_option(p)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/multitenant.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    engines = ["torch"] + (["onnxruntime"] if device.type == "cpu" and not args.quick else [])
+    spec = base_spec(args.base)
+    notes = []
+    engines = ["torch"]
+    if device.type == "cpu" and not args.quick:
+        if "onnxruntime" in spec.backends:
+            engines.append("onnxruntime")
+        else:
+            notes.append(f"onnxruntime skipped: base {spec.name!r} is served by {', '.join(spec.backends)} only")
     counts, batch, seq, rounds = ([1, 2], 4, 8, 1) if args.quick else ([1, 4, 16, 32], 32, args.seq, args.rounds)
+    limit = seq_limit(spec)
+    if limit is not None and seq > limit:
+        notes.append(f"seq {seq} -> {limit}: base {spec.name!r} takes at most {limit} positions")
+        seq = limit
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        out = run(counts=counts, batch=batch, seq=seq, rounds=rounds, device=device, engines=engines,
+        out = run(spec, counts=counts, batch=batch, seq=seq, rounds=rounds, device=device, engines=engines,
                   workdir=Path(tmp), log=print)
     report = {"benchmark": "multitenant", **environment(), "device": str(device), "batch": batch, "seq": seq,
               "rounds": rounds, "wara": f"r={RANK} haar J=1", "peft_lora": f"r={2 * RANK}", "quick": args.quick,
               "wall_seconds": time.perf_counter() - t0, **out}
+    if args.base != DEFAULT_BASE:  # the default's report keeps its established keys
+        report["base"] = base_info(spec)
+        report["notes"] = notes
     write_json(args.out, report)
     plot(report, args.out.with_suffix(".png"))
     print(f"-> {args.out}")

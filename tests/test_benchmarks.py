@@ -135,5 +135,57 @@ def test_readme_section_is_generated_from_the_json(quick_results, tmp_path):
 
 
 def test_wara_bench_names_the_valid_benchmarks():
-    proc = subprocess.run([sys.executable, "-m", "wara_train.cli", "bench", "nope"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "wara", "bench", "nope"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr and "quality" in proc.stderr
+
+
+@pytest.mark.slow
+def test_latency_and_multitenant_run_on_a_user_base(tmp_path):
+    """``--base hf:DIR``: the model workload runs on a tiny random BERT classifier (no model
+    package), checked before it is timed, and the JSON names the base."""
+    import tiny_models
+
+    bert = tiny_models.make_bert_classifier(tmp_path / "tiny-bert")
+    for name in ("latency", "multitenant"):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--base", f"hf:{bert}", "--out", str(out)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
+        report = _load(tmp_path, name)
+        assert report["base"]["name"] == "tiny-bert" and report["base"]["task"] == "text-classification"
+        assert report["base"]["source"] == f"hf:{bert}" and report["notes"] == []
+        assert out.with_suffix(".png").stat().st_size > 0
+    rows = [x for x in _load(tmp_path, "latency")["results"] if not x["workload"].startswith("synthetic")]
+    assert {(x["workload"], x["form"]) for x in rows} == {("tiny-bert", f) for f in ("base", "merged", "folded", "explicit", "peft_lora")}
+    for x in rows:
+        assert 0 < x["min_ms"] <= x["median_ms"] <= x["max_ms"] and x["flop_ratio"] >= 1.0
+        assert x.get("max_abs_error", 0.0) <= 1e-3
+    # FLOPs counted from the model: 12 adapted (32x32 / 64x32 / 32x64) linears and 2 attention
+    # layers of width 32, at batch 1 x seq 8.
+    base = next(x for x in rows if x["form"] == "base")
+    linear = 2 * 8 * 2 * (4 * 32 * 32 + 2 * 64 * 32)
+    attention = 2 * 2 * (2 * 1 * 8 * 8 * 32)
+    assert base["base_gflops"] == pytest.approx((linear + attention) / (base["median_ms"] * 1e6))
+    methods = {(x["adapters"], x["method"]) for x in _load(tmp_path, "multitenant")["results"]}
+    assert methods == {(k, m) for k in (1, 2) for m in ("ours_torch", "peft_mixed", "naive_loop")}
+
+
+def test_random_base_is_a_complete_transformers_model(tmp_path):
+    """What `make gpu-check` benchmarks on: a random BERT directory that resolves as an hf: base
+    and tokenizes with its own vocabulary."""
+    from benchmarks.random_base import write_random_bert
+    from wara_train.basespec import resolve_base
+
+    spec = resolve_base(f"hf:{write_random_bert(tmp_path / 'rb', shape='tiny')}")
+    assert (spec.name, spec.task, spec.output) == ("rb", "feature-extraction", "embeddings")
+    ids, mask = spec.preprocessor(max_length=8)(["w7 w8", "w9"])
+    assert ids[0, :4].tolist() == [2, 7, 8, 3] and mask.sum() == 7
+
+
+def test_gpu_check_exits_2_at_once_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: gpu_check would run")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
