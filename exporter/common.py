@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from wara_train.artifact import WaraAdapter, check_compatible, load_adapter
+from wara_train.artifact import WaraAdapter, check_compatible, load_adapter, load_saved_modules
 from wara_train.basespec import BaseSpec, resolve_base
 from wara_train.errors import ConfigError
 from wara_train.layer import is_conv1d, is_pointwise_conv
@@ -83,14 +83,6 @@ def load_with_base(path: str | os.PathLike, source: str | None = None) -> tuple[
     adapter = load_adapter(path)
     spec = resolve_adapter_base(adapter, source)
     return adapter, spec, base_for(adapter, spec)
-
-
-def load_saved_modules(model: nn.Module, saved: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
-    """Load modules_to_save tensors into ``model`` in place (shapes were checked by
-    `check_compatible`); returns ``model``."""
-    for mod, params in saved.items():
-        model.get_submodule(mod).load_state_dict(dict(params), strict=False)
-    return model
 
 
 def with_saved_modules(base: nn.Module, adapter: WaraAdapter) -> nn.Module:

@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from .server import create_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # the ONNX exporter's own notices at start-up
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     config = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
     bases = tuple(BaseEntry.parse(b) for b in args.base) if args.base else None
     config = config.replace(host=args.host, port=args.port, adapter_root=args.adapter_root,

@@ -76,3 +76,16 @@ class NoAdaptable(nn.Module):
 def no_adaptable_base():
     """A model whose only Linear is its head: nothing for WaRA to adapt."""
     return NoAdaptable().eval(), spec(default_targets=None, labels=("a", "b"))
+
+
+class DataDependent(TinyVisionNet):
+    """The same net with a branch on the data: torch.export (hence ONNX export) refuses it."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(images)
+        return logits if float(images.mean()) > -10.0 else -logits
+
+
+def unexportable_base():
+    torch.manual_seed(0)
+    return DataDependent().eval(), spec(backends=("onnxruntime", "torch"))

@@ -158,12 +158,14 @@ def world(tmp_path_factory):
          "gpt2": tm.make_gpt2(base / "gpt2"), "other_bert": tm.make_bert_classifier(base / "other-bert", seed=7),
          "text": tm.write_text_jsonl(base / "text.jsonl"),
          "text2": tm.write_text_jsonl(base / "text2.jsonl", labels=("slow-ish", "fast-ish"), seed=1),
+         "text_eval": tm.write_text_jsonl(base / "eval.jsonl", n=15, seed=3),
          "images": tm.write_image_folder(base / "images"), "root": base / "adapters"}
     common = ["--steps", "4", "--no-progress", "--rank", "2"]
     trained = {  # adapter -> (base kind, train args)
         "bert-own": ("bert", ["--base", f"hf:{w['bert']}", "--data", w["text"]]),
         "bert-new": ("bert", ["--base", f"hf:{w['bert']}@text-classification", "--data", w["text2"], "--wavelet", "db2"]),
-        "gpt-a": ("gpt2", ["--base", f"hf:{w['gpt2']}", "--data", w["text"], "--levels", "2", "--wavelet", "db2"]),
+        "gpt-a": ("gpt2", ["--base", f"hf:{w['gpt2']}", "--data", w["text"], "--eval-data", w["text_eval"],
+                           "--levels", "2", "--wavelet", "db2"]),
         "vit-a": ("vit", ["--base", f"hf:{w['vit']}", "--data", w["images"]]),
         "tiny-a": ("tiny", ["--base", "py:custom_base:tiny_vision_base", "--data", w["images"]]),
         "other": ("other", ["--base", f"hf:{w['other_bert']}", "--data", w["text"]]),
@@ -230,6 +232,15 @@ def _infer_steps(world) -> list:
     return steps
 
 
+def _preprocessed_steps(world, refs) -> list:
+    """`images` already preprocessed by the client (FP32), next to the server-side path."""
+    steps = []
+    for p in world["png"]:
+        pixels = refs.proc(images=[_image(p)], return_tensors="np")["pixel_values"].astype(np.float32)
+        steps.append({"op": "infer", "model": "vit-a", "inputs": {"images": pixels.tolist()}, "example": str(p)})
+    return steps
+
+
 def _check(refs, rec) -> None:
     assert rec["status"] == "OK", rec
     name = {"bert": "bert", "gpt": "gpt2", "minilm": "minilm"}.get(rec["model"], rec["model"])
@@ -254,8 +265,8 @@ def test_serve_user_bases_with_tritonclient(world, refs, tmp_path):
         after_unload = [{"op": "infer", "model": "gpt-a", "inputs": {"text": [TEXTS[0]]}},
                         {"op": "infer", "model": "gpt", "inputs": {"text": [TEXTS[0]]}, "example": TEXTS[0]},
                         {"op": "load", "model": "gpt-a"}]
-        phases = _phases(port, [meta, _infer_steps(world), bad, churn, after_unload, _infer_steps(world),
-                                [{"op": "index"}]], tmp_path)
+        phases = _phases(port, [meta, _infer_steps(world) + _preprocessed_steps(world, refs), bad, churn, after_unload,
+                                _infer_steps(world), [{"op": "index"}]], tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -412,3 +423,20 @@ def test_train_cli_error_is_one_line_and_exit_2(world, tmp_path):
 def test_export_refuses_an_adapter_of_another_base(world, tmp_path):
     assert wara_main("export", "merge", "--adapter", world["other"], "--base", f"hf:{world['bert']}", "--out", tmp_path / "m") == 2
     assert not (tmp_path / "m").exists()
+
+
+def test_auto_backend_falls_back_to_pytorch_where_onnx_export_fails(caplog):
+    """A base whose graph onnxruntime cannot take (a branch on the data) is served by PyTorch
+    under `auto`, and says so; asking for onnxruntime explicitly is an error."""
+    from runtime.config import ServeConfig
+    from runtime.service import make_engine
+    from wara_train.basespec import resolve_base
+
+    sys.path.insert(0, str(TESTS))
+    spec = resolve_base("py:custom_base:unexportable_base")
+    assert spec.backends[0] == "onnxruntime"
+    engine = make_engine(ServeConfig(port=0), spec)
+    assert engine.platform == "wara_pytorch"
+    assert "could not be built" in caplog.text and "serving it with PyTorch" in caplog.text
+    with pytest.raises(Exception, match="export"):
+        make_engine(ServeConfig(port=0, backend="onnxruntime"), spec)

@@ -339,7 +339,14 @@ def apply_adapter(model: nn.Module, adapter: WaraAdapter, *, base_model: str | N
             for blk, (a, b) in blocks_.items():
                 layer.wara_A[blk].copy_(a)
                 layer.wara_B[blk].copy_(b)
-        for mod, params in adapter.saved_modules.items():
-            model.get_submodule(mod).load_state_dict(params, strict=False)
+    return load_saved_modules(model, adapter.saved_modules)
+
+
+def load_saved_modules(model: nn.Module, saved: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
+    """Load modules_to_save tensors (a task head) into ``model`` in place (shapes were checked
+    by `check_compatible`); returns ``model``. The one place saved modules are loaded."""
+    with torch.no_grad():
+        for mod, params in saved.items():
+            model.get_submodule(mod).load_state_dict(dict(params), strict=False)
     return model
 
