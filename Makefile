@@ -29,9 +29,13 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # On a machine with an NVIDIA GPU: the CUDA tests (pytest -m cuda) and the GPU benchmarks, to
-# benchmarks/results/gpu/<device>/ (exits 2 at once where torch sees no CUDA device).
-gpu-check: $(STAMP)
-	$(PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+# benchmarks/results/gpu/<device>/ (exits 2 at once where torch sees no CUDA device). It installs
+# nothing (a GPU image has its own CUDA torch and no registry): it runs .venv's python where there
+# is one, else GPU_PYTHON (default python3). Its base is a random one built on the spot, so no
+# model package is needed there.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .wara-cache

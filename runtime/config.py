@@ -149,20 +149,29 @@ class ServeConfig:
 
 
 def resolve_backend(config: ServeConfig, spec: BaseSpec) -> str:
-    """The engine backend for one base. "auto": PyTorch on CUDA; on CPU the first of the
-    spec's ``backends`` that is installed. Text bases list onnxruntime first (3-4x lower
-    batch-1 latency than PyTorch eager for MiniLM on the 2-core machine, README Benchmarks);
-    EfficientNet lists PyTorch first, as its onnxruntime graph is fixed to one image size while
-    PyTorch takes any. Where the onnxruntime engine cannot be built (an export failure), the
-    service falls back to PyTorch (`runtime.service.make_engine`)."""
+    """The engine backend for one base. "auto": the first of the spec's ``backends`` (its
+    preference order) that is installed and can serve every input the base accepts: PyTorch on
+    CUDA, and onnxruntime only for a graph whose every variable axis is a dynamic ONNX axis (an
+    image base that takes any size stays on PyTorch, as onnxruntime's graph is exported at one
+    size). Text bases list onnxruntime first (3-4x lower batch-1 latency than PyTorch eager for
+    MiniLM on the 2-core machine, README Benchmarks). Where the onnxruntime engine cannot be
+    built or disagrees with PyTorch, the service falls back to PyTorch
+    (`runtime.service.make_engine`). An explicit backend must be one the spec supports."""
     if config.backend != "auto":
+        if config.backend not in spec.backends:
+            raise ConfigError(f"base {spec.name!r} supports the backends {', '.join(spec.backends)}, "
+                              f"not {config.backend!r}")
         return config.backend
     import importlib.util
 
     import torch
 
     on_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if on_cuda:
-        return "torch"
     has_ort = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript"))
-    return next(b for b in spec.backends if b != "onnxruntime" or has_ort) if spec.backends else "torch"
+    any_size = all(axis in dyn for t, dyn in zip(spec.inputs, spec.onnx_dynamic or ({},) * len(spec.inputs))
+                   for axis, size in enumerate(t.shape) if size < 0)
+
+    def usable(backend: str) -> bool:
+        return backend == "torch" or (backend == "onnxruntime" and has_ort and not on_cuda and any_size)
+
+    return next((b for b in spec.backends if usable(b)), "torch")

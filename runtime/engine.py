@@ -31,10 +31,14 @@ class Routing:
     """Which slot each row of the current batch uses; set by the engine before a forward."""
 
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    rows: int = 0  # the batch size: every adapted layer's input must lead with it
 
 
 class SlotLayer(nn.Module):
-    """``y = W0 x + lora_B[s] (lora_A[s] x)`` for each row's slot s (Linear or 1x1 Conv2d)."""
+    """``y = W0 x + lora_B[s] (lora_A[s] x)`` for each row's slot s (Linear, 1x1 Conv2d, Conv1D).
+
+    Inputs lead with the batch axis; everything between it and the feature axis is tokens
+    (sequence positions, or H x W for a Linear on channels-last maps such as ConvNeXt's)."""
 
     def __init__(self, base: nn.Module, *, slots: int, max_rank: int, routing: Routing, kernel: LoraKernel) -> None:
         super().__init__()
@@ -70,14 +74,20 @@ class SlotLayer(nn.Module):
         y = self.base(x)
         if not self.routing.groups:
             return y
+        if x.shape[0] != self.routing.rows:
+            raise ConfigError(f"an adapted layer sees inputs of shape {list(x.shape)} whose first axis is not the "
+                              f"batch of {self.routing.rows}: this model cannot be served with per-row adapters")
         if self.conv:  # (B, C, H, W) -> (B, HW, C) rows of features
             xs = x.flatten(2).transpose(1, 2)
             d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks)
             return y + d.transpose(1, 2).reshape(y.shape)
-        xs = x if x.dim() == 3 else x.unsqueeze(1)
-        ys = y if y.dim() == 3 else y.unsqueeze(1)
-        self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks, out=ys)  # in place
-        return y
+        xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, tokens, n)
+        if y.is_contiguous():
+            self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks,
+                        out=y.view(y.shape[0], -1, y.shape[-1]))  # in place
+            return y
+        d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks)
+        return y + d.reshape(y.shape)
 
 
 class HeadTap(nn.Module):
@@ -143,6 +153,8 @@ class TorchEngine:
         self.head_b = torch.zeros(slots, 1, device=self.device)
         self.slot_labels: list[int] = [0] * slots
         self.lock = threading.Lock()  # one forward or slot write at a time
+        self._hash_lock = threading.Lock()
+        self.fingerprint(tuple(self.targets))  # the usual target set, hashed once at start-up
 
     def _feature_dim(self) -> int:
         """What the head sees: the base head's input, or (no head) the model's output on a sample."""
@@ -154,9 +166,14 @@ class TorchEngine:
     def fingerprint(self, targets: tuple[str, ...]) -> str:
         """The hash of this base's weights at ``targets`` (as adapters record it), cached: the
         base never changes."""
-        if targets not in self._fingerprints:
-            self._fingerprints[targets] = fingerprint({t: weight_matrix(self.layers[t].base).detach() for t in targets})
-        return self._fingerprints[targets]
+        targets = tuple(sorted(targets))
+        with self._hash_lock:
+            if targets not in self._fingerprints:
+                if len(self._fingerprints) >= 64:  # adapters with unusual target subsets: bounded
+                    self._fingerprints.pop(next(iter(self._fingerprints)))
+                self._fingerprints[targets] = fingerprint({t: weight_matrix(self.layers[t].base).detach()
+                                                           for t in targets})
+            return self._fingerprints[targets]
 
     def mismatch(self, adapter: WaraAdapter) -> str | None:
         """Why ``adapter`` does not fit this base (None: it does): targets, shapes, fingerprint."""
@@ -286,7 +303,7 @@ class TorchEngine:
     def _features(self, inputs: Sequence[torch.Tensor], slot_t: torch.Tensor,
                   groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """The model's features (its head input) for a batch routed by ``groups``."""
-        self.routing.groups = groups
+        self.routing.groups, self.routing.rows = groups, int(slot_t.shape[0])
         try:
             return self.model(*[t.to(self.device) for t in inputs])
         finally:

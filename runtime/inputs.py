@@ -9,6 +9,7 @@ Every mismatch is an `InvalidRequest` naming the input.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ from wara_train.basespec import BaseSpec, TensorSpec
 
 from .errors import InvalidRequest
 
+log = logging.getLogger("wara.serve")
 NUMPY_OF = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 
 
@@ -34,8 +36,10 @@ class InputConverter:
     def __init__(self, spec: BaseSpec, *, max_text_length: int) -> None:
         self.spec = spec
         self.max_text_length = max_text_length
-        self._pre: Callable | None = None
         self._lock = threading.Lock()
+        # Built at start-up: a base whose tokenizer or image processor is missing is refused
+        # by `wara serve`, not by its first request.
+        self._pre: Callable | None = spec.preprocessor(max_length=max_text_length) if spec.raw_input else None
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         for name, arr in inputs.items():
@@ -75,20 +79,20 @@ class InputConverter:
         return [b if isinstance(b, bytes) else str(b).encode() for b in arr]
 
     def _preprocess(self, items: list[bytes]) -> tuple[torch.Tensor, ...]:
-        if self.spec.raw_input == "text":
-            try:
-                examples: list[Any] = [b.decode("utf-8") for b in items]
-            except UnicodeDecodeError:
-                raise InvalidRequest("input 'text' is not valid UTF-8") from None
-        else:
-            examples = [_decode_image(b, i) for i, b in enumerate(items)]
+        examples = [RAW_DECODERS[self.spec.raw_input](b, i) for i, b in enumerate(items)]
         with self._lock:
-            if self._pre is None:
-                self._pre = self.spec.preprocessor(max_length=self.max_text_length)
             try:
                 return tuple(self._pre(examples))
-            except (ValueError, TypeError) as e:
-                raise InvalidRequest(f"{self.spec.name} could not preprocess the input: {e}") from None
+            except Exception:  # the detail (which may name server paths) goes to the log only
+                log.exception("preprocessing for base %s failed", self.spec.name)
+                raise InvalidRequest(f"base {self.spec.name!r} could not preprocess this {self.spec.raw_input} input") from None
+
+
+def _decode_text(data: bytes, index: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"text[{index}] is not valid UTF-8") from None
 
 
 def _decode_image(data: bytes, index: int) -> Any:
@@ -102,6 +106,9 @@ def _decode_image(data: bytes, index: int) -> Any:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         raise InvalidRequest(f"image_bytes[{index}] does not decode as a PNG or JPEG image") from None
+
+
+RAW_DECODERS: dict[str, Callable[[bytes, int], Any]] = {"text": _decode_text, "image": _decode_image}
 
 
 def _check(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:

@@ -53,6 +53,24 @@ class OrtEngine(TorchEngine):
         missing = [n for n in self.input_names if n.startswith("wara.") and n not in self.slot_feeds]
         if missing:
             raise ConfigError(f"internal: the multi graph wants unknown slot inputs {missing[:3]}")
+        self._check_against_torch()
+
+    def _check_against_torch(self) -> None:
+        """A graph that exported is not yet a graph that answers right (a baked-in shape, a
+        decoder mask): compare it with the PyTorch forward on samples of several shapes (one
+        token included) and refuse the engine if they differ."""
+        rtol, atol = 1e-3, 1e-4
+        slots = None
+        for batch, seq in ((1, 1), (3, 5), (2, 17)):
+            sample = self.spec.sample(batch, seq)
+            slots = torch.zeros(batch, dtype=torch.long)
+            with torch.no_grad():
+                want = TorchEngine._features(self, sample, slots, [])
+            got = self._features(sample, slots, [])
+            if got.shape != want.shape or not torch.allclose(got, want.float(), rtol=rtol, atol=atol):
+                err = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
+                raise ConfigError(f"the onnxruntime graph of {self.base_model} disagrees with PyTorch at batch {batch}, "
+                                  f"length {seq} (max abs error {err:.2e})")
 
     def _slot_written(self, index: int) -> None:
         """Keep the graph's slot inputs as compact copies cut to the largest rank in use, so the
@@ -68,13 +86,26 @@ class OrtEngine(TorchEngine):
             self.slot_feeds[a_name][index] = layer.lora_A[index, :rank].numpy()
             self.slot_feeds[b_name][index] = layer.lora_B[index, :, :rank].numpy()
 
+    def _pad(self, t: torch.Tensor, dynamic: dict[int, str]) -> torch.Tensor:
+        """Token inputs shorter than the graph's smallest length (torch.export specialises a
+        length of 1, so the graph starts at 2) are right-padded with zeros: pad id 0 under a
+        zero attention mask, which changes no real token's output."""
+        if t.is_floating_point():
+            return t
+        for axis, name in dynamic.items():
+            low = self.io.bounds.get(name, (1, None))[0]
+            if axis > 0 and t.shape[axis] < low:
+                pad = [0, 0] * (t.dim() - 1 - axis) + [0, low - t.shape[axis]]
+                t = torch.nn.functional.pad(t, pad)
+        return t
+
     def _features(self, inputs, slot_t, groups) -> torch.Tensor:
         for name, t, sample, fixed in zip(self.io.input_names, inputs, self.io.sample, self._fixed):
             if any(t.shape[a] != sample.shape[a] for a in fixed):
                 want = ["any" if a not in fixed else sample.shape[a] for a in range(sample.dim())]
                 raise InvalidRequest(f"the onnxruntime engine of {self.base_model} takes {name!r} of shape {want}, "
                                      f"got {list(t.shape)} (serve it with backend 'torch' for other sizes)")
-        feeds = {n: t.numpy() for n, t in zip(self.io.input_names, inputs)}
+        feeds = {n: self._pad(t, dyn).numpy() for n, t, dyn in zip(self.io.input_names, inputs, self.io.dynamic)}
         feeds[self._index_input] = slot_t.numpy().astype(np.int64)
         feeds.update(self.slot_feeds)
         return torch.from_numpy(self.session.run(None, feeds)[0])

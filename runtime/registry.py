@@ -42,12 +42,7 @@ class Version:
     retired: bool = False
     slot: int | None = None
     loaded_at: float = field(default_factory=time.time)
-
-
-def read_artifact(files: dict[str, bytes], source: str = "adapter") -> WaraAdapter:
-    """Validate an artifact given as file contents (as RepositoryModelLoad sends them), in
-    memory: nothing is written to disk."""
-    return adapter_from_files(files, source=source)
+    head_size: int | None = None  # outputs of its task head; None: it answers as its base does
 
 
 def read_dir(root: Path, name: str) -> dict[str, bytes]:
@@ -78,11 +73,12 @@ class Registry:
         nothing changes."""
         if not name or "/" in name or name in self.engines:
             raise ConfigError(f"invalid adapter name {name!r} (a base model's name or containing '/')")
-        adapter = read_artifact(files, f"adapter {name!r}")
+        adapter = adapter_from_files(files, source=f"adapter {name!r}")
         engine = self.bind(name, adapter)
         folded = engine.prepare(adapter)  # validates against the base, folds
         version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, dict(files), folded,
-                          folded.nbytes, pinned=pinned or merged)
+                          folded.nbytes, pinned=pinned or merged,
+                          head_size=int(folded.head[0].shape[0]) if folded.head is not None else None)
         if merged:
             version.merged = engine.build_merged(folded)
         with self.lock:
@@ -183,7 +179,7 @@ class Registry:
                     table[free].slot = None
                     self.stats["slot_evictions"] += 1
                 if v.folded is None:  # evicted from the host tier: fold again from its files
-                    v.folded = engine.prepare(read_artifact(v.source))
+                    v.folded = engine.prepare(adapter_from_files(v.source, source=f"adapter {v.name!r}"))
                     self.host[id(v)] = v
                     self.host.move_to_end(id(v))
                     self._enforce_host_budget()

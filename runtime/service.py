@@ -20,6 +20,7 @@ import torch
 
 from wara_train.artifact import CONFIG_NAME
 from wara_train.basespec import BaseSpec, TensorSpec, resolve_base
+from wara_train.errors import ConfigError
 
 from .batcher import Batcher, Request
 from .config import BaseEntry, ServeConfig, resolve_backend
@@ -37,15 +38,15 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def output_specs(engine: TorchEngine, version: Version | None) -> list[TensorSpec]:
     """A base answers with its embeddings or its own logits (and labels, when its head has
-    names); an adapter with its head's logits and labels."""
+    names); an adapter with its head's logits (and labels, when it names them), or, without a
+    head of its own, as its base does."""
     spec = engine.spec
-    if version is None:
+    if version is None or version.head_size is None:
         if spec.output == "embeddings":
             return [TensorSpec("embeddings", "FP32", (-1, engine.head_w.shape[2]))]
         n = engine.base_head.out_features if isinstance(engine.base_head, torch.nn.Linear) else -1
         return [TensorSpec("logits", "FP32", (-1, n))] + ([TensorSpec("labels", "BYTES", (-1,))] if spec.labels else [])
-    n = len(version.labels) if version.labels else -1
-    specs = [TensorSpec("logits", "FP32", (-1, n))]
+    specs = [TensorSpec("logits", "FP32", (-1, version.head_size))]
     if version.labels:
         specs.append(TensorSpec("labels", "BYTES", (-1,)))
     return specs
@@ -62,10 +63,11 @@ def make_engine(config: ServeConfig, spec: BaseSpec) -> TorchEngine:
         try:
             return OrtEngine(spec, slots=config.slots, max_rank=config.max_rank)
         except Exception as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             if config.backend != "auto":
-                raise
-            log.warning("base %s: the onnxruntime engine could not be built (%s: %s); serving it with PyTorch",
-                        spec.name, type(e).__name__, str(e)[:300])
+                raise ConfigError(f"base {spec.name!r}: the onnxruntime engine could not be built ({why}); "
+                                  "serve it with backend 'torch' or 'auto'") from None
+            log.warning("base %s: the onnxruntime engine could not be built (%s); serving it with PyTorch", spec.name, why)
     return TorchEngine(spec, slots=config.slots, max_rank=config.max_rank, device=config.device)
 
 
@@ -268,7 +270,7 @@ class Service:
         keys = rows[0].keys()
         out = {k: torch.stack([r[k] for r in rows]).numpy() for k in keys}
         labels = version.labels if version is not None else None
-        if version is None and "logits" in out:  # the base's own head, with its label names if any
+        if (version is None or version.head_size is None) and "logits" in out:  # the base's own head
             spec = self.specs[base]
             labels = list(spec.labels) if spec.labels else None
         if labels and "logits" in out:

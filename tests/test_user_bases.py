@@ -298,9 +298,11 @@ def test_serve_user_bases_with_tritonclient(world, refs, tmp_path):
     assert index["gpt-a"] == "READY" and "other" not in index
 
 
-def test_mixed_batches_over_two_user_bases_and_a_builtin_in_process(world, refs):
+def test_mixed_batches_over_two_user_bases_and_a_builtin_in_process(world, refs, tmp_path):
     """In-process, PyTorch engines: concurrent requests of several adapters of two user bases and
-    the built-in MiniLM; batches mix adapters, every row is its own adapter's answer."""
+    the built-in MiniLM; batches mix adapters, every row is its own adapter's answer, while
+    another adapter is unloaded and loaded again and again (hot)."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from runtime.config import ServeConfig
@@ -309,22 +311,61 @@ def test_mixed_batches_over_two_user_bases_and_a_builtin_in_process(world, refs)
     service = Service(ServeConfig(port=0, backend="torch", adapter_root=str(world["root"]), max_delay_ms=30.0,
                                   auto_merge=False, bases=(f"bert=hf:{world['bert']}", f"gpt=hf:{world['gpt2']}", "minilm",
                                                           "tiny=py:custom_base:tiny_vision_base")))
+    stop = threading.Event()
+    churned = []
+
+    def churn():
+        while not stop.is_set():
+            service.unload("bert-new")
+            service.load("bert-new")
+            churned.append(1)
+
     try:
-        jobs = [(m, t) for m in ("bert", "bert-own", "bert-new", "gpt", "gpt-a", "minilm", "minilm-a") for t in TEXTS] * 2
+        models = ("bert", "bert-own", "gpt", "gpt-a", "minilm", "minilm-a")
+        jobs = [(m, t) for m in models for t in TEXTS] * 3
+        churner = threading.Thread(target=churn)
+        churner.start()
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda j: service.infer(j[0], {"text": np.array([j[1].encode()], dtype=object)}), jobs))
+        stop.set()
+        churner.join()
+        assert churned, "the adapter was never reloaded during the traffic"
         for (model, text), (_, out) in zip(jobs, results):
             name = {"gpt": "gpt2"}.get(model, model)
             fn, key = refs.model(name)
             np.testing.assert_allclose(out[key][0], refs.output(name, text), rtol=RTOL, atol=ATOL, err_msg=model)
-        assert service.batchers["bert"].stats.mixed_batches >= 1
-        assert service.batchers["bert"].stats.max_models_in_batch >= 2
-        # Hot unload and load keep every other adapter's answers.
-        service.unload("bert-new")
-        service.load("bert-new")
-        _, out = service.infer("bert-own", {"text": np.array([TEXTS[1].encode()], dtype=object)})
-        np.testing.assert_allclose(out["logits"][0], refs.output("bert-own", TEXTS[1]), rtol=RTOL, atol=ATOL)
+        for base in ("bert", "gpt"):  # Linear and Conv1D slot layers both ran mixed batches
+            assert service.batchers[base].stats.mixed_batches >= 1, base
+        _, out = service.infer("bert-new", {"text": np.array([TEXTS[1].encode()], dtype=object)})
+        np.testing.assert_allclose(out["logits"][0], refs.output("bert-new", TEXTS[1]), rtol=RTOL, atol=ATOL)
+        # An adapter without a head of its own answers (and is described) as its base does.
+        from wara_train.artifact import load_adapter, save_adapter
+        from wara_train.config import WaraConfig
+        from wara_train.model import inject
+        from wara_train.synthetic import randomize_factors
+
+        spec = service.specs["gpt"]
+        model = inject(spec.build(None), WaraConfig(rank=2, target_modules=spec.default_targets), seed=1)
+        for i, layer in enumerate(m for m in model.modules() if hasattr(m, "wara_A")):
+            randomize_factors(layer, i)
+        save_adapter(model, tmp_path / "headless", base_model="gpt2")
+        files = {f.name: f.read_bytes() for f in (tmp_path / "headless").iterdir()}
+        service.load("headless", files)
+        _, _, _, outputs = service.describe("headless")
+        assert [(o.name, o.shape) for o in outputs] == [("embeddings", (-1, 32))]
+        _, out = service.infer("headless", {"text": np.array([TEXTS[0].encode()], dtype=object)})
+        from transformers import AutoModel
+
+        plain = merge_into(AutoModel.from_pretrained(world["gpt2"]).eval(), load_adapter(tmp_path / "headless"),
+                           prefix="transformer.")
+        batch = refs._text("gpt2", TEXTS[0])
+        with torch.no_grad():
+            h = plain(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        want = F.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)[0].numpy()
+        np.testing.assert_allclose(out["embeddings"][0], want, rtol=RTOL, atol=ATOL)
     finally:
+        stop.set()
         service.drain()
 
 
@@ -412,6 +453,20 @@ def test_train_refuses_bad_bases_and_data_and_writes_nothing(world, tmp_path, ca
         kw = dict(zip(args[::2], args[1::2]))
         train_on_base(str(kw["--base"]), kw["--data"], out, levels=int(kw.get("--levels", 1)), steps=1, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("base,message", [
+    ("x=hf:{tmp}/nope", "no such directory"), ("x=hf:{empty}", "no weights"),
+    ("x=hf:{bert}@translation", "unknown task 'translation'"), ("x=py:custom_base:no_such_function", "no function"),
+])
+def test_serve_refuses_a_bad_base_before_serving(world, tmp_path, capsys, base, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((world["bert"] / "config.json").read_text())
+    arg = base.format(tmp=tmp_path, empty=empty, bert=world["bert"])
+    assert wara_main("serve", "--port", "0", "--base", arg) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wara serve: error:") and message in err, err
 
 
 def test_train_cli_error_is_one_line_and_exit_2(world, tmp_path):
