@@ -98,3 +98,55 @@ def test_train_refuses_a_model_without_adapters():
     with pytest.raises(ConfigError, match="no trainable parameters"):
         model = nn.Linear(4, 2).requires_grad_(False)
         train(model, train_set=[(torch.zeros(4), 0)], eval_set=[], collate=torch.stack, options=TrainOptions(progress=False))
+
+
+def test_integer_labels_sort_numerically(tmp_path):
+    from wara_train.data import load_jsonl, sort_labels
+
+    f = tmp_path / "ints.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{i}", "label": y}) + "\n" for i, y in enumerate([10, 2, "1", 2, -3])))
+    texts, labels, names = load_jsonl(f)
+    assert names == ["-3", "1", "2", "10"]
+    assert [names[y] for y in labels] == ["10", "2", "1", "2", "-3"]
+    assert sort_labels(["10", "2", "b"]) == ["10", "2", "b"]  # not all integers: string order
+
+
+def _gpt2_classifier(path, *, labels, config_eos: bool):
+    """A GPT-2 ``ForSequenceClassification`` directory: tests/tiny_models' tokenizer and sizes,
+    a classification head, and no ``pad_token_id`` (as GPT-2 ships); with ``config_eos`` False
+    the config names no eos either, so the pad id comes from the tokenizer."""
+    import tiny_models
+    from transformers import AutoConfig, GPT2ForSequenceClassification
+
+    tiny_models.make_gpt2(path)
+    config = AutoConfig.from_pretrained(path)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {n: i for i, n in enumerate(labels)}
+    config.pad_token_id = None
+    if not config_eos:
+        config.eos_token_id = config.bos_token_id = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        GPT2ForSequenceClassification(config).eval().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("config_eos", [True, False], ids=["config-eos", "tokenizer-eos"])
+def test_decoder_text_classifier_trains_in_batches(tmp_path, config_eos):
+    """transformers' decoder classifiers refuse batches > 1 without config.pad_token_id."""
+    import tiny_models
+    from wara_train.basespec import resolve_base
+    from wara_train.tasks import train_on_base
+
+    labels = ("negative", "positive", "neutral")
+    base = _gpt2_classifier(tmp_path / "gpt2-cls", labels=labels, config_eos=config_eos)
+    data = tiny_models.write_text_jsonl(tmp_path / "train.jsonl", n=24, labels=labels)
+    source = f"hf:{base}@text-classification"
+    lines = []
+    result = train_on_base(source, data, tmp_path / "adapter", steps=2, batch_size=4, progress=False, log=lines.append)
+    assert result.steps == 2 and "its own head" in lines[0] and lines[-1].startswith("adapter written to")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_source"] == f"hf:{base.resolve()}@text-classification" and cfg["labels"] == list(labels)
+    eos = json.loads((base / "vocab.json").read_text())[tiny_models.EOS_GPT2]
+    assert resolve_base(source).build(None).model.config.pad_token_id == eos

@@ -40,8 +40,8 @@ def _minilm_dir() -> str:
 def minilm_spec() -> BaseSpec:
     from .hf import hf_spec
 
-    spec = hf_spec(_minilm_dir(), task="feature-extraction", source="minilm")
-    return dataclasses.replace(spec, name="minilm", default_targets=MINILM_TARGETS,
+    spec = hf_spec(_minilm_dir(), task="feature-extraction")
+    return dataclasses.replace(spec, name="minilm", source="minilm", default_targets=MINILM_TARGETS,
                                description="all-MiniLM-L6-v2 (BERT, 6 layers, d=384), mean-pooled")
 
 

@@ -160,6 +160,37 @@ def parse_source(source: str) -> tuple[str, str, str | None]:
     return "builtin", source, None
 
 
+def _resolve_builtin(target: str, task: str | None) -> BaseSpec:
+    if task is not None:
+        raise ConfigError(f"built-in base {target!r} has a fixed task; --task/@TASK is for hf: sources")
+    from .bases import BUILTINS
+
+    factory = BUILTINS.get(target)
+    if factory is None:
+        raise ConfigError(f"unknown base {target!r}: use a built-in name ({', '.join(BUILTINS)}), "
+                          "hf:PATH[@TASK] or py:package.module:function")
+    return factory()
+
+
+def _resolve_hf(target: str, task: str | None) -> BaseSpec:
+    from .hf import hf_spec
+
+    return hf_spec(target, task=task)
+
+
+def _resolve_py(target: str, task: str | None) -> BaseSpec:
+    if task is not None:
+        raise ConfigError(f"factory base py:{target} has its own task; --task/@TASK is for hf: sources")
+    return from_factory(target, source=f"py:{target}")
+
+
+RESOLVERS: dict[str, Callable[[str, str | None], BaseSpec]] = {
+    "builtin": _resolve_builtin,
+    "hf": _resolve_hf,
+    "py": _resolve_py,
+}
+
+
 def resolve_base(source: str, *, task: str | None = None, name: str | None = None) -> BaseSpec:
     """The spec for a base source (see the module docstring). ``task`` applies to hf sources
     (an ``@TASK`` suffix wins); ``name`` renames the base (the default: the built-in's name, the
@@ -167,38 +198,29 @@ def resolve_base(source: str, *, task: str | None = None, name: str | None = Non
     kind, target, suffix_task = parse_source(source)
     if task is not None and task not in TASKS:
         raise ConfigError(f"unknown task {task!r}: valid tasks are {', '.join(TASKS)}")
-    if kind == "hf":
-        from .hf import hf_spec
-
-        spec = hf_spec(target, task=suffix_task or task, source=source)
-    elif kind == "py":
-        spec = from_factory(target, source=source)
-    else:
-        if task is not None:
-            raise ConfigError(f"built-in base {target!r} has a fixed task; --task/@TASK is for hf: sources")
-        from .bases import BUILTINS
-
-        factory = BUILTINS.get(target)
-        if factory is None:
-            raise ConfigError(f"unknown base {target!r}: use a built-in name ({', '.join(BUILTINS)}), "
-                              "hf:PATH[@TASK] or py:package.module:function")
-        spec = factory()
+    spec = RESOLVERS[kind](target, suffix_task or task)
     return spec.with_name(name) if name else spec
 
 
 def from_factory(target: str, *, source: str) -> BaseSpec:
     """``package.module:function`` -> its spec. The function returns ``(model, spec)``: the
     plain base model and a `BaseSpec` for it whose ``build`` may be None, in which case every
-    build is a deep copy of ``model`` (with a fresh n-way Linear head when asked for one)."""
+    build is a deep copy of ``model`` (with a fresh n-way Linear head when asked for one).
+    Whatever the user's module or function raises becomes a `ConfigError` naming ``source``."""
     module_name, func_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{source!r}: cannot import {module_name!r} ({e})") from None
+    except Exception as e:  # a bug in the user's module: name the source, keep the cause
+        raise ConfigError(f"{source!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
     func = getattr(module, func_name, None)
     if not callable(func):
         raise ConfigError(f"{source!r}: {module_name} has no function {func_name!r}")
-    made = func()
+    try:
+        made = func()
+    except Exception as e:
+        raise ConfigError(f"{source!r}: the factory {func_name}() raised {type(e).__name__}: {e}") from e
     if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module) and isinstance(made[1], BaseSpec)):
         raise ConfigError(f"{source!r}: the factory must return (model, BaseSpec), got {type(made).__name__}")
     model, spec = made
@@ -218,17 +240,6 @@ def copying_builder(model: nn.Module, head: str) -> Callable[[int | None], nn.Mo
         return fresh
 
     return build
-
-
-def head_features(model: nn.Module, head: str) -> int:
-    """Input features of the model's head Linear."""
-    try:
-        module = model.get_submodule(head)
-    except AttributeError:
-        raise ConfigError(f"the model has no task head {head!r}") from None
-    if not isinstance(module, nn.Linear):
-        raise ConfigError(f"task head {head!r} is a {type(module).__name__}, not an nn.Linear")
-    return module.in_features
 
 
 def replace_head(model: nn.Module, head: str, num_labels: int) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .errors import ConfigError
 
@@ -118,8 +119,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 def load_jsonl(path: str | os.PathLike, *, labels: Sequence[str] | None = None) -> tuple[list[str], list[int], list[str]]:
     """A JSONL file of ``{"text": ..., "label": ...}`` lines -> ``(texts, label ids, label names)``.
 
-    Label names are sorted unless ``labels`` fixes their order (a held-out file must use the
-    training file's labels). Every bad line is reported by number."""
+    Label names are sorted (numerically when all are integers: `sort_labels`) unless ``labels``
+    fixes their order (a held-out file must use the training file's labels). Every bad line is
+    reported by number."""
     import json
 
     texts, raw = [], []
@@ -170,10 +172,22 @@ def load_image_folder(root: str | os.PathLike, *, labels: Sequence[str] | None =
     return _index_labels(str(root), images, raw, labels)
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def sort_labels(names: Iterable[str]) -> list[str]:
+    """Label names in their canonical order: numerically when every one is an integer
+    ("2" before "10"), else as strings."""
+    names = list(names)
+    if names and all(_INTEGER.fullmatch(n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
+
+
 def _index_labels(source: str, examples: list, raw: list[str], labels: Sequence[str] | None):
     if not examples:
         raise ConfigError(f"{source}: no examples found")
-    names = list(labels) if labels is not None else sorted(set(raw))
+    names = list(labels) if labels is not None else sort_labels(set(raw))
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"{source}: labels {unknown[:5]} are not among the training labels {names[:10]}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -222,34 +222,9 @@ def _max_positions(config: Any) -> int | None:
     return None
 
 
-def hf_spec(path: str, *, task: str | None = None, source: str | None = None) -> BaseSpec:
-    """The spec of a transformers model directory (checked; the model is loaded lazily)."""
-    p = check_model_dir(path)
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}: valid tasks are {', '.join(TASKS)}")
-    task = task or infer_task(p)
-    tr = transformers_module()
-    try:
-        config = tr.AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"hf:{path}: unreadable config.json ({e})") from None
-    path_s = str(p.resolve())
-    with torch.device("meta"):  # module names (head, targets, prefix) without reading any weights
-        try:
-            meta = getattr(tr, AUTO_CLASSES[task]).from_config(config)
-        except (ValueError, KeyError) as e:
-            raise ConfigError(f"hf:{path}: {type(config).__name__} has no {AUTO_CLASSES[task]} for task {task} ({e})") from None
-    common = dict(name=p.resolve().name, source=source or f"hf:{path}@{task}", task=task,
-                  default_targets=default_targets(meta, getattr(config, "model_type", None)),
-                  description=f"{type(config).__name__.removesuffix('Config')} from {path_s} ({task})")
-    if task == "image-classification":
-        return _image_spec(path_s, config, meta, common)
-    if task == "text-classification":
-        return _text_classification_spec(path_s, config, meta, common)
-    return _feature_spec(path_s, config, meta, common)
-
-
-def _load(auto_class: str, path: str, **kwargs: Any) -> nn.Module:
+def load_pretrained(auto_class: str, path: str, **kwargs: Any) -> tuple[nn.Module, dict]:
+    """``transformers.<auto_class>.from_pretrained(path)`` offline, in eval mode, with its
+    loading info (``missing_keys``, ...); a directory it cannot load is a `ConfigError`."""
     tr = transformers_module()
     try:
         model, info = getattr(tr, auto_class).from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
@@ -274,7 +249,7 @@ def _feature_spec(path: str, config: Any, meta: nn.Module, common: dict) -> Base
     kwargs = {"add_pooling_layer": False} if config.model_type in _POOLER_FAMILIES else {}
 
     def build(num_labels: int | None = None) -> nn.Module:
-        encoder, info = _load("AutoModel", path, **kwargs)
+        encoder, info = load_pretrained("AutoModel", path, **kwargs)
         _refuse_missing(path, info, None)
         return PooledEncoder(encoder, num_labels, attr=prefix).eval()
 
@@ -290,15 +265,36 @@ def _feature_spec(path: str, config: Any, meta: nn.Module, common: dict) -> Base
 
 def _classifier_builder(auto_class: str, path: str, arg_names: tuple[str, ...], num_labels: int):
     def build(n: int | None = None) -> nn.Module:
-        model, info = _load(auto_class, path)
+        model, info = load_pretrained(auto_class, path)
         head = find_head(model, num_labels)
         _refuse_missing(path, info, head)
+        if "input_ids" in arg_names:
+            _set_pad_token_id(model.config, path)
         wrapped = HFClassifier(model, arg_names)
         if n:
             replace_head(wrapped, f"model.{head}", n)
         return wrapped.eval()
 
     return build
+
+
+def _set_pad_token_id(config: Any, path: str) -> None:
+    """Decoder classifiers (GPT-2, Llama ``ForSequenceClassification``) pool the last token that
+    is not padding and refuse batches > 1 without ``config.pad_token_id``. When it is None, use
+    the config's eos (the first, if several), else the tokenizer's pad or eos: the id
+    `TextPreprocessor` right-pads with."""
+    if getattr(config, "pad_token_id", None) is not None:
+        return
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        tok = TextPreprocessor(path).tokenizer
+        eos = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if eos is None:
+        raise ConfigError(f"hf:{path}: config.json sets no pad_token_id or eos_token_id, and the tokenizer has "
+                          "neither: a decoder classifier cannot tell padding in a batch")
+    config.pad_token_id = int(eos)
 
 
 def _labels(config: Any) -> tuple[str, ...]:
@@ -337,3 +333,38 @@ def _image_spec(path: str, config: Any, meta: nn.Module, common: dict) -> BaseSp
         onnx_dynamic=({0: "batch"},), backends=("onnxruntime", "torch"),
         hf=HFModel(prefix="model", auto_class=auto, path=path, head_in_model=True, arg_names=("pixel_values",)),
     )
+
+
+# ------------------------------------------------------------------------------------------
+# the registry: one spec builder per task
+
+SPEC_BUILDERS: dict[str, Callable[[str, Any, nn.Module, dict], BaseSpec]] = {
+    "feature-extraction": _feature_spec,
+    "text-classification": _text_classification_spec,
+    "image-classification": _image_spec,
+}
+
+
+def hf_spec(path: str | os.PathLike, *, task: str | None = None) -> BaseSpec:
+    """The spec of a transformers model directory (checked; the model is loaded lazily). Its
+    source is ``hf:<absolute path>@<task>`` however the path was given, so an adapter's
+    recorded ``base_source`` resolves from any working directory."""
+    p = check_model_dir(path)
+    if task is not None and task not in SPEC_BUILDERS:
+        raise ConfigError(f"unknown task {task!r}: valid tasks are {', '.join(TASKS)}")
+    task = task or infer_task(p)
+    tr = transformers_module()
+    try:
+        config = tr.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"hf:{path}: unreadable config.json ({e})") from None
+    path_s = str(p.resolve())
+    with torch.device("meta"):  # module names (head, targets, prefix) without reading any weights
+        try:
+            meta = getattr(tr, AUTO_CLASSES[task]).from_config(config)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"hf:{path}: {type(config).__name__} has no {AUTO_CLASSES[task]} for task {task} ({e})") from None
+    common = dict(name=p.resolve().name, source=f"hf:{path_s}@{task}", task=task,
+                  default_targets=default_targets(meta, getattr(config, "model_type", None)),
+                  description=f"{type(config).__name__.removesuffix('Config')} from {path_s} ({task})")
+    return SPEC_BUILDERS[task](path_s, config, meta, common)

@@ -19,29 +19,38 @@ def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, target_modules: tuple[str, ...] | str) -> list[str]:
-    """Full names of the modules selected by ``target_modules`` (exact names, name suffixes, or
-    one regex matching the whole name), in model order. Errors name what did not match."""
+def _select(model: nn.Module, target_modules: tuple[str, ...] | str) -> list[tuple[str, bool]]:
+    """``(name, adaptable)`` of every module ``target_modules`` selects, in model order
+    (outermost only: the children of a selected layer are not selected again)."""
     if not target_modules:
         raise ConfigError("target_modules is empty: name the layers to adapt (names, suffixes or a regex)")
-    found, unsupported = [], []
+    selected: list[tuple[str, bool]] = []
     for name, module in model.named_modules():
         if isinstance(module, WaraLayer) or not name or not _matches(name, target_modules):
             continue
-        if any(name.startswith(f + ".") for f in found):
+        if any(name.startswith(f + ".") for f, ok in selected if ok):
             continue
-        (found if is_adaptable(module) else unsupported).append(name)
-    if unsupported and isinstance(target_modules, tuple):
-        kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in unsupported[:8])
-        raise ConfigError(f"target modules cannot take an adapter: {kinds}; "
-                          "WaRA adapts nn.Linear, 1x1 stride-1 nn.Conv2d and Conv1D layers")
-    if not found:
+        selected.append((name, is_adaptable(module)))
+    if not any(ok for _, ok in selected) and not (isinstance(target_modules, tuple) and selected):
         raise ConfigError(f"no nn.Linear, 1x1 nn.Conv2d or Conv1D module matches target_modules={target_modules!r}")
     if isinstance(target_modules, tuple):
         for t in target_modules:
-            if not any(_matches(n, (t,)) for n in found):
+            if not any(_matches(n, (t,)) for n, _ in selected):
                 raise ConfigError(f"target module {t!r} matches no module of the model")
-    return found
+    return selected
+
+
+def find_targets(model: nn.Module, target_modules: tuple[str, ...] | str) -> list[str]:
+    """Full names of the modules selected by ``target_modules`` (exact names, name suffixes, or
+    one regex matching the whole name), in model order. Errors name what did not match; named
+    layers (not a regex's matches) that cannot take an adapter are refused, all listed."""
+    selected = _select(model, target_modules)
+    unsupported = [n for n, ok in selected if not ok]
+    if unsupported and isinstance(target_modules, tuple):
+        kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in unsupported)
+        raise ConfigError(f"target modules cannot take an adapter: {kinds}; "
+                          "WaRA adapts nn.Linear, 1x1 stride-1 nn.Conv2d and Conv1D layers")
+    return [n for n, ok in selected if ok]
 
 
 def adaptable_layers(model: nn.Module, *, levels: int = 0, exclude: tuple[str, ...] = ()) -> list[str]:
@@ -75,8 +84,12 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject(model: nn.Module, config: WaraConfig, *, seed: int | None = None) -> nn.Module:
     """Wrap every target module of ``model`` (in place) and freeze everything but the WaRA
     factors and ``modules_to_save``. Returns ``model``. Validates all targets before changing
-    anything. ``seed`` makes the A-factor init reproducible."""
-    targets = find_targets(model, config.target_modules)
+    anything: every named layer that cannot take the adapter (its kind or its shape) is listed
+    in one error. ``seed`` makes the A-factor init reproducible."""
+    selected = _select(model, config.target_modules)
+    if isinstance(config.target_modules, str):  # a regex adapts what it can among its matches
+        selected = [(n, ok) for n, ok in selected if ok]
+    targets = [n for n, ok in selected if ok]
     for name in config.modules_to_save:
         try:
             model.get_submodule(name)
@@ -84,16 +97,16 @@ def inject(model: nn.Module, config: WaraConfig, *, seed: int | None = None) -> 
             raise ConfigError(f"modules_to_save: the model has no module {name!r}") from None
     # Validate every target first, then wrap and swap them in: a bad config changes nothing.
     frozen_config = config.replace(target_modules=tuple(targets))
-    refused = []
-    for name in targets:
+    refused: dict[str, list[str]] = {}  # reason -> every layer refused for it
+    for name, _ in selected:
         try:
             check_wrappable(model.get_submodule(name), frozen_config)
         except ConfigError as e:
-            refused.append(f"{name}: {e}")
+            refused.setdefault(str(e), []).append(name)
     if refused:
-        more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
-        raise ConfigError(f"{len(refused)} target layer(s) cannot take this adapter, nothing was changed: "
-                          + "; ".join(refused[:8]) + more)
+        count = sum(len(names) for names in refused.values())
+        raise ConfigError(f"{count} target layer(s) cannot take this adapter, nothing was changed: "
+                          + "; ".join(f"{', '.join(names)}: {reason}" for reason, names in refused.items()))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     wrappers = {}
     for name in targets:

@@ -1,5 +1,6 @@
 """Built-in training tasks: base model + offline data + defaults, and `train_task` which
-trains one adapter end to end and writes the artifact."""
+trains one adapter end to end and writes the artifact; `train_on_base` does the same for any
+base and the user's own data. Both run the one flow of `_inject_train_save`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data
@@ -117,28 +119,46 @@ def train_task(
     train_set, eval_set, names = prepare(task, seed=seed)
     torch.manual_seed(seed)
     model = build_base(task.base, num_labels=len(names))
+    return _inject_train_save(
+        model, config, seed=seed, t0=t0, log=log,
+        describe=lambda n: (f"task {task.name}: {task.description}; {len(train_set)} train / {len(eval_set)} held-out; "
+                            f"WaRA {wavelet}/{mode} J={levels} r={rank} on {n} layers"),
+        train_set=train_set, eval_set=eval_set, collate=task.collate, options=options,
+        out=out, base_model=task.base, base_source=None, labels=names, extra={"task": task.name},
+    )
+
+
+def _inject_train_save(
+    model: nn.Module,
+    config: WaraConfig,
+    *,
+    seed: int,
+    t0: float,
+    log: Callable[[str], None],
+    describe: Callable[[int], str],
+    train_set: list,
+    eval_set: list,
+    collate: Callable[[], Callable[[Sequence[Any]], Any]],
+    options: TrainOptions,
+    out: str | Path,
+    base_model: str,
+    base_source: str | None,
+    labels: Sequence[str],
+    extra: dict[str, Any],
+) -> TrainResult:
+    """The one training flow: inject (seeded), log ``describe(number of adapted layers)``,
+    train, save the artifact with ``extra`` plus the run's figures, log the result."""
     inject(model, config, seed=seed)
-    log(
-        f"task {task.name}: {task.description}; {len(train_set)} train / {len(eval_set)} held-out; "
-        f"WaRA {wavelet}/{mode} J={levels} r={rank} on {len(model.wara_config.target_modules)} layers"
-    )
-    result = train(model, train_set=train_set, eval_set=eval_set, collate=task.collate(), options=options)
-    extra = {
-        "task": task.name,
-        "seed": seed,
-        "steps": result.steps,
-        "heldout_accuracy": round(result.after.accuracy, 6),
-        "heldout_macro_f1": round(result.after.macro_f1, 6),
-    }
-    save_adapter(model, out, base_model=task.base, labels=names, extra=extra)
-    log(
-        f"held-out accuracy {result.after.accuracy:.3f} (macro-F1 {result.after.macro_f1:.3f}) "
+    log(describe(len(model.wara_config.target_modules)))
+    result = train(model, train_set=train_set, eval_set=eval_set, collate=collate(), options=options)
+    extra = {**extra, "seed": seed, "steps": result.steps,
+             "heldout_accuracy": round(result.after.accuracy, 6), "heldout_macro_f1": round(result.after.macro_f1, 6)}
+    save_adapter(model, out, base_model=base_model, base_source=base_source, labels=list(labels), extra=extra)
+    log(f"held-out accuracy {result.after.accuracy:.3f} (macro-F1 {result.after.macro_f1:.3f}) "
         f"vs untrained {result.before.accuracy:.3f}; {result.steps} steps in {result.seconds:.1f}s, "
-        f"{result.trainable_params:,} trainable parameters; total {time.perf_counter() - t0:.1f}s"
-    )
+        f"{result.trainable_params:,} trainable parameters; total {time.perf_counter() - t0:.1f}s")
     log(f"adapter written to {out}")
     return result
-
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,17 +228,12 @@ def train_on_base(
     torch.manual_seed(seed)
     model = spec.build(None if own_head else len(names))
     targets = spec.default_targets or tuple(adaptable_layers(model, levels=levels, exclude=(spec.head,)))
-    inject(model, config.replace(target_modules=targets, modules_to_save=(spec.head,)), seed=seed)
-    log(f"base {spec.name} ({spec.description or spec.source}); {len(train_set)} train / {len(eval_set)} held-out, "
-        f"{len(names)} labels ({'its own head' if own_head else 'a new head'}); "
-        f"WaRA {wavelet}/{mode} J={levels} r={rank} on {len(model.wara_config.target_modules)} layers")
-    collate = spec.preprocessor(max_length=max_length)
-    result = train(model, train_set=train_set, eval_set=eval_set, collate=collate, options=options)
-    extra = {"data": Path(data_path).name, "seed": seed, "steps": result.steps,
-             "heldout_accuracy": round(result.after.accuracy, 6), "heldout_macro_f1": round(result.after.macro_f1, 6)}
-    save_adapter(model, out, base_model=spec.name, base_source=spec.source, labels=names, extra=extra)
-    log(f"held-out accuracy {result.after.accuracy:.3f} (macro-F1 {result.after.macro_f1:.3f}) "
-        f"vs untrained {result.before.accuracy:.3f}; {result.steps} steps in {result.seconds:.1f}s, "
-        f"{result.trainable_params:,} trainable parameters; total {time.perf_counter() - t0:.1f}s")
-    log(f"adapter written to {out}")
-    return result
+    return _inject_train_save(
+        model, config.replace(target_modules=targets, modules_to_save=(spec.head,)), seed=seed, t0=t0, log=log,
+        describe=lambda n: (f"base {spec.name} ({spec.description or spec.source}); {len(train_set)} train / "
+                            f"{len(eval_set)} held-out, {len(names)} labels ({'its own head' if own_head else 'a new head'}); "
+                            f"WaRA {wavelet}/{mode} J={levels} r={rank} on {n} layers"),
+        train_set=train_set, eval_set=eval_set, collate=lambda: spec.preprocessor(max_length=max_length),
+        options=options, out=out, base_model=spec.name, base_source=spec.source, labels=names,
+        extra={"data": Path(data_path).name},
+    )
