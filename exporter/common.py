@@ -15,29 +15,54 @@ import torch
 import torch.nn as nn
 
 from wara_train.artifact import WaraAdapter, check_compatible, load_adapter, load_saved_modules
-from wara_train.basespec import BaseSpec, resolve_base
+from wara_train.basespec import BaseSpec, parse_source, resolve_base
 from wara_train.errors import ConfigError
 from wara_train.layer import is_conv1d, is_pointwise_conv
 
 HEAD_FILE = "wara_head.safetensors"  # a task head that is not part of the transformers model
 
 
+# The kinds of recorded source an export resolves on its own: a built-in name, or a model
+# directory that transformers reads as data. A ``py:`` source is code: importing it because an
+# artifact names it would run whatever the artifact points at, so it must be asked for.
+AUTO_RESOLVED = ("builtin", "hf")
+
+
+class RecordedFactoryError(ConfigError):
+    """An artifact names a ``py:`` factory base, which is not imported without ``--base``."""
+
+
+def resolve_recorded(source: str, *, what: str) -> BaseSpec:
+    """The spec of a base ``source`` recorded in an artifact (``what`` names the artifact in
+    errors): resolved only when it is a built-in name or ``hf:PATH``. A ``py:`` factory is never
+    imported on an artifact's word: `RecordedFactoryError`, asking for ``--base py:...``."""
+    if parse_source(source)[0] not in AUTO_RESOLVED:
+        raise RecordedFactoryError(
+            f"{what} was made on the factory base {source!r}; an artifact is data, so the code it names is "
+            f"not imported on its word: pass --base {source} to run that factory")
+    return resolve_base(source)
+
+
 def resolve_adapter_base(adapter: WaraAdapter, source: str | None = None) -> BaseSpec:
-    """The spec of the base ``adapter`` was trained on: ``source`` when given, else the built-in
-    of its ``base_model`` name, else the ``base_source`` it recorded at training."""
+    """The spec of the base ``adapter`` was trained on: ``source`` when given (any kind), else
+    the built-in of its ``base_model`` name, else the ``base_source`` it recorded at training
+    when that is a built-in name or ``hf:`` (`resolve_recorded`)."""
     from wara_train.bases import BUILTINS, get_base
 
     if source:
         return resolve_base(source)
     if adapter.base_model in BUILTINS:
         return get_base(adapter.base_model)
+    what = f"adapter {adapter.content_hash[:19]}..."
     why = ""
     if adapter.base_source:
         try:
-            return resolve_base(adapter.base_source)
+            return resolve_recorded(adapter.base_source, what=what)
+        except RecordedFactoryError:
+            raise
         except ConfigError as e:
             why = f" (it was trained from {adapter.base_source!r}, which does not resolve here: {e})"
-    raise ConfigError(f"adapter {adapter.content_hash[:19]}... was trained on base {adapter.base_model!r}, which is "
+    raise ConfigError(f"{what} was trained on base {adapter.base_model!r}, which is "
                       f"not built in{why}: pass --base SOURCE (hf:PATH[@TASK] or py:module:function)")
 
 
@@ -124,14 +149,10 @@ def hf_module(spec: BaseSpec, model: nn.Module) -> nn.Module:
 
 def load_hf(spec: BaseSpec, path: str | os.PathLike, *, num_labels: int | None = None) -> nn.Module:
     """``<auto_class>.from_pretrained(path)`` (offline), with a ``num_labels``-way head if given."""
-    from wara_train.hf import transformers_module
+    from wara_train.hf import load_pretrained
 
-    tr = transformers_module()
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
-    try:
-        return getattr(tr, spec.hf.auto_class).from_pretrained(str(path), local_files_only=True, **kwargs).eval()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(f"{path}: {spec.hf.auto_class} cannot load it ({e})") from None
+    return load_pretrained(spec.hf.auto_class, str(path), **kwargs)[0]
 
 
 def served_from_hf(spec: BaseSpec, model: nn.Module, head: Mapping[str, torch.Tensor] | None = None) -> nn.Module:

@@ -24,9 +24,11 @@ import torch.nn as nn
 from wara_train.artifact import WaraAdapter
 from wara_train.basespec import BaseSpec
 
-from .common import conv1d_targets, conv_targets, hf_name, saved_head, write_head
+from .common import HEAD_FILE, conv1d_targets, conv_targets, hf_name, saved_head, write_head
+from .staging import staged_dir
 
 PEFT_PREFIX = "base_model.model."
+STALE_FILES = (HEAD_FILE, "adapter_model.*")  # an earlier export's head or weights, if not rewritten
 
 
 def _peft_names(adapter: WaraAdapter, spec: BaseSpec | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -68,7 +70,8 @@ def save_peft_lora(
 
     ``spec``: the adapter's base (names as in its transformers model; without one, as in our
     module). ``base``: the base model, to tell 1x1 convs and Conv1D layers from Linears
-    (default: every target is a Linear)."""
+    (default: every target is a Linear). Atomic (`exporter.staging`): an export that fails
+    leaves ``out_dir`` as it was."""
     from safetensors.torch import save_file
 
     convs = conv_targets(adapter, base) if base is not None else set()
@@ -102,12 +105,11 @@ def save_peft_lora(
     source = {"wara_content_hash": adapter.content_hash, "wara_wavelet": adapter.config.wavelet,
               "wara_mode": adapter.config.mode, "wara_levels": str(adapter.config.levels),
               "wara_rank": str(adapter.config.rank), "wara_base_model": adapter.base_model}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(peft_lora_tensors(adapter, spec=spec, conv_modules=convs), str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt", **source})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     head = saved_head(adapter, spec) if hf and not spec.hf.head_in_model else None
-    if head is not None:
-        write_head(out, head, labels=adapter.labels)
-    return out
+    with staged_dir(out_dir, stale=STALE_FILES, last=("adapter_config.json",)) as stage:
+        save_file(peft_lora_tensors(adapter, spec=spec, conv_modules=convs), str(stage / "adapter_model.safetensors"),
+                  metadata={"format": "pt", **source})
+        (stage / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if head is not None:
+            write_head(stage, head, labels=adapter.labels)
+    return Path(out_dir)

@@ -7,7 +7,11 @@ passed in is never modified. The result uses the base model's own parameter name
 On disk (`save_merged`), a base that is a transformers model gives a complete transformers model
 directory (``<AutoModel*>.from_pretrained(dir)`` loads it, tokenizer or image-processor files
 included); any other base gives ``model.safetensors`` of our module plus ``config.json``. Both
-carry ``wara_merged.json``: what was merged, from which adapters, with which weights.
+carry ``wara_merged.json``: what was merged, from which adapters, with which weights, and the
+labels. A classification model's config.json names its labels (``id2label``); a feature
+extractor's does not (``AutoModelForSequenceClassification`` would then build a random head):
+the head an adapter trained on its pooled features is ``wara_head.safetensors``, its labels in
+that file's metadata and in ``wara_merged.json``. The directory appears only once complete.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import torch
 import torch.nn as nn
 
 from wara_train.artifact import WaraAdapter, check_compatible
-from wara_train.basespec import BaseSpec, resolve_base
+from wara_train.basespec import BaseSpec
 from wara_train.errors import ConfigError
 from wara_train.layer import merged_weight
 
-from .common import (HEAD_FILE, build_with_head, hf_module, load_hf, read_head, saved_head, served_from_hf,
-                     write_head)
+from .common import (HEAD_FILE, build_with_head, hf_module, load_hf, read_head, resolve_recorded, saved_head,
+                     served_from_hf, write_head)
+from .staging import staged_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INFO_FILE = "wara_merged.json"
@@ -36,6 +41,8 @@ FORMAT = "wara-merged"
 # The preprocessing files of a transformers model directory, copied beside the merged weights.
 PREPROCESSING_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                        "vocab.txt", "vocab.json", "merges.txt", "preprocessor_config.json")
+# Files an earlier export into the same directory may have left that this one might not write.
+STALE_FILES = (HEAD_FILE, "model*.safetensors", "model.safetensors.index.json")
 
 
 def _blend_saved_modules(adapters: Sequence[tuple[WaraAdapter, float]]) -> dict[str, torch.Tensor]:
@@ -99,7 +106,8 @@ def save_merged(
     sources: Sequence[str] | None = None,
 ) -> Path:
     """Merge ``adapters`` into a copy of ``base`` and write it to ``out_dir`` (see the module
-    docstring); ``sources`` names each adapter in the provenance (its content hash is always there)."""
+    docstring); ``sources`` names each adapter in the provenance (its content hash is always there).
+    Atomic (`exporter.staging`): an export that fails leaves ``out_dir`` as it was."""
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}: valid values are {', '.join(DTYPES)}")
     names = [str(s) for s in sources] if sources is not None else [None] * len(adapters)
@@ -117,20 +125,19 @@ def save_merged(
         "dtype": dtype,
         "sources": [{"adapter": n, "content_hash": a.content_hash, "weight": w} for n, (a, w) in zip(names, adapters)],
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if spec.hf is not None:
-        info.update(_save_transformers(model, spec, out, labels=first.labels, has_head=head is not None,
-                                       dtype=DTYPES[dtype]))
-    else:
-        from safetensors.torch import save_file
+    with staged_dir(out_dir, stale=STALE_FILES, last=(INFO_FILE,)) as stage:
+        if spec.hf is not None:
+            info.update(_save_transformers(model, spec, stage, labels=first.labels, has_head=head is not None,
+                                           dtype=DTYPES[dtype]))
+        else:
+            from safetensors.torch import save_file
 
-        state = {k: v.detach().to(DTYPES[dtype]).clone().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        info["layout"] = "module"
-        (out / "config.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return out
+            state = {k: v.detach().to(DTYPES[dtype]).clone().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
+            info["layout"] = "module"
+            (stage / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+        (stage / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return Path(out_dir)
 
 
 def _save_transformers(model: nn.Module, spec: BaseSpec, out: Path, *, labels: list[str] | None, has_head: bool,
@@ -150,7 +157,10 @@ def _save_transformers(model: nn.Module, spec: BaseSpec, out: Path, *, labels: l
     hf = hf.to(dtype)
     extra: dict[str, Any] = {"layout": "transformers", "auto_class": spec.hf.auto_class}
     head = model.get_submodule(spec.head) if (spec.hf.head_in_model or has_head) else None
-    if head is not None:
+    if head is not None and spec.hf.head_in_model:
+        # Only a head inside the transformers model names its labels in config.json: on a
+        # feature extractor (AutoModel) they would invite AutoModelForSequenceClassification,
+        # which would build a random head of its own. Its labels go beside HEAD_FILE instead.
         k = int(head.weight.shape[0])
         names = list(labels) if labels and len(labels) == k else [f"LABEL_{i}" for i in range(k)]
         hf.config.id2label = dict(enumerate(names))
@@ -164,6 +174,7 @@ def _save_transformers(model: nn.Module, spec: BaseSpec, out: Path, *, labels: l
         extra["head"] = {
             "file": HEAD_FILE,
             "applies_to": "the masked mean of last_hidden_state over attention_mask",
+            "labels": labels,
             "note": (f"{spec.hf.auto_class} has no head of its own and transformers' sequence-classification "
                      "models pool differently (BERT: tanh pooler on the first token), so the adapter's head "
                      f"is {HEAD_FILE} (weight, bias): logits = mean_pool(model(...).last_hidden_state) @ weight.T + bias"),
@@ -192,7 +203,7 @@ def load_merged(path: str | os.PathLike, spec: BaseSpec | None = None) -> nn.Mod
 
     path = Path(path)
     info = read_info(path)
-    spec = spec or resolve_base(info["base_source"])
+    spec = spec or resolve_recorded(info["base_source"], what=f"merged directory {path}")
     if info.get("layout") == "transformers":
         if spec.hf is None:
             raise ConfigError(f"{path} is a transformers model, but base {spec.name!r} is not a transformers base")

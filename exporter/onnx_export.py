@@ -372,11 +372,13 @@ def _multi_splice(shapes: dict[str, tuple[int, int]], heads: set[str], new_input
             d = g.node("MatMul", [b_sel, z], "d")  # (B, m, HW)
             d = g.node("Reshape", [d, g.node("Shape", [y_base], "yshape")], "delta")
         else:
-            xs = x if p.x_rank == 3 else g.node("Unsqueeze", [x, g.ints("wara.i1", [1])], "x3")
+            # Any rank (B, ..., n) -> (B, T, n): the batch axis stays first for the per-row
+            # factors (a rank-4 input, ConvNeXt's pwconv on (B, H, W, C), would otherwise
+            # broadcast H against the slot axis); rank 2 gives T = 1.
+            xs = g.node("Reshape", [x, g.ints(f"wara.bt{n}", [0, -1, n])], "x3")
             z = g.node("MatMul", [xs, g.node("Transpose", [a_sel], "AT", perm=[0, 2, 1])], "z")  # (B, T, R)
             d = g.node("MatMul", [z, g.node("Transpose", [b_sel], "BT", perm=[0, 2, 1])], "d")  # (B, T, m)
-            if p.x_rank != 3:
-                d = g.node("Squeeze", [d, g.ints("wara.i1", [1])], "delta")
+            d = g.node("Reshape", [d, g.node("Shape", [y_base], "yshape")], "delta")
         g.node("Add", [y_base, d], "adapted", out=p.y)
 
     return build

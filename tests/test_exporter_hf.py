@@ -1,7 +1,8 @@
 """Exports of the user's own transformers models (``hf:DIR``), each checked as the ecosystem uses it.
 
-For a tiny BERT text classifier, a ViT image classifier and a GPT-2 (Conv1D layers) feature
-extractor, with a random WaRA adapter each:
+For a tiny BERT text classifier, a ViT and a ConvNeXt image classifier (ConvNeXt's pointwise
+Linears see channels-last (B, H, W, C) inputs) and a GPT-2 (Conv1D layers) feature extractor,
+with a random WaRA adapter each:
 
 * ``export merge`` -> the real ``AutoModel*.from_pretrained(dir)``;
 * ``export lora`` -> ``PeftModel.from_pretrained(AutoModel*.from_pretrained(DIR), lora_dir)``;
@@ -15,6 +16,7 @@ test, ΔW reconstructed from the adapter's factors by ``pywt.waverec2`` in float
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny_models
+from helpers import assert_close, tol
 from references import merge_into
 from exporter.common import HEAD_FILE, base_for, load_with_base, resolve_adapter_base
 from exporter.lora import save_peft_lora
@@ -42,7 +45,6 @@ from wara_train.synthetic import randomize_factors
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-4  # the issue's bar for every form
 RANK, ALPHA, WAVELET, LEVELS = 2, 4.0, "db2", 2
 
 
@@ -57,12 +59,14 @@ class Kind:
 KINDS = {
     "bert": Kind(tiny_models.make_bert_classifier),
     "vit": Kind(tiny_models.make_vit_classifier),
+    "convnext": Kind(tiny_models.make_convnext_classifier),
     "gpt2": Kind(tiny_models.make_gpt2, "@feature-extraction", head_labels=("a", "b", "c", "d")),
     "gpt2-embed": Kind(tiny_models.make_gpt2, "@feature-extraction", with_head=False),
     # a new 5-way head in place of the classifier's own 3-way one
     "bert-5": Kind(tiny_models.make_bert_classifier, head_labels=("v", "w", "x", "y", "z")),
 }
-ONNX_KINDS = ["bert", "vit", "gpt2", "gpt2-embed"]
+ONNX_KINDS = ["bert", "vit", "convnext", "gpt2", "gpt2-embed"]
+F32 = torch.float32  # every export is checked at float32's tolerance (helpers.TOLERANCES)
 
 
 @dataclass
@@ -185,27 +189,33 @@ def test_merge_loads_with_from_pretrained_and_matches(cases, tmp_path, kind):
     spec, adapter = case.spec, case.adapter
     out = save_merged(case.base, [(adapter, 1.0)], tmp_path / "merged", spec=spec, sources=[case.adapter_dir])
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] in ("bert", "vit", "gpt2")
+    assert config["model_type"] in ("bert", "vit", "convnext", "gpt2")
     info = json.loads((out / INFO_FILE).read_text())
     assert info["format"] == "wara-merged" and info["base_source"] == spec.source
-    assert info["sources"][0]["content_hash"] == adapter.content_hash
+    assert info["sources"][0]["content_hash"] == adapter.content_hash and info["labels"] == adapter.labels
     merged = auto(spec, out)  # the real transformers class, not our loader
     head = None
-    if adapter.labels:
+    if spec.hf.head_in_model:
         assert [config["id2label"][str(i)] for i in range(len(adapter.labels))] == adapter.labels
         assert config["label2id"] == {label: i for i, label in enumerate(adapter.labels)}
-    if spec.hf.head_in_model:
         assert not (out / HEAD_FILE).exists()
-    elif KINDS[kind].with_head:
-        from safetensors.torch import load_file
-
-        head = load_file(str(out / HEAD_FILE))
-        assert set(head) == {"weight", "bias"} and "head" in info
     else:
-        assert not (out / HEAD_FILE).exists()
+        # A feature extractor's config names no labels, whatever head the adapter trained: they
+        # would invite AutoModelForSequenceClassification, which builds a random head.
+        assert config.get("id2label") is None and config.get("label2id") is None
+        if KINDS[kind].with_head:
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            head = load_file(str(out / HEAD_FILE))
+            assert set(head) == {"weight", "bias"} and info["head"]["labels"] == adapter.labels
+            with safe_open(str(out / HEAD_FILE), "pt") as f:
+                assert json.loads(f.metadata()["labels"]) == adapter.labels
+        else:
+            assert not (out / HEAD_FILE).exists()
     inputs = sample_inputs(spec)
     want = reference(case, inputs)
-    assert max_err(run_hf(merged, spec, inputs, head), want) <= ATOL
+    assert_close(run_hf(merged, spec, inputs, head), want, dtype=F32)
     plain = run_hf(own_model(case), spec, inputs, head)
     assert plain.shape != want.shape or max_err(plain, want) > 1e-2  # the adapter matters
     # The directory's own preprocessing comes along.
@@ -239,7 +249,7 @@ def test_lora_loads_in_peft_on_the_transformers_model(cases, tmp_path, kind):
         assert cfg["modules_to_save"] == ["classifier"]
     inputs = sample_inputs(spec)
     got = run_hf(peft_model, spec, inputs, head)
-    assert max_err(got, reference(case, inputs)) <= ATOL
+    assert_close(got, reference(case, inputs), dtype=F32)
     assert verify_exported(case.adapter_dir, out).ok  # our own verify agrees
 
 
@@ -249,10 +259,11 @@ def test_onnx_multi_matches_in_onnxruntime(cases, tmp_path, kind):
     spec, adapter, base = case.spec, case.adapter, case.base
     path = export_onnx(adapter, base, "multi", tmp_path / "multi.onnx", spec=spec, log=lambda s: None)
     rows = [0, -1, 0]
-    result = verify_onnx(str(path), [adapter], base, spec=spec, rows=rows, atol=ATOL)
+    result = verify_onnx(str(path), [adapter], base, spec=spec, rows=rows, atol=tol(F32)[1])
     assert result.provider == "CPUExecutionProvider"
     assert result.ok, str(result)
-    # The adapter's rows against the independent reference, on inputs with padding.
+    # Every row against the independent reference, on inputs with padding: the adapter's rows
+    # against the pywt-merged transformers model, the base row against the plain one.
     sess = ort_session(str(path))
     inputs = sample_inputs(spec)
     feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs)}
@@ -260,7 +271,11 @@ def test_onnx_multi_matches_in_onnxruntime(cases, tmp_path, kind):
     feeds["adapter_index"] = np.asarray([r + 1 for r in rows], dtype=np.int64)
     got = torch.from_numpy(sess.run(None, feeds)[0])
     want = reference(case, inputs)
-    assert max_err(got[[0, 2], : want.shape[1]], want[[0, 2]]) <= ATOL
+    assert_close(got[[0, 2], : want.shape[1]], want[[0, 2]], dtype=F32)
+    own_head = None if spec.hf.head_in_model or not KINDS[kind].with_head else base.get_submodule(spec.head).state_dict()
+    plain = run_hf(own_model(case), spec, inputs, own_head)
+    assert_close(got[[1], : plain.shape[1]], plain[[1]], dtype=F32)
+    assert max_err(got[[1], : plain.shape[1]], want[[1]]) > 1e-2  # the base row is not adapted
 
 
 @pytest.mark.slow
@@ -268,8 +283,65 @@ def test_onnx_multi_matches_in_onnxruntime(cases, tmp_path, kind):
 def test_onnx_unmerged_conv1d_and_vision(cases, tmp_path, kind):
     case = cases(kind)
     path = export_onnx(case.adapter, case.base, "unmerged", tmp_path / "u.onnx", spec=case.spec, log=lambda s: None)
-    result = verify_onnx(str(path), [case.adapter], case.base, spec=case.spec, atol=ATOL)
+    result = verify_onnx(str(path), [case.adapter], case.base, spec=case.spec, atol=tol(F32)[1])
     assert result.ok, str(result)
+
+
+# ------------------------------------------------------------------------------------------
+# atomic exports: a failure leaves nothing behind, and an existing directory as it was
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_merge_that_fails_midway_leaves_nothing(cases, tmp_path, monkeypatch):
+    case = cases("gpt2")
+
+    def broken_save(self, directory, *args, **kwargs):
+        (Path(directory) / "config.json").write_text("{}")  # part of the model is on disk
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_merged(case.base, [(case.adapter, 1.0)], tmp_path / "merged", spec=case.spec)
+    assert list(tmp_path.iterdir()) == []  # no out, no staging directory
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text('{"old": true}')
+    (old / "notes.txt").write_text("mine")
+    before = _snapshot(old)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_merged(case.base, [(case.adapter, 1.0)], old, spec=case.spec)
+    assert _snapshot(old) == before and list(tmp_path.iterdir()) == [old]
+
+
+def test_a_merge_over_an_earlier_one_leaves_no_stale_head(cases, tmp_path):
+    with_head, without = cases("gpt2"), cases("gpt2-embed")
+    out = save_merged(with_head.base, [(with_head.adapter, 1.0)], tmp_path / "m", spec=with_head.spec)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # an ordinary directory, not mkdtemp's 0700
+    (out / "notes.txt").write_text("mine")
+    assert (out / HEAD_FILE).is_file()
+    save_merged(without.base, [(without.adapter, 1.0)], out, spec=without.spec)
+    assert not (out / HEAD_FILE).exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / INFO_FILE).read_text())["sources"][0]["content_hash"] == without.adapter.content_hash
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_a_lora_export_that_fails_midway_leaves_nothing(cases, tmp_path, monkeypatch):
+    import exporter.lora
+
+    case = cases("gpt2")
+
+    def broken_head(*args, **kwargs):  # after the weights and config are written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(exporter.lora, "write_head", broken_head)
+    with pytest.raises(OSError, match="disk full"):
+        save_peft_lora(case.adapter, tmp_path / "lora", spec=case.spec, base=case.base)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,7 +435,7 @@ def test_minilm_lora_loads_in_peft_on_automodel(minilm, tmp_path):
 
     inputs = sample_inputs(spec)
     got = run_hf(model, spec, inputs, load_file(str(out / HEAD_FILE)))
-    assert max_err(got, _minilm_reference(adapter, spec, inputs)) <= ATOL
+    assert_close(got, _minilm_reference(adapter, spec, inputs), dtype=F32)
 
 
 @pytest.mark.slow
@@ -373,10 +445,11 @@ def test_minilm_merge_is_a_complete_transformers_model(minilm, tmp_path):
     _, adapter, spec, base = minilm
     out = save_merged(base, [(adapter, 1.0)], tmp_path / "merged", spec=spec)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "bert" and config["id2label"]["0"] == adapter.labels[0]
+    assert config["model_type"] == "bert" and config.get("id2label") is None  # labels: beside the head
+    assert json.loads((out / INFO_FILE).read_text())["labels"] == adapter.labels
     assert (out / "vocab.txt").is_file() and (out / "tokenizer.json").is_file()
     model, info = transformers.AutoModel.from_pretrained(str(out), local_files_only=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]  # the pooler comes along
     inputs = sample_inputs(spec)
     got = run_hf(model.eval(), spec, inputs, load_file(str(out / HEAD_FILE)))
-    assert max_err(got, _minilm_reference(adapter, spec, inputs)) <= ATOL
+    assert_close(got, _minilm_reference(adapter, spec, inputs), dtype=F32)

@@ -171,6 +171,57 @@ def make_vit_classifier(
 
 
 # ---------------------------------------------------------------------------------------------
+# ConvNeXt
+
+
+def make_convnext_classifier(
+    path, *, labels: Sequence[str] = ("red", "green", "blue"), image_size: int = 32, seed: int = 0
+) -> Path:
+    """ConvNextForImageClassification (2 stages of 1 block, widths 8 and 16, patch 4, RGB) plus
+    its image processor, saved to ``path``.
+
+    Its ``pwconv1`` / ``pwconv2`` are ``nn.Linear`` layers on channels-last (B, H, W, C) tensors:
+    rank-4 inputs. ``config.image_size`` is ``image_size`` (the spec's fixed input size). The
+    processor resizes the shortest edge to ``image_size`` (``crop_pct`` 1.0, then a centre crop
+    to ``image_size`` x ``image_size``), rescales by 1/255 and normalises with mean = std = 0.5. It
+    is saved from ``ConvNextImageProcessorPil`` (no torchvision here); its preprocessor_config.json
+    says ``"image_processor_type": "ConvNextImageProcessor"`` and
+    ``AutoImageProcessor.from_pretrained(path)`` resolves it to ``ConvNextImageProcessorPil``.
+    """
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessorPil
+
+    path = _dir(path)
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8 (patch 4, then one 2x downsampling), got {image_size}")
+    id2label, label2id = _id_maps(labels)
+    config = ConvNextConfig(
+        num_channels=3,
+        patch_size=4,
+        num_stages=2,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        image_size=image_size,
+        id2label=id2label,
+        label2id=label2id,
+    )
+    model = _seeded_build(seed, lambda: ConvNextForImageClassification(config))
+    model.eval().save_pretrained(path)
+
+    processor = ConvNextImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        crop_pct=1.0,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 # GPT-2
 
 
