@@ -495,3 +495,30 @@ def test_auto_backend_falls_back_to_pytorch_where_onnx_export_fails(caplog):
     assert "could not be built" in caplog.text and "serving it with PyTorch" in caplog.text
     with pytest.raises(Exception, match="export"):
         make_engine(ServeConfig(port=0, backend="onnxruntime"), spec)
+
+
+def test_mixed_batch_on_convnext_channels_last_linears(tmp_path):
+    """ConvNeXt's adapted layers are Linears on (B, H, W, C) maps: a mixed batch of two adapters
+    and the base, each row equal to its own adapter's pywt-merged plain model."""
+    from transformers import AutoModelForImageClassification
+
+    from runtime.engine import TorchEngine
+    from wara_train.basespec import resolve_base
+    from wara_train.synthetic import random_adapter
+
+    directory = tm.make_convnext_classifier(tmp_path / "convnext")
+    spec = resolve_base(f"hf:{directory}")
+    adapters = [random_adapter(spec, tmp_path / f"a{k}", rank=2, num_labels=3, seed=k) for k in (1, 2)]
+    engine = TorchEngine(spec, slots=3, device="cpu")
+    for k, a in enumerate(adapters, start=1):
+        engine.write_slot(k, engine.prepare(a))
+    (images,) = spec.sample(3, 0)
+    rows = engine.forward((images,), [1, 0, 2])
+    for i, k in enumerate([1, 0, 2]):
+        plain = AutoModelForImageClassification.from_pretrained(directory).eval()
+        if k:
+            merge_into(plain, adapters[k - 1], prefix="model.")
+            _load_head(plain.classifier, adapters[k - 1], "model.classifier")
+        with torch.no_grad():
+            want = plain(pixel_values=images[i : i + 1]).logits[0].numpy()
+        np.testing.assert_allclose(rows[i]["logits"].numpy(), want, rtol=RTOL, atol=ATOL, err_msg=f"row {i}")
