@@ -74,6 +74,15 @@ class ServeConfig:
     workers: int = 32  # gRPC handler threads
     metrics_port: int | None = None  # Prometheus /metrics; None: off
     max_text_length: int = 128  # tokens per text input (server-side tokenization)
+    # Per-request limits, checked before anything is allocated (RESOURCE_EXHAUSTED, naming the
+    # limit); a request may also hold at most `max_batch` rows.
+    max_adapters: int = 10000  # loaded adapters in total; a new one past it is RESOURCE_EXHAUSTED
+    max_request_elements: int = 1 << 24  # tensor elements, all inputs together
+    max_request_mb: int = 256  # decoded input bytes, all inputs together
+    max_bytes_elements: int = 1024  # BYTES elements (texts, images), all inputs together
+    max_bytes_element_mb: int = 16  # one BYTES element (an encoded image, a text)
+    max_text_bytes: int = 1 << 16  # one text, UTF-8 bytes (tokenized, then cut to max_text_length)
+    max_request_text_bytes: int = 1 << 20  # all texts of a request, UTF-8 bytes
     pinned: tuple[str, ...] = ()  # adapters never evicted from the host tier
     merged: tuple[str, ...] = ()  # adapters also kept as a merged copy: their own batches skip the adapter math
     auto_merge: bool = True  # also merge, per base, the one adapter that dominates recent traffic
@@ -106,7 +115,9 @@ class ServeConfig:
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: valid backends are {', '.join(BACKENDS)}")
-        for name in ("slots", "max_rank", "max_batch", "max_queue", "max_message_mb", "workers", "max_text_length"):
+        for name in ("slots", "max_rank", "max_batch", "max_queue", "max_message_mb", "workers", "max_text_length",
+                     "max_adapters", "max_request_elements", "max_request_mb", "max_bytes_elements", "max_bytes_element_mb",
+                     "max_text_bytes", "max_request_text_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.slots < 2:

@@ -11,6 +11,11 @@ class InvalidRequest(WaraError, ValueError):
     """A malformed inference request: wrong datatype, shape, missing input, bad raw bytes."""
 
 
+class RequestTooLarge(InvalidRequest):
+    """A well-formed request over a configured limit (rows, elements, bytes, text size); the
+    message names the limit. RESOURCE_EXHAUSTED: it will not pass until it is made smaller."""
+
+
 class ModelNotFound(WaraError, LookupError):
     """No base model or adapter of that name (never a silent fallback to the base)."""
 
@@ -27,8 +32,30 @@ class DeadlineExceeded(WaraError):
     """The request's deadline passed before its batch ran."""
 
 
+CLIP = 64  # characters of a client-supplied string an error message may quote
+MAX_MESSAGE = 1024  # characters of any status message
+
+
+def clip(text: object, limit: int = CLIP) -> str:
+    """``repr`` of a client-supplied string for an error message, cut to ``limit`` characters
+    (with its full length) so a message never echoes an input whole."""
+    if not isinstance(text, (str, bytes)):
+        text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} {'bytes' if isinstance(text, bytes) else 'chars'})"
+
+
+def status_message(error: BaseException) -> str:
+    """The status message for a project error: its text, at most `MAX_MESSAGE` characters."""
+    text = str(error)
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
 def status_code(error: BaseException) -> grpc.StatusCode:
     """The gRPC status for an error: the only mapping in the project."""
+    if isinstance(error, RequestTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(error, IncompatibleAdapterError):

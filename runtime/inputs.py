@@ -3,7 +3,13 @@
 A base takes either its model inputs (``spec.inputs``: e.g. ``input_ids`` + ``attention_mask``,
 or ``images``) checked against their tensor specs, or one raw BYTES input the server
 preprocesses with the base's own tokenizer or image processor (``text``, ``image_bytes``).
-Every mismatch is an `InvalidRequest` naming the input.
+Every mismatch is an `InvalidRequest` naming the input (client-supplied names are clipped by
+`errors.clip`); a text over its byte limits is a `RequestTooLarge` naming the limit, checked
+before the tokenizer sees it. Rules that hold for every base: no input has an empty axis
+(``input_ids`` of shape ``[1, 0]`` is refused), integer values lie in the spec's
+``value_range`` (token ids within the vocabulary, masks in {0, 1}), a sequence is no longer than
+the spec's ``max_dims`` (the model's position table), and each row of an ``attention_mask``
+attends to at least one token.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import torch
 
 from wara_train.basespec import BaseSpec, TensorSpec
 
-from .errors import InvalidRequest
+from .config import ServeConfig
+from .errors import InvalidRequest, RequestTooLarge, clip
 
 log = logging.getLogger("wara.serve")
+MASK_INPUT = "attention_mask"  # an integer input of this name needs a 1 in every row
 NUMPY_OF = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
 
 
@@ -33,9 +41,12 @@ class InputConverter:
     """Per base: checks request tensors and runs its preprocessing (built on first use, one
     call at a time: tokenizers are not thread-safe)."""
 
-    def __init__(self, spec: BaseSpec, *, max_text_length: int) -> None:
+    def __init__(self, spec: BaseSpec, *, max_text_length: int, max_text_bytes: int = ServeConfig.max_text_bytes,
+                 max_request_text_bytes: int = ServeConfig.max_request_text_bytes) -> None:
         self.spec = spec
         self.max_text_length = max_text_length
+        self.max_text_bytes = max_text_bytes
+        self.max_request_text_bytes = max_request_text_bytes
         self._lock = threading.Lock()
         # Built at start-up: a base whose tokenizer or image processor is missing is refused
         # by `wara serve`, not by its first request.
@@ -44,21 +55,27 @@ class InputConverter:
     def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         for name, arr in inputs.items():
             if arr.ndim == 0 or arr.shape[0] == 0:
-                raise InvalidRequest(f"input {name!r} has an empty batch (shape {list(arr.shape)})")
+                raise InvalidRequest(f"input {clip(name)} has an empty batch (shape {list(arr.shape)})")
+            if 0 in arr.shape:
+                raise InvalidRequest(f"input {clip(name)} is empty (shape {list(arr.shape)})")
         raw = self.spec.raw_spec
+        takes = " + ".join(f"{t.name!r} ({t.datatype})" for t in self.spec.inputs)
+        alt = f"{raw.name!r} (BYTES) or " if raw is not None else ""
+        unknown = sorted(set(inputs) - set(self.spec.input_names) - ({raw.name} if raw is not None else set()))
+        if unknown:
+            raise InvalidRequest(f"unknown inputs {_names(unknown)}: {self.spec.name} takes {alt}{takes}")
         if raw is not None and raw.name in inputs:
             extra = sorted(set(inputs) - {raw.name})
             if extra:
-                raise InvalidRequest(f"send either {raw.name!r} or {' + '.join(self.spec.input_names)}, not both ({extra})")
-            return self._preprocess(self._bytes(raw.name, inputs[raw.name]))
+                raise InvalidRequest(f"send either {raw.name!r} or {' + '.join(self.spec.input_names)}, not both "
+                                     f"({_names(extra)})")
+            items = self._bytes(raw.name, inputs[raw.name])
+            if self.spec.raw_input == "text":
+                self._check_text_sizes(raw.name, items)
+            return self._preprocess(items)
         missing = [n for n in self.spec.input_names if n not in inputs]
         if missing:
-            takes = " + ".join(f"{t.name!r} ({t.datatype})" for t in self.spec.inputs)
-            alt = f"{raw.name!r} (BYTES) or " if raw is not None else ""
             raise InvalidRequest(f"missing input {missing[0]!r}: {self.spec.name} takes {alt}{takes}")
-        extra = sorted(set(inputs) - set(self.spec.input_names))
-        if extra:
-            raise InvalidRequest(f"unknown inputs {extra}: {self.spec.name} takes {list(self.spec.input_names)}")
         tensors = [_check(t, inputs[t.name]) for t in self.spec.inputs]
         batch = {a.shape[0] for a in tensors}
         if len(batch) > 1:
@@ -68,6 +85,17 @@ class InputConverter:
         return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in tensors)
 
     # --- raw inputs -------------------------------------------------------------------------
+    def _check_text_sizes(self, name: str, items: list[bytes]) -> None:
+        """Texts within `max_text_bytes` each and `max_request_text_bytes` together (UTF-8 bytes),
+        before any is decoded or tokenized."""
+        total = 0
+        for i, b in enumerate(items):
+            if len(b) > self.max_text_bytes:
+                raise RequestTooLarge(f"{name}[{i}] is {len(b)} bytes; max_text_bytes is {self.max_text_bytes}")
+            total += len(b)
+        if total > self.max_request_text_bytes:
+            raise RequestTooLarge(f"{name} holds {total} bytes; max_request_text_bytes is {self.max_request_text_bytes}")
+
     @staticmethod
     def _bytes(name: str, arr: np.ndarray) -> list[bytes]:
         if arr.dtype != object:
@@ -128,7 +156,18 @@ def _check(spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
         lo, hi = spec.value_range
         if arr.min() < lo or arr.max() >= hi:
             raise InvalidRequest(f"input {spec.name!r} values must lie in [{lo}, {hi})")
+    if spec.name == MASK_INPUT and arr.dtype.kind in "iu" and arr.ndim >= 2:
+        empty = ~arr.reshape(arr.shape[0], -1).any(axis=1)
+        if empty.any():
+            raise InvalidRequest(f"input {spec.name!r} row {int(np.argmax(empty))} is all zeros: every row must "
+                                 "attend to at least one token")
     return arr
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    """Client-supplied names for a message: a few, each clipped."""
+    shown = ", ".join(clip(n) for n in names[:most])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > most else ''}]"
 
 
 def _shape(spec: TensorSpec) -> str:

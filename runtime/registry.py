@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wara_train.artifact import WaraAdapter, adapter_from_files, read_artifact_files
-from wara_train.errors import ConfigError, IncompatibleAdapterError
+import torch
+
+from wara_train.artifact import WaraAdapter, adapter_from_files, path_inside, read_artifact_files
+from wara_train.errors import AdapterError, ConfigError, IncompatibleAdapterError
 
 from .engine import Folded, TorchEngine
 from .errors import ModelNotFound, Overloaded
@@ -45,21 +47,66 @@ class Version:
     head_size: int | None = None  # outputs of its task head; None: it answers as its base does
 
 
+# The largest |value| a folded delta (lora_B @ lora_A) or task head may hold: trained deltas are
+# far below 1, and values near this already push float32 activations toward overflow (LayerNorm
+# squares them), which would serve NaN silently.
+MAX_FOLDED_ABS = 1e4
+
+
+def inside_root(root: Path, path: Path) -> bool:
+    """Whether ``path`` (symlinks followed) lies inside the adapter root."""
+    return path_inside(Path(root).resolve(), Path(path))
+
+
 def read_dir(root: Path, name: str) -> dict[str, bytes]:
-    """The files of adapter ``name`` under the adapter root; NOT_FOUND if there is none. Errors
-    name the adapter, never the server's paths."""
-    path = root / name
+    """The files of adapter ``name`` under the adapter root; NOT_FOUND if there is none. The
+    directory and both files must resolve inside the root (a symlink out of it is refused).
+    Errors name the adapter, never the server's paths."""
+    path = Path(root) / name
     if not path.is_dir():
         raise ModelNotFound(f"no adapter directory {name!r} under the adapter root")
-    return read_artifact_files(path, source=f"adapter {name!r}")
+    return read_artifact_files(path, source=f"adapter {name!r}", root=root)
+
+
+def check_folded(name: str, folded: Folded) -> None:
+    """Refuse a folded adapter whose factors, delta or head are non-finite or beyond
+    `MAX_FOLDED_ABS` (values or alpha that overflow in the fold): checked after the fold and
+    before anything serves it."""
+    with torch.no_grad():
+        for mod, (a, b) in folded.factors.items():
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterError(f"adapter {name!r}: the folded factors of {mod} are not finite "
+                                   "(alpha or factor values too large)")
+            # max|B A| <= sum_k max_i|B_ik| max_j|A_kj|: O((m + n) R); the exact product only when
+            # that bound is not already small enough (for a trained adapter it is)
+            bound = float((b.double().abs().amax(dim=0) * a.double().abs().amax(dim=1)).sum()) if a.numel() else 0.0
+            if bound <= MAX_FOLDED_ABS:
+                continue
+            delta = b.float() @ a.float()
+            if not torch.isfinite(delta).all():
+                raise AdapterError(f"adapter {name!r}: the delta of {mod} is not finite (alpha or factor values too large)")
+            peak = float(delta.abs().max()) if delta.numel() else 0.0
+            if peak > MAX_FOLDED_ABS:
+                raise AdapterError(f"adapter {name!r}: the delta of {mod} reaches {peak:.3g}, over the "
+                                   f"{MAX_FOLDED_ABS:g} a served layer can hold (alpha or factor values too large)")
+        if folded.head is not None:
+            for t in folded.head:
+                if t is None:
+                    continue
+                if not torch.isfinite(t).all():
+                    raise AdapterError(f"adapter {name!r}: the task head is not finite")
+                if t.numel() and float(t.abs().max()) > MAX_FOLDED_ABS:
+                    raise AdapterError(f"adapter {name!r}: the task head has values over {MAX_FOLDED_ABS:g}")
 
 
 class Registry:
     """Name -> current version, for every base engine; thread-safe."""
 
-    def __init__(self, engines: dict[str, TorchEngine], *, host_budget_bytes: int = 2 << 30) -> None:
+    def __init__(self, engines: dict[str, TorchEngine], *, host_budget_bytes: int = 2 << 30,
+                 max_adapters: int = 10000) -> None:
         self.engines = engines
         self.host_budget = host_budget_bytes
+        self.max_adapters = max_adapters  # loaded adapter names in total; RESOURCE_EXHAUSTED past it
         self.lock = threading.RLock()
         self.current: dict[str, Version] = {}
         self.host: OrderedDict[int, Version] = OrderedDict()  # id(version) -> version, LRU order
@@ -73,15 +120,23 @@ class Registry:
         nothing changes."""
         if not name or "/" in name or name in self.engines:
             raise ConfigError(f"invalid adapter name {name!r} (a base model's name or containing '/')")
+        self._check_room(name)
         adapter = adapter_from_files(files, source=f"adapter {name!r}")
         engine = self.bind(name, adapter)
-        folded = engine.prepare(adapter)  # validates against the base, folds
+        try:
+            folded = engine.prepare(adapter)  # validates against the base, folds
+        except (AdapterError, IncompatibleAdapterError) as e:
+            if str(e).startswith(f"adapter {name!r}"):
+                raise
+            raise type(e)(f"adapter {name!r}: {e}") from None
+        check_folded(name, folded)
         version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, dict(files), folded,
                           folded.nbytes, pinned=pinned or merged,
                           head_size=int(folded.head[0].shape[0]) if folded.head is not None else None)
         if merged:
             version.merged = engine.build_merged(folded)
         with self.lock:
+            self._check_room(name)
             old = self.current.get(name)
             self.current[name] = version
             self.host[id(version)] = version
@@ -90,6 +145,13 @@ class Registry:
             self._enforce_host_budget()
             self.stats["loads"] += 1
         return version
+
+    def _check_room(self, name: str) -> None:
+        """RESOURCE_EXHAUSTED when ``name`` is new and `max_adapters` are already loaded."""
+        with self.lock:
+            if name not in self.current and len(self.current) >= self.max_adapters:
+                raise Overloaded(f"adapter {name!r}: {len(self.current)} adapters are loaded, the server's "
+                                 f"limit of {self.max_adapters}; unload one first")
 
     def bind(self, name: str, adapter: WaraAdapter) -> TorchEngine:
         """The served base this adapter was trained on, found by fingerprint (the base may be

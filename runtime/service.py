@@ -25,10 +25,10 @@ from wara_train.errors import ConfigError
 from .batcher import Batcher, Request
 from .config import BaseEntry, ServeConfig, resolve_backend
 from .engine import TorchEngine
-from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound
+from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, clip
 from .inputs import InputConverter, input_specs
 from .metrics import Metrics
-from .registry import Registry, Version, read_dir
+from .registry import Registry, Version, inside_root, read_dir
 
 log = logging.getLogger("wara.serve")
 SERVER_NAME = "wara-serve"
@@ -81,9 +81,12 @@ class Service:
         self.metrics = Metrics()
         self.specs = {e.name: resolve_entry(e) for e in config.bases}  # every base checked before any is built
         self.engines = {name: make_engine(config, spec) for name, spec in self.specs.items()}
-        self.converters = {name: InputConverter(spec, max_text_length=config.max_text_length)
+        self.converters = {name: InputConverter(spec, max_text_length=config.max_text_length,
+                                                max_text_bytes=config.max_text_bytes,
+                                                max_request_text_bytes=config.max_request_text_bytes)
                            for name, spec in self.specs.items()}
-        self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)))
+        self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)),
+                                 max_adapters=config.max_adapters)
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
                                     max_queue=config.max_queue, on_batch=self._on_batch,
                                     on_start=self._on_start, on_end=self._on_end, on_expire=self._on_expire)
@@ -96,6 +99,9 @@ class Service:
         if config.adapter_root:
             for d in sorted(Path(config.adapter_root).iterdir()):
                 if (d / CONFIG_NAME).is_file():
+                    if not inside_root(config.adapter_root, d):
+                        log.warning("skipping adapter %s: it resolves outside the adapter root (a symlink?)", d.name)
+                        continue
                     try:
                         self.load(d.name)
                     except Exception as e:  # one bad adapter must not stop the server
@@ -124,7 +130,7 @@ class Service:
     def load(self, name: str, files: dict[str, bytes] | None = None) -> Version:
         t0 = time.perf_counter()
         if not ADAPTER_NAME.match(name) or ".." in name:
-            raise InvalidRequest(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+            raise InvalidRequest(f"invalid adapter name {clip(name)}: use letters, digits, '.', '_' and '-' (at most 128)")
         if files is None:
             if not self.config.adapter_root:
                 raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
@@ -147,7 +153,7 @@ class Service:
         rows += [(v.name, v.version, "READY", "") for v in loaded.values()]
         if self.config.adapter_root:
             for d in sorted(Path(self.config.adapter_root).iterdir()):
-                if (d / CONFIG_NAME).is_file() and d.name not in loaded:
+                if (d / CONFIG_NAME).is_file() and d.name not in loaded and inside_root(self.config.adapter_root, d):
                     rows.append((d.name, "", "UNAVAILABLE", "not loaded"))
         return rows
 

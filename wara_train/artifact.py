@@ -34,6 +34,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 4 << 30
+MAX_HEADER_BYTES = 16 << 20  # the JSON header of adapter_model.safetensors
+# safetensors dtype -> bytes per element (every dtype the format knows)
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 def fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
@@ -145,22 +149,108 @@ def save_adapter(
 # load + validate (no model needed)
 
 
-def read_artifact_files(path: str | os.PathLike, *, source: str | None = None) -> dict[str, bytes]:
+def path_inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, every symlink followed, lies inside the resolved ``root``."""
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def check_safetensors_header(head: bytes, total: int, *, source: str) -> dict:
+    """Validate the header of a safetensors file of ``total`` bytes, given (at least) its first
+    ``8 + header length`` bytes: the header's size is within `MAX_HEADER_BYTES` and the file,
+    every tensor's dtype is known and its byte range matches its shape, and the tensors' data
+    ends exactly where the file does. Returns the parsed header; raises `AdapterError` naming
+    the problem (never a path)."""
+    what = f"{source}: {WEIGHTS_NAME} is an unreadable safetensors file:"
+    if total < 8 or len(head) < 8:
+        raise AdapterError(f"{what} truncated ({total} bytes, shorter than a safetensors header)")
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise AdapterError(f"{what} it declares a {n}-byte header, over the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > total:
+        raise AdapterError(f"{what} it declares a {n}-byte header but the file has only {total} bytes (truncated?)")
+    if len(head) < 8 + n:
+        raise AdapterError(f"{what} the header could not be read whole")
+    try:
+        header = json.loads(bytes(head[8:8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise AdapterError(f"{what} its header is not valid JSON (truncated or corrupt?)") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{what} its header is not a JSON object")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        shown = key if len(key) <= 100 else key[:100] + "..."
+        if not isinstance(info, dict):
+            raise AdapterError(f"{what} the header entry of {shown!r} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in ST_ITEMSIZE:
+            raise AdapterError(f"{what} tensor {shown!r} has an unknown dtype {str(dtype)[:20]!r}")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+            raise AdapterError(f"{what} tensor {shown!r} has an invalid shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise AdapterError(f"{what} tensor {shown!r} has invalid data_offsets")
+        count = 1
+        for d in shape:
+            count *= d
+        if offsets[1] - offsets[0] != count * ST_ITEMSIZE[dtype]:
+            raise AdapterError(f"{what} tensor {shown!r} declares shape {tuple(shape)} of {dtype} "
+                               f"({count * ST_ITEMSIZE[dtype]} bytes) but a {offsets[1] - offsets[0]}-byte range")
+        end = max(end, offsets[1])
+    if 8 + n + end != total:
+        raise AdapterError(f"{what} its header declares {end} bytes of tensor data, the file holds "
+                           f"{total - 8 - n} (truncated or corrupt?)")
+    return header
+
+
+def read_artifact_files(path: str | os.PathLike, *, source: str | None = None,
+                        root: str | os.PathLike | None = None) -> dict[str, bytes]:
     """The two files of an artifact directory, size-checked (the one reader of adapter
     directories: `load_adapter` and the server's adapter root both use it). Errors start with
-    ``source`` (default: the path)."""
+    ``source`` (default: the path). With ``root``, the directory and each file must resolve
+    (symlinks followed) inside it. The weights file's header is checked against the file's
+    size before the rest of it is read, so an oversized or corrupt file is never read whole."""
     path = Path(path)
     label = source or str(path)
     if not path.is_dir():
         raise AdapterError(f"{label}: not an adapter directory")
+    root_r = Path(root).resolve() if root is not None else None
+    if root_r is not None and not path_inside(root_r, path):
+        raise AdapterError(f"{label}: the adapter directory resolves outside the adapter root (a symlink?); refused")
     files = {}
     for name, limit in ((CONFIG_NAME, MAX_CONFIG_BYTES), (WEIGHTS_NAME, MAX_WEIGHTS_BYTES)):
         f = path / name
         if not f.is_file():
             raise AdapterError(f"{label}: missing {name}")
-        if f.stat().st_size > limit:
-            raise AdapterError(f"{label}: {name} is {f.stat().st_size} bytes, over the {limit}-byte limit")
-        files[name] = f.read_bytes()
+        if root_r is not None and not path_inside(root_r, f):
+            raise AdapterError(f"{label}: {name} resolves outside the adapter root (a symlink?); refused")
+        try:
+            with open(f, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > limit:
+                    raise AdapterError(f"{label}: {name} is {size} bytes, over the {limit}-byte limit")
+                if name == WEIGHTS_NAME:
+                    head = fh.read(8)
+                    if len(head) == 8:
+                        n = int.from_bytes(head, "little")
+                        if n <= MAX_HEADER_BYTES and 8 + n <= size:
+                            head += fh.read(n)
+                    check_safetensors_header(head, size, source=label)
+                    data = head + fh.read(size - len(head))
+                else:
+                    data = fh.read(limit + 1)
+        except OSError as e:
+            raise AdapterError(f"{label}: {name} could not be read ({e.strerror or type(e).__name__})") from None
+        if len(data) != size:
+            raise AdapterError(f"{label}: {name} changed size while it was read")
+        files[name] = data
     return files
 
 
@@ -212,9 +302,11 @@ def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, *, source: str
     labels = raw.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
         raise AdapterError(f"{source}: labels must be a list of strings")
+    check_safetensors_header(weights_bytes[:8 + min(int.from_bytes(weights_bytes[:8], "little"), MAX_HEADER_BYTES)],
+                             len(weights_bytes), source=source)
     try:
         tensors = load_safetensors(weights_bytes)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise AdapterError(f"{source}: {WEIGHTS_NAME} is an unreadable safetensors file (truncated or corrupt?): {e}") from None
 
     factors, saved = _split_tensors(source, tensors, config)
@@ -240,6 +332,7 @@ def _split_tensors(source: str, tensors: dict[str, torch.Tensor], config: WaraCo
     targets = list(config.target_modules)
     r, j = config.rank, config.levels
     names = [b.name for b in blocks(j)]
+    want = getattr(torch, config.dtype)
     factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     used = set()
     for mod in targets:
@@ -251,6 +344,14 @@ def _split_tensors(source: str, tensors: dict[str, torch.Tensor], config: WaraCo
                     raise AdapterError(f"{source}: {WEIGHTS_NAME} is missing the tensor {k!r}")
             factors[mod][blk] = (tensors[ka], tensors[kb])
             used |= {ka, kb}
+            for k in (ka, kb):
+                t = tensors[k]
+                if not t.is_floating_point():
+                    raise AdapterError(f"{source}: factor {k!r} is {str(t.dtype).removeprefix('torch.')}, "
+                                       f"not a floating type (the config's dtype is {config.dtype})")
+                if t.dtype != want:
+                    raise AdapterError(f"{source}: factor {k!r} is {str(t.dtype).removeprefix('torch.')}, "
+                                       f"but the config's dtype is {config.dtype}")
         if any(t.ndim != 2 for pair in factors[mod].values() for t in pair):
             raise AdapterError(f"{source}: {mod} factors must be 2-D matrices")
         m, n = _layer_shape(factors[mod])
@@ -274,12 +375,15 @@ def _split_tensors(source: str, tensors: dict[str, torch.Tensor], config: WaraCo
         owner = next((mod for mod in config.modules_to_save if key.startswith(mod + ".")), None)
         if owner is None:
             raise AdapterError(f"{source}: unexpected tensor {key!r} (neither a target factor nor in modules_to_save)")
+        if not t.is_floating_point():
+            raise AdapterError(f"{source}: modules_to_save tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, "
+                               "not a floating type")
         saved[owner][key[len(owner) + 1 :]] = t
     for mod, params in saved.items():
         if not params:
             raise AdapterError(f"{source}: modules_to_save names {mod!r} but the file has no tensors for it")
     for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not torch.isfinite(t).all():
             raise AdapterError(f"{source}: tensor {key!r} contains NaN or Inf")
     return factors, saved
 
