@@ -153,7 +153,7 @@ def test_latency_and_multitenant_run_on_a_user_base(tmp_path):
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
         report = _load(tmp_path, name)
         assert report["base"]["name"] == "tiny-bert" and report["base"]["task"] == "text-classification"
-        assert report["base"]["source"] == f"hf:{bert}" and report["notes"] == []
+        assert report["base"]["source"] == f"hf:{bert.resolve()}@text-classification" and report["notes"] == []
         assert out.with_suffix(".png").stat().st_size > 0
     rows = [x for x in _load(tmp_path, "latency")["results"] if not x["workload"].startswith("synthetic")]
     assert {(x["workload"], x["form"]) for x in rows} == {("tiny-bert", f) for f in ("base", "merged", "folded", "explicit", "peft_lora")}
