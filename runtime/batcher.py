@@ -2,7 +2,11 @@
 
 Requests queue up; the worker takes the first, then keeps adding requests (of any adapter, or
 the base) until the batch holds ``max_batch`` rows or ``max_delay`` has passed since the first
-arrived. Text rows are padded to the longest sequence (the attention mask keeps the result the
+arrived. A batch is filled fairly: one request from each tenant in turn (in order of their
+oldest request, starting after the tenant that led the last batch), so a tenant with a thousand
+queued requests takes one row in turn with a tenant that has one. The queue is bounded in
+requests (``max_queue``) and in input bytes (``max_queued_bytes``): past either, RESOURCE_EXHAUSTED
+at once. Text rows are padded to the longest sequence (the attention mask keeps the result the
 same); images must share a size to share a batch. Each request's future gets its own rows.
 """
 
@@ -28,10 +32,15 @@ class Request:
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.perf_counter)
     deadline: float | None = None
+    tenant: str = "-"
 
     @property
     def rows(self) -> int:
         return self.inputs[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.inputs)
 
 
 @dataclass
@@ -46,12 +55,15 @@ class BatchStats:
 
 class Batcher:
     def __init__(self, engine: TorchEngine, registry: Registry, *, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 max_queue: int = 1024, on_batch=None, on_start=None, on_end=None, on_expire=None) -> None:
+                 max_queue: int = 1024, max_queued_bytes: int = 1 << 30, on_batch=None, on_start=None, on_end=None, on_expire=None) -> None:
         self.engine = engine
         self.registry = registry
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0
+        self.last_lead: str | None = None  # the tenant first in the last batch
         self.queue: deque[Request] = deque()
         self.cond = threading.Condition()
         self.stats = BatchStats()
@@ -68,7 +80,12 @@ class Batcher:
             if not self.running:
                 raise Draining("the server is shutting down")
             if len(self.queue) >= self.max_queue:
-                raise Overloaded(f"queue full ({self.max_queue} requests)")
+                raise Overloaded(f"base {self.engine.base_model!r}: the queue is full ({self.max_queue} requests); retry later")
+            nbytes = request.nbytes
+            if self.queue and self.queued_bytes + nbytes > self.max_queued_bytes:
+                raise Overloaded(f"base {self.engine.base_model!r}: queued inputs would take "
+                                 f"{self.queued_bytes + nbytes} bytes, over max_queued_mb; retry later")
+            self.queued_bytes += nbytes
             self.queue.append(request)
             self.cond.notify()
         return request.future
@@ -101,21 +118,45 @@ class Batcher:
             batch, rows, models = [], 0, set()
             limit = self.engine.num_slots - 1
             keep: deque[Request] = deque()
-            while self.queue:
-                r = self.queue.popleft()
+            order = self._fair_order()
+            self.queue.clear()
+            for r in order:
                 model = id(r.version) if r.version is not None else None
                 fits = rows + r.rows <= self.max_batch or not batch
                 same_shape = not batch or self._compatible(batch[0], r)
                 new_model = model is not None and model not in models
                 if fits and same_shape and not (new_model and len(models) >= limit):
                     batch.append(r)
+                    self.queued_bytes -= r.nbytes
                     rows += r.rows
                     if model is not None:
                         models.add(model)
                 else:
                     keep.append(r)
-            self.queue.extendleft(reversed(keep))
+            self.queue.extend(sorted(keep, key=lambda r: r.arrived))
+            if batch:
+                self.last_lead = batch[0].tenant
             return batch
+
+    def _fair_order(self) -> list[Request]:
+        """The queue in the order a batch is filled: round robin over tenants (each tenant's
+        requests oldest first; tenants by their oldest request, the last batch's lead last)."""
+        by_tenant: dict[str, deque[Request]] = {}
+        for r in self.queue:
+            by_tenant.setdefault(r.tenant, deque()).append(r)
+        if len(by_tenant) == 1:
+            return list(self.queue)
+        tenants = list(by_tenant)
+        if self.last_lead in by_tenant and len(tenants) > 1:
+            tenants.remove(self.last_lead)
+            tenants.append(self.last_lead)
+        order: list[Request] = []
+        while tenants:
+            for t in list(tenants):
+                order.append(by_tenant[t].popleft())
+                if not by_tenant[t]:
+                    tenants.remove(t)
+        return order
 
     def _compatible(self, a: Request, b: Request) -> bool:
         if len(a.inputs) != len(b.inputs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -19,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="serve a base under NAME; SOURCE: a built-in name, hf:PATH (a transformers model directory) "
                         "or py:package.module:function; TASK: feature-extraction, text-classification, "
                         "image-classification. Repeat for several (default: every built-in base)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (on 127.0.0.1 unless "
+                                                    "metrics_host says otherwise)")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
                    help="engine: auto (default: onnxruntime for MiniLM on CPU, else PyTorch), torch, onnxruntime")
 
@@ -40,16 +42,34 @@ def run(args: argparse.Namespace) -> int:
     server, port = create_server(config)
     service = server.service
     if config.metrics_port is not None:
-        service.metrics.serve(config.metrics_port, config.host)
+        service.metrics.serve(config.metrics_port, config.metrics_host)
     stop = threading.Event()
+
+    def on_stop(signum, _frame) -> None:
+        if stop.is_set():  # a second signal: no more waiting
+            print(f"second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(server,), daemon=True).start())
     loaded = [v.name for v in service.registry.index()]
     bases = ", ".join(f"{b} ({e.platform.removeprefix('wara_')})" for b, e in service.engines.items())
-    print(f"adapters: {', '.join(loaded) or 'none'}; bases: {bases}", file=sys.stderr)
+    security = ("TLS" + (" + client certificates" if config.tls_client_ca else "") if config.tls else "plaintext") + \
+        (f", {len(config.tenants)} tenants" if config.tenants else ", no authentication")
+    print(f"adapters: {', '.join(loaded) or 'none'}; bases: {bases}; {security}", file=sys.stderr)
     print(f"serving on {config.host}:{port}", flush=True)
-    stop.wait()
-    print(f"draining (grace {config.grace_s:.0f}s) ...", file=sys.stderr, flush=True)
+    while not stop.wait(0.5):  # a timed wait, so signals are handled promptly
+        pass
+    print(f"draining (grace {config.grace_s:.0f}s; a second signal exits at once) ...", file=sys.stderr, flush=True)
     server.stop(config.grace_s)
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _reload(server) -> None:
+    changed = server.reload_tls()
+    print("SIGHUP: TLS certificate reloaded" if changed else "SIGHUP: TLS files unchanged (or no TLS)",
+          file=sys.stderr, flush=True)

@@ -12,6 +12,9 @@ from wara_train.bases import BUILTINS
 from wara_train.basespec import BaseSpec, parse_source
 from wara_train.errors import ConfigError
 
+from .auth import Authenticator, Tenant
+from .tls import TlsConfig
+
 BACKENDS = ("auto", "torch", "onnxruntime")
 BASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -70,9 +73,25 @@ class ServeConfig:
     host_budget_mb: float = 1024.0  # folded adapters kept in memory (LRU beyond it)
     max_message_mb: int = 64  # largest gRPC message
     request_timeout_s: float = 30.0  # when the client sets no deadline
-    grace_s: float = 10.0  # drain time on SIGTERM / Ctrl-C
-    workers: int = 32  # gRPC handler threads
+    grace_s: float = 10.0  # SIGTERM / Ctrl-C: accepted requests complete within it (a second signal exits at once)
     metrics_port: int | None = None  # Prometheus /metrics; None: off
+    metrics_host: str = "127.0.0.1"  # the metrics port's address (loopback unless you open it on purpose)
+    # The edge (an asyncio gRPC server): accepted requests are bounded in number and bytes; past
+    # either, RESOURCE_EXHAUSTED at once. Requests larger than `inline_decode_kb` are decoded and
+    # tokenized on `decode_workers` threads, so they never hold up small ones.
+    max_inflight: int = 4096  # requests accepted and not yet answered, all tenants together
+    max_queued_mb: int = 512  # request bytes accepted and not yet answered (and queued model inputs, per base)
+    decode_workers: int = 2
+    inline_decode_kb: int = 16
+    # Tenancy ([[serve.tenant]] tables, runtime.auth.Tenant): none configured means no
+    # authentication, every caller an admin (the loopback default). TLS: a server certificate
+    # and key (PEM), and a CA that client certificates must chain to for mutual TLS; the files
+    # are read again on SIGHUP.
+    tenants: tuple[Tenant, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_require_client_cert: bool = True  # with tls_client_ca: refuse clients without a certificate
     max_text_length: int = 128  # tokens per text input (server-side tokenization)
     # Per-request limits, checked before anything is allocated (RESOURCE_EXHAUSTED, naming the
     # limit); a request may also hold at most `max_batch` rows.
@@ -100,6 +119,20 @@ class ServeConfig:
         if dup:
             raise ConfigError(f"base names must be unique; {dup} appear twice")
         object.__setattr__(self, "bases", bases)
+        tenants = self.tenants
+        if isinstance(tenants, (Tenant, dict)):
+            tenants = (tenants,)
+        if not isinstance(tenants, (list, tuple)):
+            raise ConfigError(f"tenants must be a list of [[serve.tenant]] tables, got {type(tenants).__name__}")
+        tenants = tuple(t if isinstance(t, Tenant) else Tenant.from_table(t) for t in tenants)
+        Authenticator(tenants)  # names, token hashes and subjects unique across tenants
+        object.__setattr__(self, "tenants", tenants)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both tls_cert and tls_key (PEM files)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        if self.tls is not None:
+            TlsConfig(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_require_client_cert)  # files readable
         for name in ("pinned", "merged"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -115,7 +148,8 @@ class ServeConfig:
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: valid backends are {', '.join(BACKENDS)}")
-        for name in ("slots", "max_rank", "max_batch", "max_queue", "max_message_mb", "workers", "max_text_length",
+        for name in ("slots", "max_rank", "max_batch", "max_queue", "max_message_mb", "max_text_length", "max_inflight",
+                     "max_queued_mb", "decode_workers", "inline_decode_kb",
                      "max_adapters", "max_request_elements", "max_request_mb", "max_bytes_elements", "max_bytes_element_mb",
                      "max_text_bytes", "max_request_text_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -130,6 +164,12 @@ class ServeConfig:
             raise ConfigError("auto_merge_share must be in (0.5, 1] and auto_merge_window >= 1")
         if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
             raise ConfigError(f"adapter_root {self.adapter_root!r} is not a directory")
+
+    @property
+    def tls(self) -> "TlsConfig | None":
+        if self.tls_cert is None:
+            return None
+        return TlsConfig(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_require_client_cert)
 
     def replace(self, **changes: Any) -> "ServeConfig":
         current = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -149,6 +189,11 @@ class ServeConfig:
             if not isinstance(tables, list):
                 raise ConfigError(f"{path}: 'base' must be an array of tables: [[serve.base]]")
             section["bases"] = tuple(BaseEntry.from_table(t) for t in tables)
+        if "tenant" in section:  # [[serve.tenant]] tables
+            tables = section.pop("tenant")
+            if not isinstance(tables, list):
+                raise ConfigError(f"{path}: 'tenant' must be an array of tables: [[serve.tenant]]")
+            section["tenants"] = tuple(tables)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:

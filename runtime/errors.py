@@ -54,6 +54,12 @@ def status_message(error: BaseException) -> str:
 
 def status_code(error: BaseException) -> grpc.StatusCode:
     """The gRPC status for an error: the only mapping in the project."""
+    from .auth import PermissionDenied, Unauthenticated
+
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(error, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(error, RequestTooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, ModelNotFound):

@@ -38,8 +38,9 @@ def input_specs(spec: BaseSpec) -> list[TensorSpec]:
 
 
 class InputConverter:
-    """Per base: checks request tensors and runs its preprocessing (built on first use, one
-    call at a time: tokenizers are not thread-safe)."""
+    """Per base: checks request tensors and runs its preprocessing. Each thread that
+    preprocesses gets its own tokenizer or image processor (they are not thread-safe), so a big
+    request tokenized on one thread never holds up a small one on another."""
 
     def __init__(self, spec: BaseSpec, *, max_text_length: int, max_text_bytes: int = ServeConfig.max_text_bytes,
                  max_request_text_bytes: int = ServeConfig.max_request_text_bytes) -> None:
@@ -47,10 +48,16 @@ class InputConverter:
         self.max_text_length = max_text_length
         self.max_text_bytes = max_text_bytes
         self.max_request_text_bytes = max_request_text_bytes
-        self._lock = threading.Lock()
+        self._local = threading.local()
         # Built at start-up: a base whose tokenizer or image processor is missing is refused
-        # by `wara serve`, not by its first request.
-        self._pre: Callable | None = spec.preprocessor(max_length=max_text_length) if spec.raw_input else None
+        # by `wara serve`, not by its first request; other threads build their own on first use.
+        self._local.pre = spec.preprocessor(max_length=max_text_length) if spec.raw_input else None
+
+    def _preprocessor(self) -> Callable:
+        pre = getattr(self._local, "pre", None)
+        if pre is None:
+            pre = self._local.pre = self.spec.preprocessor(max_length=self.max_text_length)
+        return pre
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         for name, arr in inputs.items():
@@ -108,12 +115,12 @@ class InputConverter:
 
     def _preprocess(self, items: list[bytes]) -> tuple[torch.Tensor, ...]:
         examples = [RAW_DECODERS[self.spec.raw_input](b, i) for i, b in enumerate(items)]
-        with self._lock:
-            try:
-                return tuple(self._pre(examples))
-            except Exception:  # the detail (which may name server paths) goes to the log only
-                log.exception("preprocessing for base %s failed", self.spec.name)
-                raise InvalidRequest(f"base {self.spec.name!r} could not preprocess this {self.spec.raw_input} input") from None
+        pre = self._preprocessor()
+        try:
+            return tuple(pre(examples))
+        except Exception:  # the detail (which may name server paths) goes to the log only
+            log.exception("preprocessing for base %s failed", self.spec.name)
+            raise InvalidRequest(f"base {self.spec.name!r} could not preprocess this {self.spec.raw_input} input") from None
 
 
 def _decode_text(data: bytes, index: int) -> str:

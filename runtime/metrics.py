@@ -1,4 +1,8 @@
-"""Prometheus metrics of one server (its own registry, so several servers fit in one process)."""
+"""Prometheus metrics of one server (its own registry, so several servers fit in one process).
+
+Label cardinality is bounded: a model label exists only while that model is loaded (unknown
+names share one ``<unknown>`` label, and `forget` drops an unloaded adapter's series); tenants
+come from the config; refusal reasons and outcomes are a fixed set of names."""
 
 from __future__ import annotations
 
@@ -21,6 +25,18 @@ class Metrics:
         self.evictions = Gauge("wara_adapter_evictions", "Host-tier and slot evictions so far", ["tier"], registry=r)
         self.load_latency = Histogram("wara_adapter_load_seconds", "Adapter load latency (validate + fold)", registry=r,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+
+        self.refusals = Counter("wara_refusals", "Requests refused at the edge, by reason (unauthenticated, "
+                                "not_admin, tenant_queue_full, server_busy, draining, ...)", ["reason"], registry=r)
+        self.tenant_inflight = Gauge("wara_tenant_requests_inflight", "Requests accepted and not yet answered, per tenant",
+                                     ["tenant"], registry=r)
+
+    def forget(self, model: str) -> None:
+        """Drop every series labelled with ``model`` (an adapter that was unloaded)."""
+        for metric in (self.requests, self.waiting, self.running):
+            for labels in list(metric._metrics):  # prometheus_client keeps a dict of label tuples
+                if labels[0] == model:
+                    metric.remove(*labels)
 
     def observe_batch(self, base: str, rows: int) -> None:
         self.batch_size.labels(base).observe(rows)

@@ -24,7 +24,7 @@ from wara_train.artifact import WaraAdapter, adapter_from_files, path_inside, re
 from wara_train.errors import AdapterError, ConfigError, IncompatibleAdapterError
 
 from .engine import Folded, TorchEngine
-from .errors import ModelNotFound, Overloaded
+from .errors import ModelNotFound, Overloaded, clip
 
 
 @dataclass(eq=False)
@@ -51,6 +51,12 @@ class Version:
 # far below 1, and values near this already push float32 activations toward overflow (LayerNorm
 # squares them), which would serve NaN silently.
 MAX_FOLDED_ABS = 1e4
+
+
+def unknown_model(name: str) -> str:
+    """The one NOT_FOUND message for a name that is neither a base nor an adapter the caller may
+    use (the same text whether the adapter does not exist or belongs to another tenant)."""
+    return f"unknown model {clip(name)}: not a base model and no adapter of that name is loaded"
 
 
 def inside_root(root: Path, path: Path) -> bool:
@@ -208,7 +214,7 @@ class Registry:
         with self.lock:
             v = self.current.get(name)
             if v is None:
-                raise ModelNotFound(f"unknown model {name!r}: not a base model and no adapter of that name is loaded")
+                raise ModelNotFound(unknown_model(name))
             v.leases += 1
             if id(v) in self.host:
                 self.host.move_to_end(id(v))

@@ -1,256 +1,54 @@
-"""The gRPC edge: KServe v2 servicer, health, reflection. It only translates protobuf to
-`Service` calls and back; errors become status codes in `runtime.errors.status_code`.
+"""The gRPC edge: an asyncio KServe v2 servicer, health, reflection, authentication, admission
+and drain. It only translates protobuf to `Service` calls and back; errors become status codes
+in `runtime.errors.status_code`.
 
-Every request is checked here before anything request-sized is allocated (`decode_inputs`).
-Bytes that do not parse as the method's request are INVALID_ARGUMENT: the inference service is
-registered with lenient deserializers (grpc itself answers INTERNAL when a deserializer raises
-or returns None). INTERNAL is kept for server bugs: its message carries an error id, and the
-traceback goes to the server log only.
+The edge runs `grpc.aio` on one event loop thread (`Server`), so an RPC costs a coroutine, not a
+worker thread: there is no thread-pool ceiling behind which accepted requests wait, and every
+accepted request is one the server has counted. In order, an inference RPC is:
+
+1. decoded leniently (bytes that do not parse: INVALID_ARGUMENT, see `wire`);
+2. refused with UNAVAILABLE once a drain has begun;
+3. authenticated (`runtime.auth`: a bearer token or a client certificate maps to a tenant;
+   UNAUTHENTICATED without one when tenants are configured);
+4. admitted (`Admission`): at most the tenant's ``max_queue`` and the server's ``max_inflight``
+   requests and ``max_queued_mb`` bytes at once, else RESOURCE_EXHAUSTED at once;
+5. checked and decoded (`wire.decode_inputs`), tokenized and queued for a batch: on the event
+   loop for a small request, on one of ``decode_workers`` threads for a big one;
+6. awaited, and encoded.
+
+A drain (SIGTERM) refuses new requests and completes every admitted one within the grace period.
+INTERNAL is kept for server bugs: its message carries an error id, the traceback goes to the
+server log only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import ipaddress
 import logging
-import struct
+import threading
+import time
 import uuid
-from concurrent import futures
-from typing import Callable
+from collections import Counter
+from typing import Any, Callable
 
 import grpc
-import numpy as np
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from wara_train.errors import WaraError
 
+from .auth import OPEN, Authenticator, PermissionDenied, Tenant, Unauthenticated, redact, require_admin
 from .config import ServeConfig
-from .errors import InvalidRequest, ModelNotFound, RequestTooLarge, clip, status_code, status_message
+from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, Overloaded, clip, status_code, status_message
 from .kserve import inference_pb2 as pb
-from .kserve import inference_pb2_grpc as pb_grpc
 from .service import SERVER_NAME, SERVER_VERSION, Service
+from .tls import ReloadableCredentials
+from .wire import MAX_NAME, Undecodable, decode_inputs, decode_outputs, encode_outputs, lenient_deserializer
 
+__all__ = ["Server", "create_server", "decode_inputs", "decode_outputs", "encode_outputs"]
 log = logging.getLogger("wara.serve")
-
-NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-         "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-         "FP32": np.float32, "FP64": np.float64}
-MAX_INPUTS = 64  # tensors per request
-MAX_RANK = 16  # axes per tensor
-MAX_NAME = 128  # characters of a model name (bases and adapters) or version
-CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-            "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-            "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
-
-
-def _decode_bytes(raw: bytes, count: int, name: str, max_element: int | None = None) -> np.ndarray:
-    """KServe raw BYTES: each element is a 4-byte little-endian length, then the bytes. Every
-    length is checked (against the content and ``max_element``) before its element is copied."""
-    out, pos = [], 0
-    for i in range(count):
-        if pos + 4 > len(raw):
-            raise InvalidRequest(f"raw content of {clip(name)} is shorter than its {count} BYTES elements")
-        (n,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        if pos + n > len(raw):
-            raise InvalidRequest(f"raw content of {clip(name)}: element {i} length {n} runs past the end")
-        if max_element is not None and n > max_element:
-            raise RequestTooLarge(f"{clip(name)}[{i}] is {n} bytes; max_bytes_element_mb allows {max_element}")
-        out.append(raw[pos : pos + n])
-        pos += n
-    if pos != len(raw):
-        raise InvalidRequest(f"raw content of {clip(name)} has {len(raw) - pos} bytes after its {count} elements")
-    arr = np.empty(count, dtype=object)  # np.array(list of bytes) would make a fixed-width S array
-    arr[:] = out
-    return arr
-
-
-_DEFAULTS: ServeConfig | None = None
-
-
-def _limits(config: ServeConfig | None) -> ServeConfig:
-    global _DEFAULTS
-    if config is not None:
-        return config
-    if _DEFAULTS is None:
-        _DEFAULTS = ServeConfig()
-    return _DEFAULTS
-
-
-def _count(name: str, shape: list[int]) -> int:
-    """Elements of ``shape`` (every axis positive; a Python int, so no product overflows)."""
-    if not shape:
-        raise InvalidRequest(f"input {clip(name)} has no shape (a scalar); inputs are [batch, ...] tensors")
-    if len(shape) > MAX_RANK:
-        raise InvalidRequest(f"input {clip(name)} has {len(shape)} axes; at most {MAX_RANK} are allowed")
-    if any(d < 0 for d in shape):
-        raise InvalidRequest(f"input {clip(name)} has a negative axis in its shape {shape}")
-    if 0 in shape:
-        raise InvalidRequest(f"input {clip(name)} is empty (shape {shape})")
-    count = 1
-    for d in shape:
-        count *= d
-    return count
-
-
-def decode_inputs(request: pb.ModelInferRequest, config: ServeConfig | None = None) -> dict[str, np.ndarray]:
-    """Input tensors as numpy arrays, from raw contents or typed contents.
-
-    Every tensor is checked before any array is built, in two steps. First it must be
-    consistent: a known datatype, a shape of positive axes, and contents of exactly the size its
-    shape and datatype need (so an absurd shape such as ``[2**62, 2**62]`` fails here, as no
-    message can carry it); a mismatch is an InvalidRequest naming the input (INVALID_ARGUMENT).
-    Then a consistent request must fit ``config``'s limits (the defaults without one), or it
-    is a `RequestTooLarge` naming the limit (RESOURCE_EXHAUSTED): at most ``max_batch`` rows
-    (axis 0 of every input; a larger batch is refused, not split: send it as several requests),
-    ``max_request_elements`` elements and ``max_request_mb`` decoded bytes over all inputs, and
-    ``max_bytes_elements`` BYTES elements of at most ``max_bytes_element_mb`` each. Text sizes
-    are checked by the base's `InputConverter`."""
-    config = _limits(config)
-    if not request.inputs:
-        raise InvalidRequest("the request has no inputs")
-    if len(request.inputs) > MAX_INPUTS:
-        raise InvalidRequest(f"the request has {len(request.inputs)} inputs; at most {MAX_INPUTS} are allowed")
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
-    max_element = config.max_bytes_element_mb << 20
-    plan: list[tuple[pb.ModelInferRequest.InferInputTensor, tuple[int, ...], int]] = []
-    names: set[str] = set()
-    for i, t in enumerate(request.inputs):  # 1: each tensor consistent
-        if not t.name:
-            raise InvalidRequest(f"input {i} has no name")
-        if t.name in names:
-            raise InvalidRequest(f"input {clip(t.name)} appears twice")
-        names.add(t.name)
-        if t.datatype != "BYTES" and t.datatype not in NUMPY:
-            raise InvalidRequest(f"input {clip(t.name)} has unknown datatype {clip(t.datatype)}; valid: "
-                                 f"{', '.join(['BYTES', *NUMPY])}")
-        shape = [int(d) for d in t.shape]
-        count = _count(t.name, shape)
-        typed = [f.name for f, _ in t.contents.ListFields()]
-        if raw:
-            if typed:
-                raise InvalidRequest(f"input {clip(t.name)} has typed contents ({', '.join(typed)}) although the "
-                                     "request sends raw_input_contents; use one or the other")
-            if t.datatype == "BYTES":
-                if len(raw[i]) < 4 * count:  # each element needs its 4-byte length
-                    raise InvalidRequest(f"raw content of {clip(t.name)} is shorter than its {count} BYTES elements")
-            elif len(raw[i]) != count * np.dtype(NUMPY[t.datatype]).itemsize:
-                raise InvalidRequest(f"raw content of {clip(t.name)} is {len(raw[i])} bytes; shape {shape} of "
-                                     f"{t.datatype} needs {count * np.dtype(NUMPY[t.datatype]).itemsize}")
-        elif t.datatype not in CONTENTS:
-            raise InvalidRequest(f"input {clip(t.name)}: {t.datatype} has no typed contents field; send it as "
-                                 "raw_input_contents")
-        elif set(typed) - {CONTENTS[t.datatype]}:
-            raise InvalidRequest(f"input {clip(t.name)} is {t.datatype} (contents.{CONTENTS[t.datatype]}) but sets "
-                                 f"{', '.join(sorted(set(typed) - {CONTENTS[t.datatype]}))}")
-        elif len(getattr(t.contents, CONTENTS[t.datatype])) != count:
-            raise InvalidRequest(f"input {clip(t.name)} has {len(getattr(t.contents, CONTENTS[t.datatype]))} "
-                                 f"{t.datatype} values for shape {shape}")
-        plan.append((t, tuple(shape), count))
-    elements = byte_elements = nbytes = 0
-    for t, shape, count in plan:  # 2: the request within its limits
-        if shape[0] > config.max_batch:
-            raise RequestTooLarge(f"input {clip(t.name)} has {shape[0]} rows; max_batch is {config.max_batch} "
-                                  "(send a larger batch as several requests)")
-        elements += count
-        if t.datatype == "BYTES":
-            byte_elements += count
-        else:
-            nbytes += count * np.dtype(NUMPY[t.datatype]).itemsize
-    if elements > config.max_request_elements:
-        raise RequestTooLarge(f"the inputs hold {elements} elements; max_request_elements is {config.max_request_elements}")
-    if byte_elements > config.max_bytes_elements:
-        raise RequestTooLarge(f"the inputs hold {byte_elements} BYTES elements; max_bytes_elements is "
-                              f"{config.max_bytes_elements}")
-    if nbytes > config.max_request_mb << 20:
-        raise RequestTooLarge(f"the inputs decode to {nbytes} bytes; max_request_mb is {config.max_request_mb}")
-    out: dict[str, np.ndarray] = {}
-    for i, (t, shape, count) in enumerate(plan):  # 3: the arrays
-        if raw:
-            if t.datatype == "BYTES":
-                arr = _decode_bytes(raw[i], count, t.name, max_element)
-            else:
-                arr = np.frombuffer(raw[i], dtype=np.dtype(NUMPY[t.datatype]).newbyteorder("<")).astype(NUMPY[t.datatype])
-        else:
-            values = getattr(t.contents, CONTENTS[t.datatype])
-            if t.datatype == "BYTES":
-                for k, v in enumerate(values):
-                    if len(v) > max_element:
-                        raise RequestTooLarge(f"{clip(t.name)}[{k}] is {len(v)} bytes; max_bytes_element_mb allows "
-                                              f"{max_element}")
-                arr = np.empty(count, dtype=object)
-                arr[:] = list(values)
-            else:
-                try:
-                    arr = np.array(list(values), dtype=NUMPY[t.datatype])
-                except (OverflowError, ValueError, TypeError):
-                    raise InvalidRequest(f"input {clip(t.name)}: values out of range for {t.datatype}") from None
-        out[t.name] = arr.reshape(shape)
-    return out
-
-
-def encode_outputs(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray], wanted: list[str]) -> None:
-    """Outputs as raw little-endian contents (what tritonclient reads)."""
-    if len(set(wanted)) != len(wanted):
-        raise InvalidRequest("the request names an output twice")
-    names = wanted or list(outputs)
-    for name in names:
-        if name not in outputs:
-            raise InvalidRequest(f"unknown output {clip(name)}; this model produces {sorted(outputs)}")
-        arr = outputs[name]
-        if arr.dtype == object:
-            datatype = "BYTES"
-            raw = b"".join(struct.pack("<I", len(b)) + b for b in arr.reshape(-1))
-        else:
-            datatype = {np.dtype(v): k for k, v in NUMPY.items()}[arr.dtype]
-            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-        response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
-        response.raw_output_contents.append(raw)
-
-
-def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """Client side: a response's raw outputs as numpy arrays."""
-    out = {}
-    for t, raw in zip(response.outputs, response.raw_output_contents):
-        shape = tuple(t.shape)
-        if t.datatype == "BYTES":
-            out[t.name] = _decode_bytes(raw, int(np.prod(shape)), t.name).reshape(shape)
-        else:
-            out[t.name] = np.frombuffer(raw, dtype=np.dtype(NUMPY[t.datatype]).newbyteorder("<")).reshape(shape)
-    return out
-
-
-class Undecodable:
-    """What a request deserializer returns for bytes that do not parse as its message (grpc
-    answers INTERNAL when a deserializer raises or returns None, so it must return something);
-    the handler refuses it with INVALID_ARGUMENT."""
-
-    __slots__ = ("message", "reason")
-
-    def __init__(self, message: str, reason: str) -> None:
-        self.message = message
-        self.reason = reason
-
-    def error(self) -> InvalidRequest:
-        return InvalidRequest(f"the request does not parse as {self.message}: {self.reason[:200]}")
-
-
-def lenient_deserializer(message_type: type) -> Callable[[bytes], object]:
-    """``message_type.FromString`` that returns an `Undecodable` instead of raising (bad wire
-    format, invalid UTF-8 in a string field, nesting too deep)."""
-    name = message_type.DESCRIPTOR.full_name
-
-    def deserialize(data: bytes) -> object:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as e:
-            return Undecodable(name, str(e) or "malformed protobuf")
-        except Exception as e:  # anything the parser raises is about the bytes, not the server
-            return Undecodable(name, type(e).__name__)
-
-    return deserialize
 
 
 def outcome(error: BaseException, where: str) -> tuple[grpc.StatusCode, str]:
@@ -264,20 +62,10 @@ def outcome(error: BaseException, where: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (error id {error_id}; the server log has the details)"
 
 
-def _guard(fn: Callable) -> Callable:
-    """Run a unary handler; an undecodable request is INVALID_ARGUMENT, errors map by `outcome`."""
-
-    def handler(self, request, context):
-        try:
-            if isinstance(request, Undecodable):
-                raise request.error()
-            return fn(self, request, context)
-        except Exception as e:  # never let one request take the server down
-            code, message = outcome(e, fn.__name__)
-        context.abort(code, message)
-
-    handler.__name__ = fn.__name__
-    return handler
+def refusal_reason(error: BaseException) -> str:
+    """The metric label of a refusal: the error's own ``reason`` where it has one (auth,
+    admission), else its class name (a fixed set)."""
+    return getattr(error, "reason", None) or type(error).__name__
 
 
 def _model_name(name: str, *, load: bool = False) -> str:
@@ -295,159 +83,418 @@ def _version(name: str, version: str) -> str:
     return version
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: Service, health_servicer: health.HealthServicer) -> None:
+class Refused(Overloaded):
+    """An admission refusal (RESOURCE_EXHAUSTED), with its metric reason."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Admission:
+    """What the edge has accepted and not yet answered: requests per tenant and in all, and
+    their bytes. Touched only from the event loop thread, so it needs no lock."""
+
+    def __init__(self, config: ServeConfig, gauge=None) -> None:
+        self.gauge = gauge  # requests in flight per tenant (metrics)
+        self.max_inflight = config.max_inflight
+        self.max_bytes = config.max_queued_mb << 20
+        self.inflight = 0
+        self.nbytes = 0
+        self.per_tenant: Counter[str] = Counter()
+        self.closing = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def admit(self, tenant: Tenant, nbytes: int) -> None:
+        if self.closing:
+            raise Draining("the server is shutting down and takes no new requests")
+        if tenant is not OPEN and self.per_tenant[tenant.name] >= tenant.max_queue:
+            raise Refused(f"tenant {tenant.name!r} has {tenant.max_queue} requests in flight, its max_queue; "
+                          "retry later", "tenant_queue_full")
+        if self.inflight >= self.max_inflight:
+            raise Refused(f"the server has {self.max_inflight} requests in flight (max_inflight); retry later",
+                          "server_busy")
+        if self.inflight and self.nbytes + nbytes > self.max_bytes:
+            raise Refused(f"the server holds {self.nbytes} bytes of requests in flight; this one would pass "
+                          "max_queued_mb; retry later", "server_busy_bytes")
+        self.inflight += 1
+        self.nbytes += nbytes
+        self.per_tenant[tenant.name] += 1
+        self.idle.clear()
+        if self.gauge is not None:
+            self.gauge.labels(tenant.name).inc()
+
+    def release(self, tenant: Tenant, nbytes: int) -> None:
+        self.inflight -= 1
+        self.nbytes -= nbytes
+        self.per_tenant[tenant.name] -= 1
+        if self.gauge is not None:
+            self.gauge.labels(tenant.name).dec()
+        if not self.per_tenant[tenant.name]:
+            del self.per_tenant[tenant.name]
+        if not self.inflight:
+            self.idle.set()
+
+
+async def _result(future: concurrent.futures.Future, timeout: float) -> Any:
+    """Await a batcher future without ever cancelling it (the batch sets its result later)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def done(f: concurrent.futures.Future) -> None:
+        loop.call_soon_threadsafe(_copy, f, waiter)
+
+    future.add_done_callback(done)
+    return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+
+
+def _copy(source: concurrent.futures.Future, target: asyncio.Future) -> None:
+    if target.done():
+        return
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
+
+
+class ModelHealth(health.aio.HealthServicer):
+    """grpc's health service, plus `forget`: an unloaded adapter's entry goes (NOT_FOUND, as for
+    a name never loaded), so the table holds loaded models only."""
+
+    async def forget(self, name: str) -> None:
+        await self.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # wakes any watcher
+        getattr(self, "_server_status", {}).pop(name, None)
+
+
+class InferenceServicer:
+    """The KServe v2 methods; each resolves its caller's tenant first (``open`` methods need
+    none: liveness, readiness and the server's metadata carry no tenant's data)."""
+
+    OPEN_METHODS = {"ServerLive", "ServerReady", "ServerMetadata"}
+
+    def __init__(self, service: Service, health_servicer: ModelHealth, auth: Authenticator,
+                 pool: concurrent.futures.ThreadPoolExecutor) -> None:
         self.service = service
         self.health = health_servicer
+        self.auth = auth
+        self.pool = pool
+        self.admission = Admission(service.config, service.metrics.tenant_inflight)
+        self.inline_bytes = service.config.inline_decode_kb << 10
 
-    def _set_health(self, name: str, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set(name, status)
+    # --- plumbing ---------------------------------------------------------------------------
+    def _tenant(self, context) -> Tenant:
+        if not self.auth.enabled:
+            return OPEN
+        return self.auth.identify(context.invocation_metadata() or (), context.auth_context() or {})
 
-    @_guard
-    def ServerLive(self, request, context):
+    def _refused(self, error: BaseException, method: str, context) -> None:
+        """Count (and, for auth, log) a refusal; never log the credential."""
+        reason = refusal_reason(error)
+        self.service.metrics.refusals.labels(reason).inc()
+        if isinstance(error, (Unauthenticated, PermissionDenied)):
+            log.warning("refused %s from %s: %s (%s; metadata %s)", method, context.peer(), reason, error,
+                        redact(context.invocation_metadata() or ()))
+
+    def handler(self, method: str) -> Callable:
+        fn = getattr(self, "_" + method)
+        needs_tenant = method not in self.OPEN_METHODS
+
+        async def handle(request, context):
+            try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
+                tenant = self._tenant(context) if needs_tenant else OPEN
+                return await fn(request, context, tenant)
+            except Exception as e:  # never let one request take the server down
+                if isinstance(e, WaraError):
+                    self._refused(e, method, context)
+                code, message = outcome(e, method)
+            await context.abort(code, message)
+
+        handle.__name__ = method
+        return handle
+
+    def stream_handler(self) -> Callable:
+        async def handle(request_iterator, context):
+            try:
+                tenant = self._tenant(context)
+            except Exception as e:
+                self._refused(e, "ModelStreamInfer", context)
+                code, message = outcome(e, "ModelStreamInfer")
+                await context.abort(code, message)
+                return
+            async for request in request_iterator:  # one bad request fails only its own response
+                try:
+                    if isinstance(request, Undecodable):
+                        raise request.error()
+                    response = pb.ModelStreamInferResponse(infer_response=await self._admitted_infer(request, context, tenant))
+                except Exception as e:
+                    if isinstance(e, WaraError):
+                        self._refused(e, "ModelStreamInfer", context)
+                    code, message = outcome(e, "ModelStreamInfer")
+                    response = pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+                yield response
+
+        return handle
+
+    async def _set_health(self, name: str, serving: bool) -> None:
+        if self.auth.enabled:  # per-adapter health would tell any caller which adapters exist
+            return
+        if serving:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        else:
+            await self.health.forget(name)
+
+    # --- methods ----------------------------------------------------------------------------
+    async def _ServerLive(self, request, context, tenant):
         return pb.ServerLiveResponse(live=True)
 
-    @_guard
-    def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.service.ready)
+    async def _ServerReady(self, request, context, tenant):
+        return pb.ServerReadyResponse(ready=self.service.ready and not self.admission.closing)
 
-    @_guard
-    def ModelReady(self, request, context):
+    async def _ServerMetadata(self, request, context, tenant):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_repository"])
+
+    async def _ModelReady(self, request, context, tenant):
         try:
-            _, versions, _, _ = self.service.describe(_model_name(request.name))
+            _, versions, _, _ = self.service.describe(_model_name(request.name), tenant)
         except WaraError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.service.ready and (not request.version or request.version in versions))
 
-    @_guard
-    def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_repository"])
-
-    @_guard
-    def ModelMetadata(self, request, context):
-        base, versions, inputs, outputs = self.service.describe(_model_name(request.name))
-        resp = pb.ModelMetadataResponse(name=request.name, versions=versions, platform=f"{self.service.engines[base].platform}:{base}")
+    async def _ModelMetadata(self, request, context, tenant):
+        base, versions, inputs, outputs = self.service.describe(_model_name(request.name), tenant)
+        resp = pb.ModelMetadataResponse(name=request.name, versions=versions,
+                                        platform=f"{self.service.engines[base].platform}:{base}")
         for spec in inputs:
             resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         for spec in outputs:
             resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         return resp
 
-    def _infer(self, request, context) -> pb.ModelInferResponse:
-        if isinstance(request, Undecodable):
-            raise request.error()
+    async def _ModelInfer(self, request, context, tenant):
+        return await self._admitted_infer(request, context, tenant)
+
+    async def _admitted_infer(self, request, context, tenant: Tenant) -> pb.ModelInferResponse:
+        nbytes = request.ByteSize()
+        self.admission.admit(tenant, nbytes)
+        try:
+            return await self._infer(request, context, tenant, nbytes)
+        finally:
+            self.admission.release(tenant, nbytes)
+
+    async def _infer(self, request, context, tenant: Tenant, nbytes: int) -> pb.ModelInferResponse:
         name = _model_name(request.model_name)
         requested = _version(name, request.model_version)
-        inputs = decode_inputs(request, self.service.config)
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None and remaining > 1e6:  # no client deadline: the server's default
             remaining = None
-        version, outputs = self.service.infer(name, inputs, timeout=remaining, requested_version=requested)
+        config = self.service.config
+
+        def start():
+            return self.service.start(name, decode_inputs(request, config), timeout=remaining,
+                                      requested_version=requested, tenant=tenant)
+
+        if nbytes <= self.inline_bytes:
+            pending = start()
+        else:  # big: decode and tokenize off the event loop, so small requests keep flowing
+            pending = await asyncio.get_running_loop().run_in_executor(self.pool, start)
+        try:
+            rows = await _result(pending.future, pending.wait_s)
+        except asyncio.TimeoutError:
+            pending.fail(DeadlineExceeded(f"no answer within {pending.timeout:.1f}s"))
+        except Exception as e:
+            pending.fail(e)
+        version, outputs = pending.finish(rows)
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
         encode_outputs(resp, outputs, [o.name for o in request.outputs])
         return resp
 
-    @_guard
-    def ModelInfer(self, request, context):
-        return self._infer(request, context)
-
-    def ModelStreamInfer(self, request_iterator, context):
-        for request in request_iterator:
-            try:
-                response = pb.ModelStreamInferResponse(infer_response=self._infer(request, None))
-            except Exception as e:  # one bad request fails only its own response
-                code, message = outcome(e, "ModelStreamInfer")
-                response = pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
-            yield response
-
-    @_guard
-    def RepositoryIndex(self, request, context):
+    async def _RepositoryIndex(self, request, context, tenant):
         resp = pb.RepositoryIndexResponse()
         for name, version, state, reason in self.service.index():
             if request.ready and state != "READY":
                 continue
+            if name not in self.service.engines and not tenant.may_use(name):
+                continue
             resp.models.add(name=name, version=version, state=state, reason=reason)
         return resp
 
-    @_guard
-    def RepositoryModelLoad(self, request, context):
+    async def _RepositoryModelLoad(self, request, context, tenant):
+        require_admin(tenant)
         files = {}
         for key, param in request.parameters.items():
             if key.startswith("file:"):
                 files[key[len("file:"):].lstrip("/")] = param.bytes_param
             elif key == "config" and param.string_param:
                 files["adapter_config.json"] = param.string_param.encode()
-        self.service.load(_model_name(request.model_name, load=True), files or None)
-        self._set_health(request.model_name, True)
+        name = _model_name(request.model_name, load=True)
+        # Reading, validating and folding take milliseconds to seconds: off the event loop.
+        await asyncio.get_running_loop().run_in_executor(self.pool, lambda: self.service.load(name, files or None))
+        await self._set_health(name, True)
         return pb.RepositoryModelLoadResponse()
 
-    @_guard
-    def RepositoryModelUnload(self, request, context):
-        self.service.unload(_model_name(request.model_name))
-        self._set_health(request.model_name, False)
+    async def _RepositoryModelUnload(self, request, context, tenant):
+        require_admin(tenant)
+        name = _model_name(request.model_name)
+        self.service.unload(name)
+        await self._set_health(name, False)
         return pb.RepositoryModelUnloadResponse()
 
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
-def add_inference_service(servicer: InferenceServicer, server: grpc.Server) -> None:
-    """`add_GRPCInferenceServiceServicer_to_server`, built from the service descriptor, with
-    `lenient_deserializer`s so that bytes that do not parse reach the handler (as `Undecodable`)."""
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The inference service's handlers, built from its descriptor, with `lenient_deserializer`s
+    so that bytes that do not parse reach the handler (as `Undecodable`)."""
     handlers = {}
     for method in INFERENCE_SERVICE.methods:
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
-        make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=lenient_deserializer(request_type),
-                                     response_serializer=response_type.SerializeToString)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                servicer.stream_handler(), request_deserializer=lenient_deserializer(request_type),
+                response_serializer=response_type.SerializeToString)
+        elif not method.client_streaming and not method.server_streaming:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                servicer.handler(method.name), request_deserializer=lenient_deserializer(request_type),
+                response_serializer=response_type.SerializeToString)
+        else:  # pragma: no cover - the KServe v2 service has none
+            raise TypeError(f"unsupported method kind: {method.name}")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(INFERENCE_SERVICE.full_name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.62: the faster registered path
         server.add_registered_method_handlers(INFERENCE_SERVICE.full_name, handlers)
 
 
-class Server:
-    """A running server: the gRPC server and the serving core behind it."""
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, grpc_server: grpc.Server, service: Service) -> None:
-        self.grpc_server = grpc_server
+
+class Server:
+    """A running server: the asyncio gRPC server on its own event-loop thread, and the serving
+    core behind it (``service``). `create_server` builds and starts one."""
+
+    def __init__(self, service: Service) -> None:
         self.service = service
+        self.config = service.config
+        self.auth = Authenticator(self.config.tenants)
+        self.credentials = ReloadableCredentials(self.config.tls) if self.config.tls is not None else None
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.config.decode_workers, thread_name_prefix="wara-decode")
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self.loop.run_forever, name="wara-grpc", daemon=True)
+
+    def start(self) -> int:
+        self._thread.start()
+        try:
+            self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result()
+        except BaseException:
+            self._close_loop()
+            raise
+        self._warn_if_open()
+        return self.port
+
+    async def _start(self) -> int:
+        config = self.config
+        limit = config.max_message_mb << 20
+        self.grpc_server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)])
+        self.health = ModelHealth()
+        self.servicer = InferenceServicer(self.service, self.health, self.auth, self.pool)
+        add_inference_service(self.servicer, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        names = (INFERENCE_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc_server)
+        address = f"{config.host}:{config.port}"
+        try:
+            if self.credentials is not None:
+                port = self.grpc_server.add_secure_port(address, self.credentials.server_credentials())
+            else:
+                port = self.grpc_server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise WaraError(f"could not bind {address}")
+        await self.grpc_server.start()
+        for name, _, state, _ in self.service.index():
+            if state == "READY":
+                await self.servicer._set_health(name, True)
+        return port
+
+    def _warn_if_open(self) -> None:
+        config = self.config
+        if is_loopback(config.host):
+            return
+        missing = [what for what, ok in (("TLS", self.credentials is not None), ("authentication", self.auth.enabled))
+                   if not ok]
+        if missing:
+            log.warning("!" * 78)
+            log.warning("SERVING ON %s:%d WITHOUT %s: any host that reaches this port can %s", config.host, self.port,
+                        " OR ".join(missing).upper(),
+                        "load, unload and query every adapter" if not self.auth.enabled else "read the traffic")
+            log.warning("configure tls_cert/tls_key and [[serve.tenant]] tokens (`wara token`), or bind 127.0.0.1")
+            log.warning("!" * 78)
+
+    def reload_tls(self) -> bool:
+        """Read the TLS files again (SIGHUP); new connections get the new certificate. A bad
+        file keeps the old one (logged). False when nothing changed or there is no TLS."""
+        return self.credentials.reload() if self.credentials is not None else False
 
     def stop(self, grace: float | None = None) -> None:
-        """Drain: refuse new requests, finish queued ones, then close (within ``grace`` s)."""
-        self.service.drain()
-        self.grpc_server.stop(grace).wait()
+        """Drain: refuse new requests (UNAVAILABLE), complete every admitted one within
+        ``grace`` seconds, stop the batchers, then close the port. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(grace), self.loop).result()
+        finally:
+            self._close_loop()
+
+    async def _stop(self, grace: float) -> None:
+        t0 = time.monotonic()
+        admission = self.servicer.admission
+        admission.closing = True
+        self.service.ready = False
+        await self.health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(admission.idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("drain: %d requests still in flight after the %.1fs grace period", admission.inflight, grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.service.drain)
+        await self.grpc_server.stop(max(0.0, grace - (time.monotonic() - t0)))
+
+    def _close_loop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.pool.shutdown(wait=False)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self.grpc_server.wait_for_termination(timeout)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def create_server(config: ServeConfig, *, service: Service | None = None) -> tuple[Server, int]:
     """Build and start a server; ``port=0`` in the config picks a free port (for tests).
     Returns (server, bound port); ``server.service`` is the in-process core."""
     service = service or Service(config)
-    limit = config.max_message_mb << 20
-    grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="wara-grpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-    )
-    health_servicer = health.HealthServicer()
-    servicer = InferenceServicer(service, health_servicer)
-    add_inference_service(servicer, grpc_server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    names = (INFERENCE_SERVICE.full_name,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, grpc_server)
-    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
+    server = Server(service)
+    try:
+        port = server.start()
+    except BaseException:
         service.drain()
-        raise WaraError(f"could not bind {config.host}:{config.port}")
-    grpc_server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    for name, _, state, _ in service.index():
-        if state == "READY":
-            servicer._set_health(name, True)
-    return Server(grpc_server, service), port
+        raise
+    return server, port

@@ -22,13 +22,14 @@ from wara_train.artifact import CONFIG_NAME
 from wara_train.basespec import BaseSpec, TensorSpec, resolve_base
 from wara_train.errors import ConfigError
 
+from .auth import OPEN, Tenant
 from .batcher import Batcher, Request
 from .config import BaseEntry, ServeConfig, resolve_backend
 from .engine import TorchEngine
-from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, clip
+from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, Overloaded, clip
 from .inputs import InputConverter, input_specs
 from .metrics import Metrics
-from .registry import Registry, Version, inside_root, read_dir
+from .registry import Registry, Version, inside_root, read_dir, unknown_model
 
 log = logging.getLogger("wara.serve")
 SERVER_NAME = "wara-serve"
@@ -75,6 +76,32 @@ def resolve_entry(entry: BaseEntry) -> BaseSpec:
     return resolve_base(entry.source, task=entry.task, name=entry.name)
 
 
+class Pending:
+    """One accepted request: its batch future, and how to turn its rows into outputs."""
+
+    def __init__(self, service: "Service", name: str, base: str, version: Version | None, future, t0: float,
+                 timeout: float, deadline: float) -> None:
+        self.service, self.name, self.base, self.version = service, name, base, version
+        self.future, self.t0, self.timeout, self.deadline = future, t0, timeout, deadline
+
+    @property
+    def wait_s(self) -> float:
+        """How long the caller may wait for the batch: the deadline, and a second for it to run."""
+        return max(0.0, self.deadline - time.perf_counter()) + 1.0
+
+    def fail(self, error: BaseException) -> None:
+        """Count the failure and raise it."""
+        self.service.metrics.requests.labels(self.service.label(self.name), type(error).__name__).inc()
+        raise error
+
+    def finish(self, rows: list) -> tuple[str, dict[str, np.ndarray]]:
+        service, version = self.service, self.version
+        outputs = service._outputs(rows, self.base, version)
+        service.metrics.requests.labels(service.label(self.name), "ok").inc()
+        service.metrics.latency.observe(time.perf_counter() - self.t0)
+        return (version.version if version else "1"), outputs
+
+
 class Service:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
@@ -88,7 +115,8 @@ class Service:
         self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)),
                                  max_adapters=config.max_adapters)
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
-                                    max_queue=config.max_queue, on_batch=self._on_batch,
+                                    max_queue=config.max_queue, max_queued_bytes=config.max_queued_mb << 20,
+                                    on_batch=self._on_batch,
                                     on_start=self._on_start, on_end=self._on_end, on_expire=self._on_expire)
                          for b, e in self.engines.items()}
         self._recent: deque = deque(maxlen=config.auto_merge_window)
@@ -113,18 +141,23 @@ class Service:
         self.metrics.evictions.labels("host").set(self.registry.stats["host_evictions"])
         self.metrics.evictions.labels("slot").set(self.registry.stats["slot_evictions"])
 
+    def label(self, name: str) -> str:
+        """A model's metric label: its name while it is served, else ``<unknown>`` (so neither
+        unknown names nor unloaded adapters grow the metrics)."""
+        return name if name in self.engines or name in self.registry.current else "<unknown>"
+
     def _on_start(self, batch: list[Request]) -> None:
         for r in batch:
-            self.metrics.waiting.labels(r.model).dec()
-            self.metrics.running.labels(r.model).inc()
+            self.metrics.waiting.labels(self.label(r.model)).dec()
+            self.metrics.running.labels(self.label(r.model)).inc()
 
     def _on_expire(self, requests: list[Request]) -> None:
         for r in requests:
-            self.metrics.waiting.labels(r.model).dec()
+            self.metrics.waiting.labels(self.label(r.model)).dec()
 
     def _on_end(self, batch: list[Request]) -> None:
         for r in batch:
-            self.metrics.running.labels(r.model).dec()
+            self.metrics.running.labels(self.label(r.model)).dec()
 
     # --- repository -------------------------------------------------------------------------
     def load(self, name: str, files: dict[str, bytes] | None = None) -> Version:
@@ -135,15 +168,30 @@ class Service:
             if not self.config.adapter_root:
                 raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
             files = read_dir(Path(self.config.adapter_root), name)
+        self._check_tenant_room(name)
         version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged)
         self.metrics.loads.inc()
         self.metrics.load_latency.observe(time.perf_counter() - t0)
         return version
 
+    def _check_tenant_room(self, name: str) -> None:
+        """RESOURCE_EXHAUSTED when ``name`` is new and a tenant whose patterns it matches
+        already has its ``max_adapters`` loaded."""
+        if name in self.registry.current:
+            return
+        for t in self.config.tenants:
+            if t.admin or t.max_adapters is None or not t.may_use(name):
+                continue
+            n = sum(1 for loaded in list(self.registry.current) if t.may_use(loaded))
+            if n >= t.max_adapters:
+                raise Overloaded(f"adapter {name!r}: tenant {t.name!r} has {n} adapters loaded, its max_adapters; "
+                                 "unload one first")
+
     def unload(self, name: str) -> None:
         if name in self.engines:
             raise InvalidRequest(f"{name!r} is a base model; only adapters can be unloaded")
         self.registry.unload(name)
+        self.metrics.forget(name)
         self.metrics.unloads.inc()
 
     def index(self) -> list[tuple[str, str, str, str]]:
@@ -157,15 +205,19 @@ class Service:
                     rows.append((d.name, "", "UNAVAILABLE", "not loaded"))
         return rows
 
-    def resolve(self, name: str) -> tuple[str, Version | None]:
-        """(base model, leased version or None for the base). Caller must `release`."""
+    def resolve(self, name: str, tenant: Tenant = OPEN) -> tuple[str, Version | None]:
+        """(base model, leased version or None for the base). Caller must `release`. An adapter
+        the tenant may not use is NOT_FOUND with the same message as one that does not exist,
+        so a tenant cannot probe another's names."""
         if name in self.engines:
             return name, None
+        if not tenant.may_use(name):
+            raise ModelNotFound(unknown_model(name))
         version = self.registry.lease(name)
         return version.base_model, version
 
-    def describe(self, name: str) -> tuple[str, list[str], list[TensorSpec], list[TensorSpec]]:
-        base, version = self.resolve(name)
+    def describe(self, name: str, tenant: Tenant = OPEN) -> tuple[str, list[str], list[TensorSpec], list[TensorSpec]]:
+        base, version = self.resolve(name, tenant)
         try:
             versions = [version.version] if version else ["1"]
             return base, versions, input_specs(self.specs[base]), output_specs(self.engines[base], version)
@@ -175,17 +227,31 @@ class Service:
 
     # --- inference ------------------------------------------------------------------------
     def infer(self, name: str, inputs: dict[str, np.ndarray], *, timeout: float | None = None,
-              requested_version: str = "") -> tuple[str, dict[str, np.ndarray]]:
+              requested_version: str = "", tenant: Tenant = OPEN) -> tuple[str, dict[str, np.ndarray]]:
         """Run one request; returns (version that ran, outputs)."""
         if self.draining:
             raise Draining("the server is draining and takes no new requests")
+        pending = self.start(name, inputs, timeout=timeout, requested_version=requested_version, tenant=tenant)
+        try:
+            rows = pending.future.result(timeout=pending.wait_s)
+        except FutureTimeout:
+            pending.fail(DeadlineExceeded(f"no answer within {pending.timeout:.1f}s"))
+        except Exception as e:
+            pending.fail(e)
+        return pending.finish(rows)
+
+    def start(self, name: str, inputs: dict[str, np.ndarray], *, timeout: float | None = None,
+              requested_version: str = "", tenant: Tenant = OPEN) -> "Pending":
+        """Resolve, convert and queue one request (it is accepted once this returns); the
+        caller waits on ``pending.future`` and calls ``pending.finish(rows)``, or
+        ``pending.fail(error)``. Draining does not refuse here: the edge refuses new requests,
+        and one it accepted before the drain began still runs."""
         t0 = time.perf_counter()
         try:
-            base, version = self.resolve(name)
+            base, version = self.resolve(name, tenant)
         except ModelNotFound:  # one label for every unknown name: clients cannot grow the metric
             self.metrics.requests.labels("<unknown>", "ModelNotFound").inc()
             raise
-        label = name
         submitted = False
         try:
             if requested_version and requested_version != (version.version if version else "1"):
@@ -193,12 +259,12 @@ class Service:
             tensors = self._model_inputs(base, inputs)
             wait = self.config.request_timeout_s if timeout is None else timeout
             deadline = time.perf_counter() + wait
-            req = Request(tensors, version, model=label, deadline=deadline)
-            self.metrics.waiting.labels(label).inc()
+            req = Request(tensors, version, model=name, deadline=deadline, tenant=tenant.name)
+            self.metrics.waiting.labels(self.label(name)).inc()
             try:
                 future = self.batchers[base].submit(req)
             except Exception:
-                self.metrics.waiting.labels(label).dec()
+                self.metrics.waiting.labels(self.label(name)).dec()
                 raise
             submitted = True
             if version is not None:
@@ -206,20 +272,13 @@ class Service:
                 # waiting: a timed-out request may still be queued or running.
                 future.add_done_callback(lambda _f, v=version: self.registry.release(v))
             self._track(version)
-            try:
-                rows = future.result(timeout=max(0.0, deadline - time.perf_counter()) + 1.0)
-            except FutureTimeout:
-                raise DeadlineExceeded(f"no answer within {wait:.1f}s") from None
         except Exception as e:
-            self.metrics.requests.labels(label, type(e).__name__).inc()
+            self.metrics.requests.labels(self.label(name), type(e).__name__).inc()
             raise
         finally:
             if version is not None and not submitted:
                 self.registry.release(version)
-        outputs = self._outputs(rows, base, version)
-        self.metrics.requests.labels(label, "ok").inc()
-        self.metrics.latency.observe(time.perf_counter() - t0)
-        return (version.version if version else "1"), outputs
+        return Pending(self, name, base, version, future, t0, wait, deadline)
 
     def _track(self, version: Version | None) -> None:
         """Automatic merged fast path: when one adapter has `auto_merge_share` of the last

@@ -326,7 +326,7 @@ def test_malformed_request(served, label, payload, code, needle):
 def test_valid_requests_in_every_form(served):
     """The forms the corpus bends: typed text, raw text, [batch, 1] text, and token ids (raw and
     typed) for the adapter; all agree with the in-process answer."""
-    tok = served["service"].converters["b"]._pre([VALID_TEXT.decode()])
+    tok = served["service"].converters["b"]._preprocessor()([VALID_TEXT.decode()])
     input_ids, mask = (t.numpy() for t in tok)
     forms = {
         "typed": text(),
@@ -397,7 +397,7 @@ def test_bit_flipped_requests_never_internal(served):
     """1,000 valid requests (text and token ids, typed and raw) with 1-3 bits flipped, sent as
     raw bytes: each is refused cleanly or answered."""
     rng = random.Random(11)
-    tok = served["service"].converters["b"]._pre([VALID_TEXT.decode()])
+    tok = served["service"].converters["b"]._preprocessor()([VALID_TEXT.decode()])
     seeds = [VALID, text([VALID_TEXT] * 3, model="b").SerializeToString(), ids(*(t.numpy() for t in tok)).SerializeToString(),
              with_(text(), lambda r: r.outputs.add(name="logits")).SerializeToString()]
     codes: Counter = Counter()

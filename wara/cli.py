@@ -1,4 +1,4 @@
-"""The `wara` command. Subcommands: train, demo, export, serve, bench."""
+"""The `wara` command. Subcommands: train, demo, export, serve, bench, token."""
 
 from __future__ import annotations
 
@@ -91,6 +91,36 @@ def _run_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(BENCHES[args.name]).main(args.args)
 
 
+def _add_token(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("token", help="make a bearer token for a [[serve.tenant]] (the config stores its hash)",
+                       description="Print a new token on stdout and, on stderr, the [[serve.tenant]] table with "
+                                   "its hash. The token is shown once and stored nowhere.")
+    p.add_argument("--tenant", help="the tenant's name in the snippet (default my-tenant)")
+    p.add_argument("--admin", action="store_true", help="the snippet grants admin (every adapter, load/unload)")
+    p.add_argument("--hash", action="store_true", help="read an existing token from stdin; print only its hash")
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    from runtime.auth import hash_token, new_token, toml_snippet
+
+    if args.hash:
+        if args.admin or args.tenant is not None:
+            raise ConfigError("--hash prints the hash of a token read from stdin; it takes no --tenant or --admin")
+        import getpass
+
+        token = getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.read().strip()
+        if not token or len(token.split()) != 1 or token.startswith("sha256:"):
+            raise ConfigError("--hash reads one token (no spaces) from stdin, not a hash")
+        print(hash_token(token))
+        return 0
+    token = new_token()
+    snippet = toml_snippet(args.tenant or "my-tenant", hash_token(token), admin=args.admin)
+    print(token, flush=True)
+    print("The token above is shown once and stored nowhere: give it to the client now.\n"
+          "Paste this into the serve config (only the hash):\n\n" + snippet, file=sys.stderr, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wara", description="Train, export and serve WaRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve(sub)
     _add_bench(sub)
+    _add_token(sub)
     return parser
 
 
@@ -118,7 +149,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"train": _run_train, "demo": _run_demo, "export": _run_export, "serve": _run_serve, "bench": _run_bench}
+COMMANDS = {"train": _run_train, "demo": _run_demo, "export": _run_export, "serve": _run_serve, "bench": _run_bench,
+            "token": _run_token}
 
 
 def main(argv: list[str] | None = None) -> int:
