@@ -80,6 +80,10 @@ class ServeConfig:
     # either, RESOURCE_EXHAUSTED at once. Requests larger than `inline_decode_kb` are decoded and
     # tokenized on `decode_workers` threads, so they never hold up small ones.
     max_inflight: int = 4096  # requests accepted and not yet answered, all tenants together
+    # HTTP/2 streams one connection may have open: a client's excess waits on its own side, so
+    # one flooding connection cannot fill the server's pending-call queue ahead of everyone
+    # (grpc cancels calls past that queue's limits, CANCELLED with no cause).
+    max_streams_per_connection: int = 32
     max_queued_mb: int = 512  # request bytes accepted and not yet answered (and queued model inputs, per base)
     decode_workers: int = 2
     inline_decode_kb: int = 16
@@ -149,7 +153,7 @@ class ServeConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: valid backends are {', '.join(BACKENDS)}")
         for name in ("slots", "max_rank", "max_batch", "max_queue", "max_message_mb", "max_text_length", "max_inflight",
-                     "max_queued_mb", "decode_workers", "inline_decode_kb",
+                     "max_streams_per_connection", "max_queued_mb", "decode_workers", "inline_decode_kb",
                      "max_adapters", "max_request_elements", "max_request_mb", "max_bytes_elements", "max_bytes_element_mb",
                      "max_text_bytes", "max_request_text_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

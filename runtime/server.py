@@ -408,7 +408,8 @@ class Server:
         limit = config.max_message_mb << 20
         self.grpc_server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+                     ("grpc.http.overload_protection", 0)])  # count streams as HTTP/2 does: excess waits at the client
         self.health = ModelHealth()
         self.servicer = InferenceServicer(self.service, self.health, self.auth, self.pool)
         add_inference_service(self.servicer, self.grpc_server)

@@ -1,0 +1,288 @@
+"""Tenancy and security at the edge, as clients meet it: a real server on port 0, over plain TCP
+and over TLS, every RPC called with no credential, a wrong or malformed one, another tenant's,
+the tenant's own and the admin's; mutual TLS; the open-port warning; and a flood by one tenant
+while another keeps its steady traffic."""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from certs import Authority
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+import tiny_models
+from runtime.auth import hash_token, new_token
+from runtime.config import ServeConfig
+from runtime.kserve import inference_pb2 as pb
+from runtime.kserve import inference_pb2_grpc as pb_grpc
+from runtime.server import create_server
+from runtime.wire import decode_outputs
+from wara_train.basespec import resolve_base
+from wara_train.synthetic import random_adapter
+
+C = grpc.StatusCode
+TEXT = b"the movie was really good"
+FLOOD = Path(__file__).parent / "clients" / "flood.py"
+CREDENTIALS = ("none", "malformed", "wrong", "other", "own", "admin")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny BERT base, adapters of two tenants, tokens, and certificates."""
+    tmp = tmp_path_factory.mktemp("tenancy")
+    bert = tiny_models.make_bert_classifier(tmp / "bert")
+    spec = resolve_base(f"hf:{bert}", name="b")
+    root = tmp / "adapters"
+    for k, name in enumerate(("acme-a", "globex-b", "acme-c")):
+        random_adapter(spec, root / name, rank=2, seed=20 + k)
+    random_adapter(spec, tmp / "new" / "acme-new", rank=2, seed=40)
+    tokens = {t: new_token() for t in ("acme", "globex", "ops")}
+    ca = Authority(tmp / "pki")
+    return {"tmp": tmp, "bert": bert, "spec": spec, "root": root, "tokens": tokens, "ca": ca,
+            "server_cert": ca.server(), "acme_cert": ca.client("acme-client", "Acme"),
+            "stranger_cert": ca.client("stranger")}
+
+
+def tenants(world, *, subjects: bool = False) -> tuple[dict, ...]:
+    t = world["tokens"]
+    return ({"name": "acme", "adapters": ["acme-*"], "tokens": [hash_token(t["acme"])],
+             **({"subjects": ["CN=acme-client"]} if subjects else {})},
+            {"name": "globex", "adapters": ["globex-*"], "tokens": [hash_token(t["globex"])], "max_queue": 16},
+            {"name": "ops", "admin": True, "tokens": [hash_token(t["ops"])]})
+
+
+def serve(world, **extra):
+    config = ServeConfig(bases=(f"b=hf:{world['bert']}",), backend="torch", port=0, adapter_root=str(world["root"]),
+                         max_delay_ms=1.0, auto_merge=False, tenants=tenants(world, subjects="tls_client_ca" in extra),
+                         **extra)
+    return create_server(config)
+
+
+def channel(port: int, transport: str, world, client_cert=None) -> grpc.Channel:
+    if transport == "tcp":
+        return grpc.insecure_channel(f"127.0.0.1:{port}")
+    pair = [p.read_bytes() for p in client_cert] if client_cert else [None, None]
+    creds = grpc.ssl_channel_credentials(world["ca"].cert.read_bytes(), private_key=pair[1], certificate_chain=pair[0])
+    return grpc.secure_channel(f"localhost:{port}", creds, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def metadata(world, who: str):
+    tokens = world["tokens"]
+    return {"none": (), "malformed": (("authorization", "Basic dXNlcjpwYXNz"),),
+            "wrong": (("authorization", "Bearer wara_not-a-token-anyone-has"),),
+            "other": (("authorization", f"Bearer {tokens['globex']}"),),
+            "own": (("authorization", f"Bearer {tokens['acme']}"),),
+            "admin": (("authorization", f"Bearer {tokens['ops']}"),)}[who]
+
+
+def infer_request(model: str = "acme-a") -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(TEXT)
+    return req
+
+
+def load_request(world, name: str = "acme-new") -> pb.RepositoryModelLoadRequest:
+    req = pb.RepositoryModelLoadRequest(model_name=name)
+    for f in (world["tmp"] / "new" / "acme-new").iterdir():
+        req.parameters[f"file:{f.name}"].bytes_param = f.read_bytes()
+    return req
+
+
+def code_of(call) -> tuple[C, object]:
+    try:
+        return C.OK, call()
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+
+
+@pytest.fixture(scope="module", params=["tcp", "tls"])
+def served(request, world):
+    extra = {} if request.param == "tcp" else {"tls_cert": str(world["server_cert"][0]),
+                                               "tls_key": str(world["server_cert"][1])}
+    server, port = serve(world, **extra)
+    expected = server.service.infer("acme-a", {"text": np.array([TEXT], dtype=object)})[1]["logits"]
+    try:
+        yield {"server": server, "port": port, "transport": request.param, "expected": expected}
+    finally:
+        server.stop(grace=2.0)
+
+
+# Expected status per RPC and credential; "hidden" is NOT_FOUND with the very message an adapter
+# that does not exist gets.
+UNAUTH = {"none": C.UNAUTHENTICATED, "malformed": C.UNAUTHENTICATED, "wrong": C.UNAUTHENTICATED}
+
+
+@pytest.mark.slow
+def test_auth_matrix_every_rpc(served, world):
+    port, transport = served["port"], served["transport"]
+    ch = channel(port, transport, world)
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    service = served["server"].service
+    index_before = service.index()
+    outcomes = {}
+    try:
+        for who in CREDENTIALS:
+            md = metadata(world, who)
+            # Open to every caller: liveness, readiness, server metadata, health, reflection.
+            assert stub.ServerLive(pb.ServerLiveRequest(), metadata=md).live
+            assert stub.ServerReady(pb.ServerReadyRequest(), metadata=md).ready
+            assert stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=md).name == "wara-serve"
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), metadata=md).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert "inference.GRPCInferenceService" in set(ProtoReflectionDescriptorDatabase(ch).get_services())
+            calls = {
+                "ModelReady": lambda: stub.ModelReady(pb.ModelReadyRequest(name="acme-a"), metadata=md).ready,
+                "ModelMetadata": lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="acme-a"), metadata=md),
+                "ModelInfer": lambda: stub.ModelInfer(infer_request(), metadata=md),
+                "ModelStreamInfer": lambda: list(stub.ModelStreamInfer(iter([infer_request()]), metadata=md)),
+                "RepositoryIndex": lambda: stub.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=md),
+                "RepositoryModelLoad": lambda: stub.RepositoryModelLoad(load_request(world), metadata=md),
+                "RepositoryModelUnload": lambda: stub.RepositoryModelUnload(
+                    pb.RepositoryModelUnloadRequest(model_name="acme-new"), metadata=md),
+            }
+            for rpc, call in calls.items():
+                outcomes[who, rpc] = code_of(call)
+            # The not-found message another tenant's adapter gets is the one a missing name gets.
+            if who in ("other", "own", "admin"):
+                outcomes[who, "missing"] = code_of(lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="acme-zzz"),
+                                                                              metadata=md))
+        for who in UNAUTH:
+            for rpc in ("ModelReady", "ModelMetadata", "ModelInfer", "ModelStreamInfer", "RepositoryIndex",
+                        "RepositoryModelLoad", "RepositoryModelUnload"):
+                code, details = outcomes[who, rpc]
+                assert code == C.UNAUTHENTICATED, (who, rpc, code, details)
+                assert world["tokens"]["acme"] not in str(details)
+        # Another tenant: the adapter does not exist for it, exactly as a missing one.
+        assert outcomes["other", "ModelReady"] == (C.OK, False)
+        code, details = outcomes["other", "ModelMetadata"]
+        assert code == C.NOT_FOUND
+        assert details == outcomes["other", "missing"][1].replace("acme-zzz", "acme-a")
+        assert outcomes["other", "ModelInfer"][0] == C.NOT_FOUND
+        assert outcomes["other", "ModelInfer"][1] == details
+        stream = outcomes["other", "ModelStreamInfer"]
+        assert stream[0] == C.OK and stream[1][0].error_message.startswith("NOT_FOUND")
+        for who in ("other", "own"):
+            assert outcomes[who, "RepositoryModelLoad"][0] == C.PERMISSION_DENIED
+            assert outcomes[who, "RepositoryModelUnload"][0] == C.PERMISSION_DENIED
+        # The tenant's own adapter, and the admin: answers equal the in-process one.
+        for who in ("own", "admin"):
+            assert outcomes[who, "ModelReady"] == (C.OK, True)
+            assert outcomes[who, "ModelMetadata"][0] == C.OK
+            code, resp = outcomes[who, "ModelInfer"]
+            assert code == C.OK
+            np.testing.assert_allclose(decode_outputs(resp)["logits"], served["expected"], rtol=1e-5, atol=1e-6)
+            stream = outcomes[who, "ModelStreamInfer"][1]
+            np.testing.assert_allclose(decode_outputs(stream[0].infer_response)["logits"], served["expected"],
+                                       rtol=1e-5, atol=1e-6)
+        assert outcomes["admin", "RepositoryModelLoad"][0] == C.OK
+        assert outcomes["admin", "RepositoryModelUnload"][0] == C.OK
+        # Each sees the bases and its own adapters only (the admin: all of them).
+        seen = {who: {m.name for m in outcomes[who, "RepositoryIndex"][1].models} for who in ("other", "own", "admin")}
+        assert seen["own"] == {"b", "acme-a", "acme-c"}
+        assert seen["other"] == {"b", "globex-b"}
+        assert {"b", "acme-a", "acme-c", "globex-b"} <= seen["admin"]
+        # Refusals changed nothing, and each was counted by reason.
+        assert service.index() == index_before
+        text = service.metrics.text().decode()
+        for reason in ("missing_credentials", "malformed_header", "unknown_token", "not_admin"):
+            assert f'wara_refusals_total{{reason="{reason}"}}' in text, reason
+    finally:
+        ch.close()
+
+
+@pytest.mark.slow
+def test_mutual_tls_subject_maps_to_tenant(world):
+    server, port = serve(world, tls_cert=str(world["server_cert"][0]), tls_key=str(world["server_cert"][1]),
+                         tls_client_ca=str(world["ca"].cert))
+    try:
+        ch = channel(port, "tls", world, client_cert=world["acme_cert"])
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert {m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models} == {"b", "acme-a", "acme-c"}
+        assert stub.ModelInfer(infer_request()).model_name == "acme-a"
+        assert code_of(lambda: stub.ModelInfer(infer_request("globex-b")))[0] == C.NOT_FOUND
+        # A bearer token outranks the certificate.
+        md = metadata(world, "other")
+        assert code_of(lambda: stub.ModelInfer(infer_request("globex-b"), metadata=md))[0] == C.OK
+        ch.close()
+        ch = channel(port, "tls", world, client_cert=world["stranger_cert"])  # a valid cert no tenant lists
+        assert code_of(lambda: pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(infer_request()))[0] == C.UNAUTHENTICATED
+        ch.close()
+        ch = channel(port, "tls", world)  # no client certificate: the handshake fails
+        code, _ = code_of(lambda: pb_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=5))
+        assert code == C.UNAVAILABLE
+        ch.close()
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_open_port_without_tls_or_auth_warns(world, caplog):
+    config = ServeConfig(bases=(f"b=hf:{world['bert']}",), backend="torch", host="0.0.0.0", port=0, auto_merge=False)
+    with caplog.at_level(logging.WARNING, logger="wara.serve"):
+        server, _ = create_server(config)
+        server.stop(grace=0.5)
+    text = caplog.text
+    assert "WITHOUT TLS OR AUTHENTICATION" in text
+
+
+def test_metrics_port_is_loopback_by_default():
+    assert ServeConfig().metrics_host == "127.0.0.1"
+
+
+def _latencies(stub, md, n: int, period: float) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        resp = stub.ModelInfer(infer_request(), metadata=md, timeout=30)
+        out.append((time.perf_counter() - t0) * 1e3)
+        assert resp.model_name == "acme-a"
+        time.sleep(max(0.0, period - (time.perf_counter() - t0)))
+    return out
+
+
+@pytest.mark.slow
+def test_flood_by_one_tenant_spares_the_other(world):
+    """globex keeps 2,000 requests in flight on one connection (a client in another process,
+    refused ones sent again at once); acme sends one request every 20 ms. The connection's
+    stream limit keeps globex's excess on its own side, its tenant queue (16) refuses the rest
+    with RESOURCE_EXHAUSTED, and acme's p99 stays within 2x its quiet p99."""
+    server, port = serve(world)
+    service = server.service
+    ch = channel(port, "tcp", world)
+    stub = pb_grpc.GRPCInferenceServiceStub(ch)
+    md = metadata(world, "own")
+    seconds = float(os.environ.get("WARA_FLOOD_SECONDS", "8"))
+    try:
+        _latencies(stub, md, 20, 0.02)  # warm-up
+        quiet = _latencies(stub, md, 150, 0.02)
+        flood = subprocess.Popen([sys.executable, str(FLOOD), str(port), world["tokens"]["globex"], "globex-b", "2000",
+                                  str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 60
+            while 'reason="tenant_queue_full"' not in service.metrics.text().decode():  # the flood has begun
+                assert flood.poll() is None and time.time() < deadline, flood.stderr.read() if flood.poll() else "slow"
+                time.sleep(0.05)
+            during = _latencies(stub, md, 150, 0.02)
+        finally:
+            out, err = flood.communicate(timeout=120)
+        assert flood.returncode == 0, err
+        counts = dict(kv.split("=") for kv in out.split())
+        quiet_p99, flood_p99 = np.percentile(quiet, 99), np.percentile(during, 99)
+        print(f"\nflood: acme quiet p50 {statistics.median(quiet):.2f} ms p99 {quiet_p99:.2f} ms; during the flood "
+              f"p50 {statistics.median(during):.2f} ms p99 {flood_p99:.2f} ms; globex {counts}")
+        assert int(counts["RESOURCE_EXHAUSTED"]) > 0 and int(counts["OK"]) > 0
+        assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED", "sent"}, counts  # nothing else: no CANCELLED, no INTERNAL
+        assert flood_p99 <= 2 * quiet_p99, (quiet_p99, flood_p99)
+    finally:
+        ch.close()
+        server.stop(grace=2.0)
