@@ -60,6 +60,16 @@ class InputConverter:
         return pre
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        return self.convert(inputs)[0]
+
+    @property
+    def text_tokens(self) -> int:
+        """The tokens a text is cut to: ``max_text_length``, or fewer where the model's
+        position table is shorter."""
+        return getattr(self._preprocessor(), "max_length", None) or self.max_text_length
+
+    def convert(self, inputs: dict[str, np.ndarray]) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+        """(model inputs, rows whose text was cut to ``max_text_length`` tokens)."""
         for name, arr in inputs.items():
             if arr.ndim == 0 or arr.shape[0] == 0:
                 raise InvalidRequest(f"input {clip(name)} has an empty batch (shape {list(arr.shape)})")
@@ -79,7 +89,7 @@ class InputConverter:
             items = self._bytes(raw.name, inputs[raw.name])
             if self.spec.raw_input == "text":
                 self._check_text_sizes(raw.name, items)
-            return self._preprocess(items)
+            return self._preprocess(items), list(getattr(self._preprocessor(), "truncated", None) or ())
         missing = [n for n in self.spec.input_names if n not in inputs]
         if missing:
             raise InvalidRequest(f"missing input {missing[0]!r}: {self.spec.name} takes {alt}{takes}")
@@ -89,7 +99,7 @@ class InputConverter:
             raise InvalidRequest(f"inputs {list(self.spec.input_names)} differ in batch size: {sorted(batch)}")
         if len(tensors) > 1 and all(t.ndim == 2 for t in tensors) and len({t.shape for t in tensors}) > 1:
             raise InvalidRequest(f"inputs {list(self.spec.input_names)} differ in shape: {[list(t.shape) for t in tensors]}")
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in tensors)
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in tensors), []
 
     # --- raw inputs -------------------------------------------------------------------------
     def _check_text_sizes(self, name: str, items: list[bytes]) -> None:

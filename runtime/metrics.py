@@ -32,8 +32,9 @@ class Metrics:
                                      ["tenant"], registry=r)
 
     def forget(self, model: str) -> None:
-        """Drop every series labelled with ``model`` (an adapter that was unloaded)."""
-        for metric in (self.requests, self.waiting, self.running):
+        """Drop the request-count series labelled with ``model`` (an adapter that was unloaded;
+        its gauges are the service's to drop once they are back at 0)."""
+        for metric in (self.requests,):
             for labels in list(metric._metrics):  # prometheus_client keeps a dict of label tuples
                 if labels[0] == model:
                     metric.remove(*labels)

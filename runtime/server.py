@@ -309,6 +309,9 @@ class InferenceServicer:
             pending.fail(e)
         version, outputs = pending.finish(rows)
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+        if pending.truncated:  # stated, not silent: which texts were cut, and to how many tokens
+            resp.parameters["truncated_rows"].string_param = ",".join(map(str, pending.truncated))
+            resp.parameters["max_text_length"].int64_param = self.service.converters[pending.base].text_tokens
         encode_outputs(resp, outputs, [o.name for o in request.outputs])
         return resp
 

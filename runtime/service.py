@@ -83,6 +83,7 @@ class Pending:
                  timeout: float, deadline: float) -> None:
         self.service, self.name, self.base, self.version = service, name, base, version
         self.future, self.t0, self.timeout, self.deadline = future, t0, timeout, deadline
+        self.truncated: list[int] = []  # rows whose text was cut to max_text_length tokens
 
     @property
     def wait_s(self) -> float:
@@ -122,6 +123,8 @@ class Service:
         self._recent: deque = deque(maxlen=config.auto_merge_window)
         self._auto_merged: dict[str, Version] = {}
         self._merge_lock = threading.Lock()
+        self._gauge_lock = threading.Lock()
+        self._gauges: dict[tuple[int, str], int] = {}  # (gauge, label) -> value
         self.ready = False
         self.draining = False
         if config.adapter_root:
@@ -146,18 +149,35 @@ class Service:
         unknown names nor unloaded adapters grow the metrics)."""
         return name if name in self.engines or name in self.registry.current else "<unknown>"
 
+    def _gauge(self, gauge, label: str, delta: int) -> None:
+        """Move a per-model gauge (waiting, running) by ``delta`` under the label the request got
+        when it was queued. A series of a model no longer served goes once it is back at 0, so
+        a request in flight across an unload neither goes negative nor leaves a series behind."""
+        with self._gauge_lock:
+            key = (id(gauge), label)
+            value = self._gauges.get(key, 0) + delta
+            if value == 0 and label != "<unknown>" and self.label(label) != label:
+                self._gauges.pop(key, None)
+                try:
+                    gauge.remove(label)
+                except KeyError:
+                    pass
+                return
+            self._gauges[key] = value
+            gauge.labels(label).set(value)
+
     def _on_start(self, batch: list[Request]) -> None:
         for r in batch:
-            self.metrics.waiting.labels(self.label(r.model)).dec()
-            self.metrics.running.labels(self.label(r.model)).inc()
+            self._gauge(self.metrics.waiting, r.model, -1)
+            self._gauge(self.metrics.running, r.model, +1)
 
     def _on_expire(self, requests: list[Request]) -> None:
         for r in requests:
-            self.metrics.waiting.labels(self.label(r.model)).dec()
+            self._gauge(self.metrics.waiting, r.model, -1)
 
     def _on_end(self, batch: list[Request]) -> None:
         for r in batch:
-            self.metrics.running.labels(self.label(r.model)).dec()
+            self._gauge(self.metrics.running, r.model, -1)
 
     # --- repository -------------------------------------------------------------------------
     def load(self, name: str, files: dict[str, bytes] | None = None) -> Version:
@@ -191,7 +211,15 @@ class Service:
         if name in self.engines:
             raise InvalidRequest(f"{name!r} is a base model; only adapters can be unloaded")
         self.registry.unload(name)
-        self.metrics.forget(name)
+        self.metrics.forget(name)  # its request counts; its gauges go when they are back at 0 (`_gauge`)
+        with self._gauge_lock:
+            for gauge in (self.metrics.waiting, self.metrics.running):
+                if self._gauges.get((id(gauge), name), 0) == 0:
+                    self._gauges.pop((id(gauge), name), None)
+                    try:
+                        gauge.remove(name)
+                    except KeyError:
+                        pass
         self.metrics.unloads.inc()
 
     def index(self) -> list[tuple[str, str, str, str]]:
@@ -256,15 +284,15 @@ class Service:
         try:
             if requested_version and requested_version != (version.version if version else "1"):
                 raise ModelNotFound(f"model {name!r} has no version {requested_version!r}")
-            tensors = self._model_inputs(base, inputs)
+            tensors, truncated = self.converters[base].convert(inputs)
             wait = self.config.request_timeout_s if timeout is None else timeout
             deadline = time.perf_counter() + wait
-            req = Request(tensors, version, model=name, deadline=deadline, tenant=tenant.name)
-            self.metrics.waiting.labels(self.label(name)).inc()
+            req = Request(tensors, version, model=self.label(name), deadline=deadline, tenant=tenant.name)
+            self._gauge(self.metrics.waiting, req.model, +1)
             try:
                 future = self.batchers[base].submit(req)
             except Exception:
-                self.metrics.waiting.labels(self.label(name)).dec()
+                self._gauge(self.metrics.waiting, req.model, -1)
                 raise
             submitted = True
             if version is not None:
@@ -278,7 +306,9 @@ class Service:
         finally:
             if version is not None and not submitted:
                 self.registry.release(version)
-        return Pending(self, name, base, version, future, t0, wait, deadline)
+        pending = Pending(self, name, base, version, future, t0, wait, deadline)
+        pending.truncated = truncated
+        return pending
 
     def _track(self, version: Version | None) -> None:
         """Automatic merged fast path: when one adapter has `auto_merge_share` of the last
@@ -327,9 +357,6 @@ class Service:
         if version.name not in self.config.merged:
             version.merged = None
             version.pinned = version.name in self.config.pinned
-
-    def _model_inputs(self, base: str, inputs: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
-        return self.converters[base](inputs)
 
     def _outputs(self, rows: list[dict[str, Any]], base: str, version: Version | None) -> dict[str, np.ndarray]:
         keys = rows[0].keys()

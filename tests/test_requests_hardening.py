@@ -511,3 +511,13 @@ def test_fuzzed_requests_never_internal(served):
     print(f"fuzz: {sum(seen.values())} examples in {time.perf_counter() - t0:.1f}s: {dict(seen)}")
     assert served["stub"].ServerLive(pb.ServerLiveRequest(), timeout=10).live
     _assert_valid_answer(served)
+
+
+def test_truncated_texts_are_stated_in_the_response(served):
+    """A text longer than the model's positions is cut, and the response says which rows were
+    cut and to how many tokens; a short one is not marked."""
+    long_text = b" ".join([b"good"] * (3 * MAX_LEN))
+    resp = served["stub"].ModelInfer(text((VALID_TEXT, long_text)))
+    assert resp.parameters["truncated_rows"].string_param == "1"
+    assert resp.parameters["max_text_length"].int64_param == MAX_LEN
+    assert "truncated_rows" not in served["stub"].ModelInfer(text()).parameters

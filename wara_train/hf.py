@@ -152,6 +152,9 @@ class TextPreprocessor:
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        # Rows cut to max_length (a fast tokenizer keeps what it cut as `overflowing`); the
+        # server reports them in its response.
+        self.truncated = [i for i, e in enumerate(getattr(enc, "encodings", None) or ()) if e.overflowing]
         ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
         if ids.shape[1] == 0:  # every text empty: one pad token, masked out
             ids = torch.full((len(texts), 1), self.tokenizer.pad_token_id, dtype=torch.long)
