@@ -84,6 +84,9 @@ class ServeConfig:
     # one flooding connection cannot fill the server's pending-call queue ahead of everyone
     # (grpc cancels calls past that queue's limits, CANCELLED with no cause).
     max_streams_per_connection: int = 32
+    # A request refused for a full tenant queue or a busy server is answered RESOURCE_EXHAUSTED
+    # after this pause, so a client that retries at once does not spin the server.
+    overload_backoff_ms: float = 100.0
     max_queued_mb: int = 512  # request bytes accepted and not yet answered (and queued model inputs, per base)
     decode_workers: int = 2
     inline_decode_kb: int = 16

@@ -182,6 +182,7 @@ class InferenceServicer:
         self.pool = pool
         self.admission = Admission(service.config, service.metrics.tenant_inflight)
         self.inline_bytes = service.config.inline_decode_kb << 10
+        self.backoff = service.config.overload_backoff_ms / 1000.0
 
     # --- plumbing ---------------------------------------------------------------------------
     def _tenant(self, context) -> Tenant:
@@ -211,6 +212,11 @@ class InferenceServicer:
                 if isinstance(e, WaraError):
                     self._refused(e, method, context)
                 code, message = outcome(e, method)
+                if isinstance(e, Refused) and self.backoff:
+                    # Admission refusals are answered after a short pause (a coroutine that
+                    # sleeps costs nothing), so a client that sends again at once cannot turn
+                    # refusals into a busy loop that starves everyone else's requests.
+                    await asyncio.sleep(self.backoff)
             await context.abort(code, message)
 
         handle.__name__ = method

@@ -1,7 +1,7 @@
 """A flooding tenant: keeps CONCURRENCY ModelInfer requests in flight for SECONDS, sending each
 refused or answered one again at once. Prints the count of each status code, and `sent`.
 
-    python flood.py PORT TOKEN MODEL CONCURRENCY SECONDS
+    python flood.py PORT TOKEN MODEL CONCURRENCY SECONDS [CONNECTIONS]
 """
 
 from __future__ import annotations
@@ -19,12 +19,19 @@ from runtime.kserve import inference_pb2 as pb  # noqa: E402
 from runtime.kserve import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 
-async def main(port: int, token: str, model: str, concurrency: int, seconds: float) -> None:
+async def main(port: int, token: str, model: str, concurrency: int, seconds: float, connections: int = 1) -> None:
     counts: Counter[str] = Counter()
+    await asyncio.gather(*(flood(port, token, model, concurrency // connections, seconds, counts)
+                           for _ in range(connections)))
+    print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+async def flood(port: int, token: str, model: str, concurrency: int, seconds: float, counts: Counter) -> None:
     req = pb.ModelInferRequest(model_name=model)
     req.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"the food was awful")
     md = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         # One call first: the server's SETTINGS (its stream limit) arrive with the connection,
         # so the flood queues on this side instead of being refused as excess streams.
@@ -43,9 +50,9 @@ async def main(port: int, token: str, model: str, concurrency: int, seconds: flo
                         print(e.details(), e.debug_error_string(), file=sys.stderr)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
 
 if __name__ == "__main__":
     port, token, model, concurrency, seconds = sys.argv[1:6]
-    asyncio.run(main(int(port), token, model, int(concurrency), float(seconds)))
+    connections = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+    asyncio.run(main(int(port), token, model, int(concurrency), float(seconds), connections))
