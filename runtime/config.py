@@ -59,7 +59,8 @@ class BaseEntry:
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0: any free port
-    adapter_root: str | None = None  # every sub-directory with an adapter is loaded at start
+    adapter_root: str | None = None  # sub-directories with an adapter: loadable by name, and on first request
+    preload: bool = True  # load every adapter under the root at start (false: each on its first request)
     bases: tuple[BaseEntry, ...] = tuple(BaseEntry(b, b) for b in BUILTINS)  # served bases; default: the built-ins
     # "torch", "onnxruntime" (the exporter's multi graph, slot factors as inputs), or "auto":
     # per base, the one that is faster here (see `resolve_backend`).
@@ -136,6 +137,8 @@ class ServeConfig:
         object.__setattr__(self, "tenants", tenants)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both tls_cert and tls_key (PEM files)")
+        if not isinstance(self.preload, bool):
+            raise ConfigError(f"preload must be true or false, got {self.preload!r}")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
         if self.tls is not None:

@@ -299,6 +299,9 @@ class InferenceServicer:
             remaining = None
         config = self.service.config
 
+        if self.service.needs_load(name, tenant):  # load it first, off the event loop (once for all)
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.service.ensure_loaded, name, tenant)
+
         def start():
             return self.service.start(name, decode_inputs(request, config), timeout=remaining,
                                       requested_version=requested, tenant=tenant)

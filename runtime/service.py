@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,14 @@ def resolve_entry(entry: BaseEntry) -> BaseSpec:
     return resolve_base(entry.source, task=entry.task, name=entry.name)
 
 
+def tier(version: Version) -> str:
+    """Where a loaded adapter's data is: on the device (a slot), in host memory (folded), or
+    only its files (folded again on its next request)."""
+    if version.slot is not None:
+        return f"on device (slot {version.slot})"
+    return "in host" if version.folded is not None else "in host (files only; folds on its next request)"
+
+
 class Pending:
     """One accepted request: its batch future, and how to turn its rows into outputs."""
 
@@ -127,7 +136,13 @@ class Service:
         self._gauges: dict[tuple[int, str], int] = {}  # (gauge, label) -> value
         self.ready = False
         self.draining = False
-        if config.adapter_root:
+        # Lazy loading: a request for an adapter under the root that is not loaded loads it
+        # first, once however many requests ask at the same time; an explicit unload keeps the
+        # name NOT_FOUND until an explicit load.
+        self._loading: dict[str, Future] = {}
+        self._loading_lock = threading.Lock()
+        self._unloaded: set[str] = set()
+        if config.adapter_root and config.preload:
             for d in sorted(Path(config.adapter_root).iterdir()):
                 if (d / CONFIG_NAME).is_file():
                     if not inside_root(config.adapter_root, d):
@@ -190,6 +205,7 @@ class Service:
             files = read_dir(Path(self.config.adapter_root), name)
         self._check_tenant_room(name)
         version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged)
+        self._unloaded.discard(name)
         self.metrics.loads.inc()
         self.metrics.load_latency.observe(time.perf_counter() - t0)
         return version
@@ -211,6 +227,8 @@ class Service:
         if name in self.engines:
             raise InvalidRequest(f"{name!r} is a base model; only adapters can be unloaded")
         self.registry.unload(name)
+        if self.config.adapter_root:
+            self._unloaded.add(name)
         self.metrics.forget(name)  # its request counts; its gauges go when they are back at 0 (`_gauge`)
         with self._gauge_lock:
             for gauge in (self.metrics.waiting, self.metrics.running):
@@ -226,26 +244,65 @@ class Service:
         """(name, version, state, reason) for bases, loaded adapters and unloaded ones on disk."""
         rows = [(b, "1", "READY", "") for b in self.engines]
         loaded = {v.name: v for v in self.registry.index()}
-        rows += [(v.name, v.version, "READY", "") for v in loaded.values()]
+        rows += [(v.name, v.version, "READY", tier(v)) for v in loaded.values()]
         if self.config.adapter_root:
             for d in sorted(Path(self.config.adapter_root).iterdir()):
                 if (d / CONFIG_NAME).is_file() and d.name not in loaded and inside_root(self.config.adapter_root, d):
-                    rows.append((d.name, "", "UNAVAILABLE", "not loaded"))
+                    reason = "unloaded" if d.name in self._unloaded else "on disk (loads on its first request)"
+                    rows.append((d.name, "", "UNAVAILABLE", reason))
         return rows
 
-    def resolve(self, name: str, tenant: Tenant = OPEN) -> tuple[str, Version | None]:
+    def needs_load(self, name: str, tenant: Tenant = OPEN) -> bool:
+        """Whether a request for ``name`` would load it from the adapter root first: an adapter
+        directory there, not loaded, not unloaded on purpose, and one the tenant may use."""
+        root = self.config.adapter_root
+        if not root or name in self.engines or name in self.registry.current or name in self._unloaded:
+            return False
+        if not tenant.may_use(name) or not ADAPTER_NAME.match(name) or ".." in name:
+            return False
+        path = Path(root) / name
+        return (path / CONFIG_NAME).is_file() and inside_root(root, path)
+
+    def ensure_loaded(self, name: str, tenant: Tenant = OPEN) -> None:
+        """Load ``name`` from the adapter root if `needs_load`; concurrent callers wait for the
+        one load (single flight). Blocking: the edge calls it off its event loop. A load that
+        fails raises its error to every waiter, and the next request tries again."""
+        if not self.needs_load(name, tenant):
+            return
+        with self._loading_lock:
+            future = self._loading.get(name)
+            owner = future is None
+            if owner:
+                future = self._loading[name] = Future()
+        if owner:
+            try:
+                if self.needs_load(name, tenant):  # not loaded meanwhile
+                    self.load(name)
+                future.set_result(None)
+            except BaseException as e:
+                future.set_exception(e)
+            finally:
+                with self._loading_lock:
+                    self._loading.pop(name, None)
+        future.result()
+
+    def resolve(self, name: str, tenant: Tenant = OPEN, *, load: bool = True) -> tuple[str, Version | None]:
         """(base model, leased version or None for the base). Caller must `release`. An adapter
         the tenant may not use is NOT_FOUND with the same message as one that does not exist,
-        so a tenant cannot probe another's names."""
+        so a tenant cannot probe another's names. One under the adapter root that is not loaded
+        is loaded first (`ensure_loaded`), unless ``load`` is false (metadata and readiness
+        describe what is loaded)."""
         if name in self.engines:
             return name, None
         if not tenant.may_use(name):
             raise ModelNotFound(unknown_model(name))
+        if load:
+            self.ensure_loaded(name, tenant)
         version = self.registry.lease(name)
         return version.base_model, version
 
     def describe(self, name: str, tenant: Tenant = OPEN) -> tuple[str, list[str], list[TensorSpec], list[TensorSpec]]:
-        base, version = self.resolve(name, tenant)
+        base, version = self.resolve(name, tenant, load=False)
         try:
             versions = [version.version] if version else ["1"]
             return base, versions, input_specs(self.specs[base]), output_specs(self.engines[base], version)

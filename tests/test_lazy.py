@@ -1,0 +1,141 @@
+"""Lazy loading from the adapter root (issue 12, first part): with ``preload = false`` the server
+is ready before any adapter is read; a request for an adapter on disk loads it and is answered,
+concurrent first requests load it once, an explicit unload keeps it NOT_FOUND, and
+RepositoryIndex says where each adapter is."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from helpers import tol
+
+import tiny_models
+from exporter.common import base_for
+from exporter.verify import reference_model
+from runtime.auth import Tenant
+from runtime.config import ServeConfig
+from runtime.kserve import inference_pb2 as pb
+from runtime.kserve import inference_pb2_grpc as pb_grpc
+from runtime.server import create_server
+from runtime.wire import decode_outputs
+from wara_train.artifact import load_adapter
+from wara_train.basespec import resolve_base
+from wara_train.synthetic import random_adapter
+
+C = grpc.StatusCode
+TEXT = "the movie was really good"
+NAMES = [f"a{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lazy")
+    bert = tiny_models.make_bert_classifier(tmp / "bert")
+    spec = resolve_base(f"hf:{bert}", name="b")
+    root = tmp / "adapters"
+    for k, name in enumerate(NAMES):
+        random_adapter(spec, root / name, rank=2 + 2 * (k % 2), seed=50 + k)
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    (root / "broken" / "adapter_model.safetensors").write_bytes(b"")
+    config = ServeConfig(bases=(f"b=hf:{bert}",), backend="torch", port=0, adapter_root=str(root), preload=False,
+                         max_delay_ms=20.0, auto_merge=False)
+    server, port = create_server(config)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield {"service": server.service, "stub": pb_grpc.GRPCInferenceServiceStub(channel), "root": root,
+               "bert": bert}
+    finally:
+        channel.close()
+        server.stop(grace=2.0)
+
+
+def request(name: str) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=name)
+    req.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(TEXT.encode())
+    return req
+
+
+def reference(served, name: str) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    adapter = load_adapter(served["root"] / name)
+    model = reference_model(adapter, base_for(adapter))
+    enc = AutoTokenizer.from_pretrained(served["bert"])([TEXT], return_tensors="pt")
+    with torch.no_grad():
+        return model(enc["input_ids"], enc["attention_mask"])[0].numpy()
+
+
+def states(served) -> dict[str, tuple[str, str]]:
+    return {m.name: (m.state, m.reason) for m in served["stub"].RepositoryIndex(pb.RepositoryIndexRequest()).models}
+
+
+def test_ready_before_any_adapter_is_read(served):
+    service = served["service"]
+    assert service.ready and not service.registry.current
+    index = states(served)
+    assert all(index[n][0] == "UNAVAILABLE" and index[n][1].startswith("on disk") for n in NAMES)
+    assert index["b"] == ("READY", "")
+
+
+def test_concurrent_first_requests_load_once(served):
+    service, stub = served["service"], served["stub"]
+    loads = service.registry.stats["loads"]
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(decode_outputs(stub.ModelInfer(request("a3"), timeout=60))["logits"][0])
+        except grpc.RpcError as e:  # pragma: no cover - reported below
+            errors.append(e.code())
+
+    threads = [threading.Thread(target=call) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 16
+    assert service.registry.stats["loads"] == loads + 1
+    rtol, atol = tol(torch.float32)
+    want = reference(served, "a3")
+    for got in results:
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+    state, reason = states(served)["a3"]
+    assert state == "READY" and (reason.startswith("on device") or reason.startswith("in host"))
+    assert states(served)["a4"][0] == "UNAVAILABLE"  # only what was asked for is read
+
+
+def test_unload_keeps_it_not_found_until_loaded(served):
+    stub = served["stub"]
+    stub.ModelInfer(request("a5"))
+    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="a5"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request("a5"))
+    assert info.value.code() == C.NOT_FOUND
+    assert states(served)["a5"] == ("UNAVAILABLE", "unloaded")
+    stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="a5"))  # from the root
+    np.testing.assert_allclose(decode_outputs(stub.ModelInfer(request("a5")))["logits"][0], reference(served, "a5"),
+                               rtol=tol(torch.float32)[0], atol=tol(torch.float32)[1])
+
+
+def test_broken_adapter_on_disk_fails_its_requests_only(served):
+    stub = served["stub"]
+    for _ in range(2):  # a failed load is tried again by the next request, and fails the same way
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request("broken"))
+        assert info.value.code() == C.INVALID_ARGUMENT and "broken" in info.value.details()
+        assert "/" not in info.value.details().split("'broken'")[-1]  # no server path
+    assert "broken" not in served["service"].registry.current
+    assert stub.ModelInfer(request("a6")).model_name == "a6"
+
+
+def test_a_tenant_cannot_load_another_tenants_adapter(served):
+    service = served["service"]
+    other = Tenant("globex", adapters=("g-*",), tokens=("sha256:" + "0" * 64,))
+    assert not service.needs_load("a7", other)
+    assert service.needs_load("a7")
+    assert "a7" not in service.registry.current
