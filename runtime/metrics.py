@@ -31,6 +31,25 @@ class Metrics:
         self.tenant_inflight = Gauge("wara_tenant_requests_inflight", "Requests accepted and not yet answered, per tenant",
                                      ["tenant"], registry=r)
 
+    def add_lora_info(self, snapshot) -> None:
+        """``wara_lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}``, the
+        gauge gateways read for adapter-affinity routing (vLLM's ``lora_requests_info``): built at
+        each scrape from ``snapshot() -> (running names, waiting names, max_lora)``, so only the
+        current label set exists. Its value is the scrape time."""
+        import time
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        class LoraInfo:
+            def collect(self):
+                running, waiting, max_lora = snapshot()
+                family = GaugeMetricFamily("wara_lora_requests_info", "Adapters with running and waiting requests",
+                                           labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+                family.add_metric([",".join(sorted(running)), ",".join(sorted(waiting)), str(max_lora)], time.time())
+                yield family
+
+        self.registry.register(LoraInfo())
+
     def forget(self, model: str) -> None:
         """Drop the request-count series labelled with ``model`` (an adapter that was unloaded;
         its gauges are the service's to drop once they are back at 0)."""

@@ -134,6 +134,7 @@ class Service:
         self._merge_lock = threading.Lock()
         self._gauge_lock = threading.Lock()
         self._gauges: dict[tuple[int, str], int] = {}  # (gauge, label) -> value
+        self.metrics.add_lora_info(self._lora_snapshot)
         self.ready = False
         self.draining = False
         # Lazy loading: a request for an adapter under the root that is not loaded loads it
@@ -180,6 +181,15 @@ class Service:
                 return
             self._gauges[key] = value
             gauge.labels(label).set(value)
+
+    def _lora_snapshot(self) -> tuple[list[str], list[str], int]:
+        """(adapters with requests running, adapters with requests waiting, device slots for
+        adapters per base) for `Metrics.add_lora_info`."""
+        with self._gauge_lock:
+            items = list(self._gauges.items())
+        running = [label for (g, label), v in items if g == id(self.metrics.running) and v > 0 and label not in self.engines]
+        waiting = [label for (g, label), v in items if g == id(self.metrics.waiting) and v > 0 and label not in self.engines]
+        return running, waiting, min(e.num_slots for e in self.engines.values()) - 1
 
     def _on_start(self, batch: list[Request]) -> None:
         for r in batch:

@@ -139,3 +139,20 @@ def test_a_tenant_cannot_load_another_tenants_adapter(served):
     assert not service.needs_load("a7", other)
     assert service.needs_load("a7")
     assert "a7" not in service.registry.current
+
+
+def test_lora_requests_info_gauge(served):
+    """The gateway gauge names the adapters with running or waiting requests (none when idle)
+    and the adapter slots."""
+    text = served["service"].metrics.text().decode()
+    line = next(l for l in text.splitlines() if l.startswith("wara_lora_requests_info{"))
+    slots = served["service"].config.slots - 1
+    assert f'max_lora="{slots}"' in line and 'running_lora_adapters=""' in line and 'waiting_lora_adapters=""' in line
+    service = served["service"]
+    with service._gauge_lock:  # as a queued request for a3 leaves it
+        service._gauges[(id(service.metrics.waiting), "a3")] = 1
+    try:
+        assert 'waiting_lora_adapters="a3"' in service.metrics.text().decode()
+    finally:
+        with service._gauge_lock:
+            service._gauges[(id(service.metrics.waiting), "a3")] = 0
