@@ -352,10 +352,10 @@ def test_valid_requests_in_every_form(served):
 
 
 def test_internal_errors_carry_an_id_and_no_detail(served, monkeypatch, caplog):
-    def boom(base, inputs):
+    def boom(inputs):
         raise RuntimeError("/srv/secret/path exploded")
 
-    monkeypatch.setattr(served["service"], "_model_inputs", boom)
+    monkeypatch.setattr(served["service"].converters["b"], "convert", boom)
     with caplog.at_level("ERROR", logger="wara.serve"):
         code, details, _ = _send(served, text())
     assert code == C.INTERNAL
