@@ -521,3 +521,27 @@ def test_truncated_texts_are_stated_in_the_response(served):
     assert resp.parameters["truncated_rows"].string_param == "1"
     assert resp.parameters["max_text_length"].int64_param == MAX_LEN
     assert "truncated_rows" not in served["stub"].ModelInfer(text()).parameters
+
+
+def test_a_big_request_does_not_hold_up_a_small_one(served):
+    """16 texts of 64 KB (1 MiB, within the limits; tokenized on a worker thread) sent first, a
+    one-word text right behind it: the small one is answered long before the big one."""
+    import threading
+
+    big = text([(b"really good movie " * 4000)[:65000]] * 16)
+    times = {}
+
+    def send_big():
+        t0 = time.perf_counter()
+        served["stub"].ModelInfer(big, timeout=60)
+        times["big"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=send_big)
+    thread.start()
+    time.sleep(0.005)
+    t0 = time.perf_counter()
+    served["stub"].ModelInfer(text(), timeout=60)
+    times["small"] = time.perf_counter() - t0
+    thread.join()
+    print(f"\nhead of line: big {times['big'] * 1e3:.0f} ms, small sent behind it {times['small'] * 1e3:.0f} ms")
+    assert times["small"] < times["big"] / 4, times
