@@ -136,6 +136,9 @@ class Registry:
                 raise
             raise type(e)(f"adapter {name!r}: {e}") from None
         check_folded(name, folded)
+        if folded.nbytes > self.host_budget:
+            raise Overloaded(f"adapter {name!r} takes {folded.nbytes} bytes folded, more than the whole host tier "
+                             f"({self.host_budget} bytes, host_budget_mb); raise host_budget_mb to serve it")
         version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, dict(files), folded,
                           folded.nbytes, pinned=pinned or merged,
                           head_size=int(folded.head[0].shape[0]) if folded.head is not None else None)

@@ -6,6 +6,7 @@ RepositoryIndex says where each adapter is."""
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from exporter.common import base_for
 from exporter.verify import reference_model
 from runtime.auth import Tenant
 from runtime.config import ServeConfig
+from runtime.errors import Overloaded
 from runtime.kserve import inference_pb2 as pb
 from runtime.kserve import inference_pb2_grpc as pb_grpc
 from runtime.server import create_server
@@ -156,3 +158,19 @@ def test_lora_requests_info_gauge(served):
     finally:
         with service._gauge_lock:
             service._gauges[(id(service.metrics.waiting), "a3")] = 0
+
+
+def test_a_host_budget_smaller_than_one_adapter_is_a_clear_refusal(served, tmp_path):
+    """RESOURCE_EXHAUSTED naming the budget, at once (no hang), and nothing changes."""
+    from runtime.service import Service
+
+    config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(served["root"]),
+                         preload=False, host_budget_mb=0.001, auto_merge=False)
+    service = Service(config)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded, match="host_budget_mb"):
+            service.infer("a1", {"text": np.array([TEXT.encode()], dtype=object)})
+        assert time.perf_counter() - t0 < 10 and not service.registry.current
+    finally:
+        service.drain()
