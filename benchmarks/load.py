@@ -132,7 +132,8 @@ def run(*, backend: str, steps: list[int], load_counts: list[int], clients: list
             scaling.append({"adapters": n, "load_p50_ms": statistics.median(times), "rss_mb": rss_mb(),
                             "rss_growth_mb": rss_mb() - rss0,
                             "host_folded_mb": sum(v.nbytes for v in host.host.values() if v.folded is not None) / 2**20,
-                            "host_source_mb": sum(sum(len(b) for b in v.source.values()) for v in host.host.values()) / 2**20,
+                            "host_source_mb": sum(sum(len(b) for b in v.source.values()) for v in host.host.values()
+                                                      if isinstance(v.source, dict)) / 2**20,
                             "in_process_p50_ms": one["p50_ms"], "in_process_p99_ms": one["p99_ms"],
                             "slot_evictions": host.stats["slot_evictions"]})
             log(f"{n:5d} adapters: load p50 {scaling[-1]['load_p50_ms']:.1f} ms, RSS {scaling[-1]['rss_mb']:.0f} MB, "

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -35,7 +35,10 @@ class Version:
     version: str  # the artifact's content hash
     base_model: str
     labels: list[str] | None
-    source: dict[str, bytes]  # the artifact files, to fold again after a host-tier eviction
+    # The artifact files, to fold again after a host-tier eviction: kept in memory for files a
+    # client sent, read again from the adapter root (a callable) for adapters that live there, so
+    # host memory holds one copy of an adapter's data, not its files and its folded factors.
+    source: "dict[str, bytes] | Callable[[], dict[str, bytes]]"
     folded: Folded | None
     nbytes: int
     pinned: bool = False
@@ -121,7 +124,8 @@ class Registry:
         self.stats = {"loads": 0, "unloads": 0, "host_evictions": 0, "slot_evictions": 0}
 
     # --- load / unload --------------------------------------------------------------------
-    def load(self, name: str, files: dict[str, bytes], *, pinned: bool = False, merged: bool = False) -> Version:
+    def load(self, name: str, files: dict[str, bytes], *, pinned: bool = False, merged: bool = False,
+             reread: Callable[[], dict[str, bytes]] | None = None) -> Version:
         """Validate and fold a new version of ``name``; only then make it current. On any error
         nothing changes."""
         if not name or "/" in name or name in self.engines:
@@ -139,7 +143,7 @@ class Registry:
         if folded.nbytes > self.host_budget:
             raise Overloaded(f"adapter {name!r} takes {folded.nbytes} bytes folded, more than the whole host tier "
                              f"({self.host_budget} bytes, host_budget_mb); raise host_budget_mb to serve it")
-        version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, dict(files), folded,
+        version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, reread or dict(files), folded,
                           folded.nbytes, pinned=pinned or merged,
                           head_size=int(folded.head[0].shape[0]) if folded.head is not None else None)
         if merged:
@@ -250,7 +254,7 @@ class Registry:
                     table[free].slot = None
                     self.stats["slot_evictions"] += 1
                 if v.folded is None:  # evicted from the host tier: fold again from its files
-                    v.folded = engine.prepare(adapter_from_files(v.source, source=f"adapter {v.name!r}"))
+                    v.folded = engine.prepare(self._source_adapter(v))
                     self.host[id(v)] = v
                     self.host.move_to_end(id(v))
                     self._enforce_host_budget()
@@ -261,6 +265,18 @@ class Registry:
                 lru.move_to_end(free)
                 out[id(v)] = free
         return out
+
+    @staticmethod
+    def _source_adapter(v: Version) -> WaraAdapter:
+        """The adapter a version was loaded from, to fold again; one read again from the root
+        must still be the content that was loaded (its hash), else its requests fail and the
+        message says to reload it."""
+        files = v.source() if callable(v.source) else v.source
+        adapter = adapter_from_files(files, source=f"adapter {v.name!r}")
+        if adapter.content_hash != v.version:
+            raise AdapterError(f"adapter {v.name!r} changed in the adapter root since it was loaded (version "
+                               f"{v.version[:12]}); load it again to serve the new content")
+        return adapter
 
     def index(self) -> list[Version]:
         with self.lock:

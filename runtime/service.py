@@ -209,12 +209,16 @@ class Service:
         t0 = time.perf_counter()
         if not ADAPTER_NAME.match(name) or ".." in name:
             raise InvalidRequest(f"invalid adapter name {clip(name)}: use letters, digits, '.', '_' and '-' (at most 128)")
+        reread = None
         if files is None:
             if not self.config.adapter_root:
                 raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
-            files = read_dir(Path(self.config.adapter_root), name)
+            root = Path(self.config.adapter_root)
+            files = read_dir(root, name)
+            reread = lambda: read_dir(root, name)  # noqa: E731 - the host tier keeps no copy of the files
         self._check_tenant_room(name)
-        version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged)
+        version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged,
+                                     reread=reread)
         self._unloaded.discard(name)
         self.metrics.loads.inc()
         self.metrics.load_latency.observe(time.perf_counter() - t0)

@@ -174,3 +174,44 @@ def test_a_host_budget_smaller_than_one_adapter_is_a_clear_refusal(served, tmp_p
         assert time.perf_counter() - t0 < 10 and not service.registry.current
     finally:
         service.drain()
+
+
+def test_host_tier_keeps_no_copy_of_root_files_and_refolds_from_disk(served, tmp_path):
+    """Adapters from the root keep no copy of their files in memory: an adapter evicted from the
+    host tier is folded again from disk, and answers as before; one whose files changed on disk
+    since it was loaded fails its requests with a message to reload it (never the new content
+    under the old version)."""
+    import shutil
+
+    from runtime.service import Service
+
+    root = tmp_path / "root"
+    for name in ("a1", "a2", "a3"):
+        shutil.copytree(served["root"] / name, root / name)
+    probe = Service(ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
+                                auto_merge=False))
+    one = max(v.nbytes for v in probe.registry.current.values())
+    assert all(callable(v.source) for v in probe.registry.current.values())
+    probe.drain()
+    config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root), slots=2,
+                         host_budget_mb=1.5 * one / 2**20, auto_merge=False)
+    service = Service(config)
+    x = {"text": np.array([TEXT.encode()], dtype=object)}
+    try:
+        first = {n: service.infer(n, x)[1]["logits"][0] for n in ("a1", "a2", "a3")}
+        assert service.registry.stats["host_evictions"] > 0
+        for n in ("a1", "a2", "a3"):  # folded again from disk where evicted; the same answers
+            np.testing.assert_allclose(service.infer(n, x)[1]["logits"][0], first[n], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(first["a2"], reference(served, "a2"), rtol=tol(torch.float32)[0],
+                                   atol=tol(torch.float32)[1])
+        shutil.rmtree(root / "a1")
+        shutil.copytree(served["root"] / "a9", root / "a1")  # other content under the same name
+        service.infer("a2", x), service.infer("a3", x)  # a1 leaves the host tier and its slot
+        assert service.registry.current["a1"].folded is None  # evicted: its next batch reads the root
+        with pytest.raises(Exception, match="changed in the adapter root"):
+            service.infer("a1", x)
+        service.load("a1")  # an explicit load serves the new content
+        np.testing.assert_allclose(service.infer("a1", x)[1]["logits"][0], reference(served, "a9"),
+                                   rtol=tol(torch.float32)[0], atol=tol(torch.float32)[1])
+    finally:
+        service.drain()
