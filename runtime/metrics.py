@@ -50,6 +50,35 @@ class Metrics:
 
         self.registry.register(LoraInfo())
 
+    def add_tiers(self, snapshot) -> None:
+        """Per tier, at each scrape: ``wara_adapters_resident{tier}`` and
+        ``wara_adapter_bytes_resident{tier}`` (disk: adapters under the root not loaded; host:
+        folded in memory; device: in a slot), and ``wara_adapter_tier_lookups_total{tier,
+        result}`` (hit or miss when a batch needs an adapter). ``snapshot() -> (tiers, stats)``
+        with tiers ``{name: (count, bytes)}`` and the registry's counters."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        class Tiers:
+            def collect(self):
+                tiers, stats = snapshot()
+                count = GaugeMetricFamily("wara_adapters_resident", "Adapters per tier", labels=["tier"])
+                size = GaugeMetricFamily("wara_adapter_bytes_resident", "Adapter bytes per tier", labels=["tier"])
+                for tier, (n, nbytes) in tiers.items():
+                    count.add_metric([tier], n)
+                    if nbytes is not None:
+                        size.add_metric([tier], nbytes)
+                lookups = CounterMetricFamily("wara_adapter_tier_lookups", "Tier lookups when a batch needs an adapter",
+                                              labels=["tier", "result"])
+                for tier in ("device", "host"):
+                    prefix = "slot" if tier == "device" else "host"
+                    lookups.add_metric([tier, "hit"], stats[f"{prefix}_hits"])
+                    lookups.add_metric([tier, "miss"], stats[f"{prefix}_misses"])
+                yield count
+                yield size
+                yield lookups
+
+        self.registry.register(Tiers())
+
     def forget(self, model: str) -> None:
         """Drop the request-count series labelled with ``model`` (an adapter that was unloaded;
         its gauges are the service's to drop once they are back at 0)."""

@@ -121,7 +121,8 @@ class Registry:
         self.host: OrderedDict[int, Version] = OrderedDict()  # id(version) -> version, LRU order
         self.slots: dict[str, list[Version | None]] = {b: [None] * e.num_slots for b, e in engines.items()}
         self.slot_lru: dict[str, OrderedDict[int, None]] = {b: OrderedDict() for b in engines}
-        self.stats = {"loads": 0, "unloads": 0, "host_evictions": 0, "slot_evictions": 0}
+        self.stats = {"loads": 0, "unloads": 0, "host_evictions": 0, "slot_evictions": 0,
+                      "slot_hits": 0, "slot_misses": 0, "host_hits": 0, "host_misses": 0}
 
     # --- load / unload --------------------------------------------------------------------
     def load(self, name: str, files: dict[str, bytes], *, pinned: bool = False, merged: bool = False,
@@ -245,7 +246,10 @@ class Registry:
                 if v.slot is not None and table[v.slot] is v:
                     lru.move_to_end(v.slot)
                     out[id(v)] = v.slot
+                    self.stats["slot_hits"] += 1
                     continue
+                self.stats["slot_misses"] += 1
+                self.stats["host_hits" if v.folded is not None else "host_misses"] += 1
                 free = next((i for i in range(1, len(table)) if table[i] is None), None)
                 if free is None:
                     free = next((i for i in lru if id(table[i]) not in needed), None)
@@ -277,6 +281,14 @@ class Registry:
             raise AdapterError(f"adapter {v.name!r} changed in the adapter root since it was loaded (version "
                                f"{v.version[:12]}); load it again to serve the new content")
         return adapter
+
+    def tiers(self) -> dict[str, tuple[int, int]]:
+        """(adapters, bytes) resident per tier: ``host`` (folded factors in memory) and
+        ``device`` (adapters in a slot; bytes of their folded factors)."""
+        with self.lock:
+            host = [v for v in self.host.values() if v.folded is not None]
+            device = [v for table in self.slots.values() for v in table if v is not None]
+            return {"host": (len(host), sum(v.nbytes for v in host)), "device": (len(device), sum(v.nbytes for v in device))}
 
     def index(self) -> list[Version]:
         with self.lock:

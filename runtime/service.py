@@ -135,6 +135,7 @@ class Service:
         self._gauge_lock = threading.Lock()
         self._gauges: dict[tuple[int, str], int] = {}  # (gauge, label) -> value
         self.metrics.add_lora_info(self._lora_snapshot)
+        self.metrics.add_tiers(self._tier_snapshot)
         self.ready = False
         self.draining = False
         # Lazy loading: a request for an adapter under the root that is not loaded loads it
@@ -181,6 +182,15 @@ class Service:
                 return
             self._gauges[key] = value
             gauge.labels(label).set(value)
+
+    def _tier_snapshot(self) -> tuple[dict[str, tuple[int, int | None]], dict[str, int]]:
+        tiers: dict[str, tuple[int, int | None]] = dict(self.registry.tiers())
+        root = self.config.adapter_root
+        if root:
+            loaded = set(self.registry.current)
+            on_disk = sum(1 for d in Path(root).iterdir() if d.name not in loaded and (d / CONFIG_NAME).is_file())
+            tiers["disk"] = (on_disk, None)
+        return tiers, dict(self.registry.stats)
 
     def _lora_snapshot(self) -> tuple[list[str], list[str], int]:
         """(adapters with requests running, adapters with requests waiting, device slots for

@@ -215,3 +215,23 @@ def test_host_tier_keeps_no_copy_of_root_files_and_refolds_from_disk(served, tmp
                                    rtol=tol(torch.float32)[0], atol=tol(torch.float32)[1])
     finally:
         service.drain()
+
+
+def test_tier_metrics(served):
+    """Resident counts and bytes per tier, and hits and misses, as the scrape sees them."""
+    stub, service = served["stub"], served["service"]
+    stub.ModelInfer(request("a8"))
+    stub.ModelInfer(request("a8"))
+    text = service.metrics.text().decode()
+
+    def value(line_start: str) -> float:
+        return float(next(l for l in text.splitlines() if l.startswith(line_start)).split()[-1])
+
+    on_disk = sum(1 for n in NAMES + ["broken"] if n not in service.registry.current)
+    assert value('wara_adapters_resident{tier="disk"}') == on_disk
+    assert value('wara_adapters_resident{tier="host"}') == len(service.registry.current)
+    assert value('wara_adapter_bytes_resident{tier="host"}') == sum(v.nbytes for v in service.registry.current.values()
+                                                                   if v.folded is not None)
+    assert value('wara_adapters_resident{tier="device"}') >= 1
+    assert value('wara_adapter_tier_lookups_total{result="hit",tier="device"}') >= 1  # a8's second batch
+    assert value('wara_adapter_tier_lookups_total{result="miss",tier="device"}') >= 1  # its first
