@@ -10,7 +10,7 @@ accepted request is one the server has counted. In order, an inference RPC is:
 2. refused with UNAVAILABLE once a drain has begun;
 3. authenticated (`runtime.auth`: a bearer token or a client certificate maps to a tenant;
    UNAUTHENTICATED without one when tenants are configured);
-4. admitted (`Admission`): at most the tenant's ``max_queue`` and the server's ``max_inflight``
+4. admitted (`runtime.admission.Admission`): at most the tenant's ``max_queue`` and the server's ``max_inflight``
    requests and ``max_queued_mb`` bytes at once, else RESOURCE_EXHAUSTED at once;
 5. checked and decoded (`wire.decode_inputs`), tokenized and queued for a batch: on the event
    loop for a small request, on one of ``decode_workers`` threads for a big one;
@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
 from typing import Any, Callable
 
 import grpc
@@ -39,9 +38,10 @@ from grpc_reflection.v1alpha import reflection
 
 from wara_train.errors import WaraError
 
+from .admission import Admission, Refused
 from .auth import OPEN, Authenticator, PermissionDenied, Tenant, Unauthenticated, redact, require_admin
+from .errors import DeadlineExceeded, InvalidRequest, ModelNotFound, clip, status_code, status_message
 from .config import ServeConfig
-from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, Overloaded, clip, status_code, status_message
 from .kserve import inference_pb2 as pb
 from .service import SERVER_NAME, SERVER_VERSION, Service
 from .tls import ReloadableCredentials
@@ -81,60 +81,6 @@ def _version(name: str, version: str) -> str:
     if len(version) > MAX_NAME:
         raise ModelNotFound(f"model {clip(name)} has no version {clip(version)}")
     return version
-
-
-class Refused(Overloaded):
-    """An admission refusal (RESOURCE_EXHAUSTED), with its metric reason."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class Admission:
-    """What the edge has accepted and not yet answered: requests per tenant and in all, and
-    their bytes. Touched only from the event loop thread, so it needs no lock."""
-
-    def __init__(self, config: ServeConfig, gauge=None) -> None:
-        self.gauge = gauge  # requests in flight per tenant (metrics)
-        self.max_inflight = config.max_inflight
-        self.max_bytes = config.max_queued_mb << 20
-        self.inflight = 0
-        self.nbytes = 0
-        self.per_tenant: Counter[str] = Counter()
-        self.closing = False
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def admit(self, tenant: Tenant, nbytes: int) -> None:
-        if self.closing:
-            raise Draining("the server is shutting down and takes no new requests")
-        if tenant is not OPEN and self.per_tenant[tenant.name] >= tenant.max_queue:
-            raise Refused(f"tenant {tenant.name!r} has {tenant.max_queue} requests in flight, its max_queue; "
-                          "retry later", "tenant_queue_full")
-        if self.inflight >= self.max_inflight:
-            raise Refused(f"the server has {self.max_inflight} requests in flight (max_inflight); retry later",
-                          "server_busy")
-        if self.inflight and self.nbytes + nbytes > self.max_bytes:
-            raise Refused(f"the server holds {self.nbytes} bytes of requests in flight; this one would pass "
-                          "max_queued_mb; retry later", "server_busy_bytes")
-        self.inflight += 1
-        self.nbytes += nbytes
-        self.per_tenant[tenant.name] += 1
-        self.idle.clear()
-        if self.gauge is not None:
-            self.gauge.labels(tenant.name).inc()
-
-    def release(self, tenant: Tenant, nbytes: int) -> None:
-        self.inflight -= 1
-        self.nbytes -= nbytes
-        self.per_tenant[tenant.name] -= 1
-        if self.gauge is not None:
-            self.gauge.labels(tenant.name).dec()
-        if not self.per_tenant[tenant.name]:
-            del self.per_tenant[tenant.name]
-        if not self.inflight:
-            self.idle.set()
 
 
 async def _result(future: concurrent.futures.Future, timeout: float) -> Any:
