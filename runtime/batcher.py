@@ -6,7 +6,9 @@ arrived. A batch is filled fairly: one request from each tenant in turn (in orde
 oldest request, starting after the tenant that led the last batch), so a tenant with a thousand
 queued requests takes one row in turn with a tenant that has one. The queue is bounded in
 requests (``max_queue``) and in input bytes (``max_queued_bytes``): past either, RESOURCE_EXHAUSTED
-at once. Text rows are padded to the longest sequence (the attention mask keeps the result the
+at once. When more distinct adapters are queued than a batch has slots for, requests whose
+adapter already holds a slot go first (no slot miss, no fold), but a request that has waited
+``resident_wait_ms`` goes first whatever its adapter, so none starves. Text rows are padded to the longest sequence (the attention mask keeps the result the
 same); images must share a size to share a batch. Each request's future gets its own rows.
 """
 
@@ -55,13 +57,14 @@ class BatchStats:
 
 class Batcher:
     def __init__(self, engine: TorchEngine, registry: Registry, *, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 max_queue: int = 1024, max_queued_bytes: int = 1 << 30, on_batch=None, on_start=None, on_end=None, on_expire=None) -> None:
+                 max_queue: int = 1024, max_queued_bytes: int = 1 << 30, resident_wait_ms: float = 50.0, on_batch=None, on_start=None, on_end=None, on_expire=None) -> None:
         self.engine = engine
         self.registry = registry
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
         self.max_queued_bytes = max_queued_bytes
+        self.resident_wait = resident_wait_ms / 1000.0
         self.queued_bytes = 0
         self.last_lead: str | None = None  # the tenant first in the last batch
         self.queue: deque[Request] = deque()
@@ -118,7 +121,7 @@ class Batcher:
             batch, rows, models = [], 0, set()
             limit = self.engine.num_slots - 1
             keep: deque[Request] = deque()
-            order = self._fair_order()
+            order = self._prefer_resident(self._fair_order())
             self.queue.clear()
             for r in order:
                 model = id(r.version) if r.version is not None else None
@@ -137,6 +140,22 @@ class Batcher:
             if batch:
                 self.last_lead = batch[0].tenant
             return batch
+
+    def _prefer_resident(self, order: list[Request]) -> list[Request]:
+        """``order`` regrouped, each group keeping the tenants' turns: requests that have waited
+        ``resident_wait`` first (none starves), then those that cost no slot miss (the base, an
+        adapter in a slot), then the rest. Reading ``slot`` unlocked is a hint:
+        `Registry.assign_slots` decides under its lock."""
+        now = time.perf_counter()
+        waited, resident, rest = [], [], []
+        for r in order:
+            if now - r.arrived >= self.resident_wait:
+                waited.append(r)
+            elif r.version is None or r.version.slot is not None:
+                resident.append(r)
+            else:
+                rest.append(r)
+        return waited + resident + rest
 
     def _fair_order(self) -> list[Request]:
         """The queue in the order a batch is filled: round robin over tenants (each tenant's

@@ -70,6 +70,9 @@ class ServeConfig:
     max_rank: int = 32  # folded rank the slots are padded to
     max_batch: int = 32  # rows per forward pass
     max_delay_ms: float = 5.0  # how long the first request of a batch may wait for company
+    # With more distinct adapters queued than slots, resident ones go first; a request that has
+    # waited this long goes first whatever its adapter (runtime.batcher).
+    resident_wait_ms: float = 50.0
     max_queue: int = 1024  # queued requests per base before RESOURCE_EXHAUSTED
     host_budget_mb: float = 1024.0  # folded adapters kept in memory (LRU beyond it)
     max_message_mb: int = 64  # largest gRPC message
@@ -168,6 +171,8 @@ class ServeConfig:
             raise ConfigError("slots must be >= 2 (slot 0 is the base)")
         if not (0 <= self.port <= 65535):
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.resident_wait_ms < 0:
+            raise ConfigError(f"resident_wait_ms must be >= 0, got {self.resident_wait_ms!r}")
         if self.max_delay_ms < 0 or self.host_budget_mb <= 0 or self.request_timeout_s <= 0 or self.grace_s < 0:
             raise ConfigError("max_delay_ms, grace_s must be >= 0; host_budget_mb, request_timeout_s > 0")
         if not (0.5 < self.auto_merge_share <= 1.0) or self.auto_merge_window < 1:

@@ -126,6 +126,7 @@ class Service:
                                  max_adapters=config.max_adapters)
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
                                     max_queue=config.max_queue, max_queued_bytes=config.max_queued_mb << 20,
+                                    resident_wait_ms=config.resident_wait_ms,
                                     on_batch=self._on_batch,
                                     on_start=self._on_start, on_end=self._on_end, on_expire=self._on_expire)
                          for b, e in self.engines.items()}
