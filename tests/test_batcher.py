@@ -40,13 +40,14 @@ def version(name: str, slot=None):
     return SimpleNamespace(name=name, slot=slot, merged=None, folded=None)
 
 
-def run(requests: list[Request], **kw) -> list[list[str]]:
+def run(requests: list[Request], key=lambda r: r.model, max_batch: int = 32, **kw) -> list[list[str]]:
+    """Submit ``requests`` at once; returns each batch as the ``key`` of its requests."""
     engine = Engine()
     registry = Registry(engine)
     registry.all = [r.version for r in requests if r.version is not None]
     order: list[list[str]] = []
-    batcher = Batcher(engine, registry, max_batch=32, max_delay_ms=30.0,
-                      on_start=lambda batch: order.append([r.model for r in batch]), **kw)
+    batcher = Batcher(engine, registry, max_batch=max_batch, max_delay_ms=30.0,
+                      on_start=lambda batch: order.append([key(r) for r in batch]), **kw)
     try:
         for r in requests:
             batcher.submit(r)
@@ -81,15 +82,5 @@ def test_tenants_take_turns():
     """Six requests of one tenant queued before one of another, two rows a batch: the other
     tenant's request is in the first batch, not behind all six."""
     requests = [req("b", None, tenant="flood") for _ in range(6)] + [req("b", None, tenant="quiet")]
-    engine = Engine()
-    order: list[list[str]] = []
-    batcher = Batcher(engine, Registry(engine), max_batch=2, max_delay_ms=30.0,
-                      on_start=lambda batch: order.append([r.tenant for r in batch]))
-    try:
-        for r in requests:
-            batcher.submit(r)
-        for r in requests:
-            r.future.result(timeout=10)
-    finally:
-        batcher.stop()
+    order = run(requests, key=lambda r: r.tenant, max_batch=2)
     assert order[0] == ["flood", "quiet"], order
