@@ -201,36 +201,38 @@ class Batcher:
                 self._run(live)
 
     def _run(self, batch: list[Request]) -> None:
+        """Forward one batch. ``on_end`` runs before any request's future is resolved, so a
+        client that has its answer never sees its request still counted as running."""
         if self.on_start is not None:
             self.on_start(batch)
+        error = None
         try:
-            self._forward(batch)
+            outputs, merged = self._forward(batch)
+        except Exception as e:  # a failed batch fails its own requests, never the worker
+            error = e
         finally:
             if self.on_end is not None:
                 self.on_end(batch)
-
-    def _forward(self, batch: list[Request]) -> None:
-        try:
-            first = batch[0].version
-            # Read once: another thread may drop the merged copy between a check and a use.
-            merged, folded = (first.merged, first.folded) if first is not None else (None, None)
-            if merged is not None and folded is not None and all(r.version is first for r in batch):
-                outputs = self.engine.forward_merged(merged, folded, _concat([r.inputs for r in batch]))
-                self._finish(batch, outputs, merged=True)
-                return
-            versions = [r.version for r in batch if r.version is not None]
-            slot_of = self.registry.assign_slots(self.engine.base_model, versions) if versions else {}
-            slots: list[int] = []
-            for r in batch:
-                slots += [slot_of[id(r.version)] if r.version is not None else 0] * r.rows
-            inputs = _concat([r.inputs for r in batch])
-            outputs = self.engine.forward(inputs, slots)
-        except Exception as e:  # a failed batch fails its own requests, never the worker
+        if error is not None:
             for r in batch:
                 if not r.future.done():
-                    r.future.set_exception(e)
+                    r.future.set_exception(error)
             return
-        self._finish(batch, outputs)
+        self._finish(batch, outputs, merged=merged)
+
+    def _forward(self, batch: list[Request]) -> tuple[list, bool]:
+        """(one output row per input row, whether the merged copy ran)."""
+        first = batch[0].version
+        # Read once: another thread may drop the merged copy between a check and a use.
+        merged, folded = (first.merged, first.folded) if first is not None else (None, None)
+        if merged is not None and folded is not None and all(r.version is first for r in batch):
+            return self.engine.forward_merged(merged, folded, _concat([r.inputs for r in batch])), True
+        versions = [r.version for r in batch if r.version is not None]
+        slot_of = self.registry.assign_slots(self.engine.base_model, versions) if versions else {}
+        slots: list[int] = []
+        for r in batch:
+            slots += [slot_of[id(r.version)] if r.version is not None else 0] * r.rows
+        return self.engine.forward(_concat([r.inputs for r in batch]), slots), False
 
     def _finish(self, batch: list[Request], outputs: list, *, merged: bool = False) -> None:
         s = self.stats
