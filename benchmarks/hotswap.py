@@ -84,7 +84,7 @@ def in_process(engine: TorchEngine, adapters: dict[int, WaraAdapter], inputs: tu
         _, t_slot = timed(engine.write_slot, 1, folded)
         check("in_process_slot", engine.forward(inputs, [1])[0]["logits"], seed)
         merged, t_merge = timed(engine.build_merged, folded)
-        check("in_process_merged", engine.forward_merged(merged, folded, inputs)[0]["logits"], seed)
+        check("in_process_merged", engine.forward_merged(merged, folded.head, inputs)[0]["logits"], seed)
         for key, t in zip(times, (t_prepare, t_slot, t_prepare + t_slot, t_merge)):
             times[key].append(t)
     return {k: stats(v) for k, v in times.items()}

@@ -318,7 +318,7 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
 
     adapter = random_adapter(spec, workdir / "adapter", rank=RANK, seed=0)
     targets = list(adapter.config.target_modules)
-    engine = TorchEngine(spec, slots=2, max_rank=4 * RANK, device=str(device))
+    engine = TorchEngine(spec, device=str(device))
     folded = engine.prepare(adapter)
     engine.write_slot(1, folded)
     merged = engine.build_merged(folded)
@@ -347,7 +347,7 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                 if eng == "torch":
                     variants = {
                         "base": lambda: engine.forward(inputs, [0] * batch),
-                        "merged": lambda: engine.forward_merged(merged, folded, inputs),
+                        "merged": lambda: engine.forward_merged(merged, folded.head, inputs),
                         "folded": lambda: engine.forward(inputs, [1] * batch),
                         "explicit": lambda: explicit(*inputs),
                         "peft_base": lambda: peft_base(*inputs),

@@ -1,30 +1,38 @@
-"""Serving under load: closed-loop clients over many adapters with Zipf-popular traffic, and how
-latency and memory grow with the number of registered adapters.
+"""Ten thousand adapters on one node: start-up, memory, flat latency and cold starts.
 
-One real server (port 0) on MiniLM. Adapters (random WaRA r=4 haar J=1, each with its own head)
-are added in steps (1, 10, 100, 1000); after each step: the load time per adapter, the resident
-memory, the host tier's bytes, and the batch-1 latency in-process (one client). At 100 and 1000
-adapters, closed-loop runs with 1, 4 and 16 clients, over gRPC and in-process, each request's
-adapter drawn from a Zipf law (exponent 1.1) over the registered names: p50 / p99 latency and
-throughput. Answers are checked against the in-process answer of the same adapter first.
+Generated MiniLM adapters (random WaRA factors on all 36 layers, haar J=1, ranks 4 and 8 in
+turn, each with its own head) are written to an adapter root; then, in one process, a server on
+the first ``small`` of them (a root of hard links) and a server on all of them, both with the
+default lazy start. Measured, all in one run:
 
-    .venv/bin/python -m benchmarks.load --backend onnxruntime    # about 6 min on 2 cores
-    .venv/bin/python -m benchmarks.load --quick                  # tiny (used by the tests)
+* time to ready (indexing the root; no tensor is read) and the RSS each start adds;
+* batch-1 latency over gRPC, one closed-loop client, each request's adapter drawn from a
+  Zipf(1.1) law over the registered names, in rounds that alternate between the two servers
+  (a ratio counts only from interleaved runs);
+* the cold first request of adapters only on disk (read, checked, folded, written to the pool,
+  answered) against a warm request of the same adapter right after;
+* load -> servable: the time an adapter takes to enter the device tier (fold + pool write),
+  from the registry's own timer, over the whole run;
+* RSS per registered adapter after the traffic, with the host and device tiers' bytes.
+
+    .venv/bin/python -m benchmarks.load                    # 10,000 adapters: ~20 GB disk, ~10 min
+    .venv/bin/python -m benchmarks.load --quick            # tiny (used by the tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import environment, figure, save_figure, percentile, write_json
+from benchmarks.common import environment, figure, percentile, save_figure, write_json
 
 TEXTS = [
     "What is artificial intelligence and how do computers learn?",
@@ -48,128 +56,159 @@ def zipf_weights(n: int, s: float = 1.1) -> np.ndarray:
     return w / w.sum()
 
 
-def closed_loop(call, names: list[str], clients: int, seconds: float, seed: int) -> dict:
-    """``clients`` threads, each sending its next request when the last one is answered."""
-    weights = zipf_weights(len(names))
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors: list[BaseException] = []
-    stop = threading.Event()
+def generate(root: Path, count: int, ranks: tuple[int, ...], *, log, seed: int = 0) -> None:
+    """``count`` adapters named ``t00000``...: one template per rank from `random_adapters`
+    (the real writer), then each adapter the template's tensors redrawn at the same scale."""
+    import torch
+    from safetensors.torch import load_file, save_file
 
-    def client(k: int) -> None:
-        rng = np.random.default_rng(seed + k)
-        while not stop.is_set():
-            name = names[rng.choice(len(names), p=weights)]
-            text = TEXTS[int(rng.integers(len(TEXTS)))]
-            t0 = time.perf_counter()
-            try:
-                call(name, text)
-            except BaseException as e:  # noqa: BLE001 - reported after the run
-                errors.append(e)
-                return
-            latencies[k].append((time.perf_counter() - t0) * 1e3)
+    from wara_train.artifact import CONFIG_NAME, WEIGHTS_NAME
+    from wara_train.synthetic import random_adapters
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    templates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in ranks:
+            random_adapters("minilm", [Path(tmp) / f"r{r}"], rank=r, seed=seed + r)
+            t = load_file(str(Path(tmp) / f"r{r}" / WEIGHTS_NAME))
+            templates[r] = ((Path(tmp) / f"r{r}" / CONFIG_NAME).read_bytes(), {k: (v.shape, float(v.std())) for k, v in t.items()})
+    gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise SystemExit(f"a request failed under load: {errors[0]!r}")
-    flat = [x for lat in latencies for x in lat]
-    return {"requests": len(flat), "p50_ms": percentile(flat, 50), "p99_ms": percentile(flat, 99),
-            "mean_ms": statistics.mean(flat), "throughput_rps": len(flat) / wall}
+    for i in range(count):
+        config, shapes = templates[ranks[i % len(ranks)]]
+        d = root / f"t{i:05d}"
+        d.mkdir()
+        (d / CONFIG_NAME).write_bytes(config)
+        save_file({k: torch.randn(shape, generator=gen) * std for k, (shape, std) in shapes.items()}, str(d / WEIGHTS_NAME))
+        if (i + 1) % 1000 == 0:
+            log(f"  generated {i + 1} adapters ({time.perf_counter() - t0:.0f} s)")
 
 
-def run(*, backend: str, steps: list[int], load_counts: list[int], clients: list[int], seconds: float,
-        workdir: Path, log) -> dict:
+def link_root(src: Path, dst: Path, names: list[str]) -> None:
+    """A root of the first adapters as hard links (no copy, and inside its own root)."""
+    for name in names:
+        (dst / name).mkdir(parents=True)
+        for f in (src / name).iterdir():
+            os.link(f, dst / name / f.name)
+
+
+def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, cold: int, device_mb: float,
+        host_mb: float, workdir: Path, log, root: Path | None = None) -> dict:
     import grpc
 
     from runtime.config import ServeConfig
     from runtime.kserve import inference_pb2 as pb
     from runtime.kserve import inference_pb2_grpc as pb_grpc
-    from runtime.server import create_server, decode_outputs
-    from wara_train.synthetic import random_adapters
+    from runtime.server import create_server
+    from runtime.wire import decode_outputs
 
-    root = workdir / "adapters"
-    root.mkdir()
-    config = ServeConfig(port=0, adapter_root=str(root), bases=("minilm",), backend=backend, auto_merge=False,
-                         max_delay_ms=2.0, host_budget_mb=4096)
-    server, port = create_server(config)
-    service = server.service
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    if root is None or not root.is_dir() or len(os.listdir(root)) != large:
+        if root is not None and root.is_dir() and os.listdir(root):
+            raise SystemExit(f"{root} holds {len(os.listdir(root))} entries, not {large} generated adapters")
+        root = root or workdir / "all"
+        root.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        generate(root, large, (4, 8), log=log)
+        log(f"generated {large} adapters in {time.perf_counter() - t0:.0f} s")
+    names = sorted(os.listdir(root))
+    small_root = workdir / "small"
+    link_root(root, small_root, names[:small])
 
-    def over_grpc(name: str, text: str) -> np.ndarray:
+    servers = {}
+    report: dict = {"starts": {}, "rounds": [], "cold": {}}
+    # Device entries (fold + pool write) and host entries (read + check), as the registry times them.
+    entries: dict[str, list[float]] = {"device": [], "host": []}
+    rss0 = rss_mb()
+    for label, path, n in (("small", small_root, small), ("large", root, large)):
+        before = rss_mb()
+        t = time.perf_counter()
+        config = ServeConfig(port=0, adapter_root=str(path), bases=("minilm",), backend=backend, auto_merge=False,
+                             max_delay_ms=1.0, device_budget_mb=device_mb, host_budget_mb=host_mb)
+        server, port = create_server(config)
+        ready = time.perf_counter() - t
+        registry = server.service.registry
+        registry.observe = lambda tier, s, _o=registry.observe: (entries[tier].append(s * 1e3), _o(tier, s))
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        servers[label] = (server, channel, stub, n)
+        report["starts"][label] = {"adapters": n, "ready_s": ready, "rss_added_mb": rss_mb() - before,
+                                   "index_s": server.service.catalog.seconds,
+                                   "tensors_read_at_start": len(registry.current)}
+        log(f"{label}: {n} adapters, ready in {ready:.2f} s (index {server.service.catalog.seconds:.2f} s), "
+            f"RSS +{rss_mb() - before:.0f} MB")
+
+    def call(stub, name: str, text: str) -> float:
         req = pb.ModelInferRequest(model_name=name)
         req.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(text.encode())
-        return decode_outputs(stub.ModelInfer(req))["logits"]
+        t = time.perf_counter()
+        decode_outputs(stub.ModelInfer(req, timeout=60))
+        return (time.perf_counter() - t) * 1e3
 
-    def in_process(name: str, text: str) -> np.ndarray:
-        return service.infer(name, {"text": np.array([text.encode()], dtype=object)})[1]["logits"]
-
-    scaling, load_rows = [], []
-    names: list[str] = []
-    rss0 = rss_mb()
     try:
-        for n in steps:
-            new = [f"tenant-{i:04d}" for i in range(len(names), n)]
-            random_adapters("minilm", [root / x for x in new], rank=4, seed=len(names))
-            times = []
-            for x in new:
-                t0 = time.perf_counter()
-                service.load(x)
-                times.append((time.perf_counter() - t0) * 1e3)
-            names += new
-            got, want = over_grpc(names[-1], TEXTS[0]), in_process(names[-1], TEXTS[0])
-            if not np.allclose(got, want, atol=1e-5):
-                raise SystemExit(f"gRPC and in-process answers differ for {names[-1]}")
-            one = closed_loop(in_process, names, 1, seconds, seed=n)
-            host = service.registry
-            scaling.append({"adapters": n, "load_p50_ms": statistics.median(times), "rss_mb": rss_mb(),
-                            "rss_growth_mb": rss_mb() - rss0,
-                            "host_folded_mb": sum(v.nbytes for v in host.host.values() if v.folded is not None) / 2**20,
-                            "host_source_mb": sum(sum(len(b) for b in v.source.values()) for v in host.host.values()
-                                                      if isinstance(v.source, dict)) / 2**20,
-                            "in_process_p50_ms": one["p50_ms"], "in_process_p99_ms": one["p99_ms"],
-                            "slot_evictions": host.stats["slot_evictions"]})
-            log(f"{n:5d} adapters: load p50 {scaling[-1]['load_p50_ms']:.1f} ms, RSS {scaling[-1]['rss_mb']:.0f} MB, "
-                f"batch-1 p50 {one['p50_ms']:.1f} ms")
-            if n in load_counts:
-                for c in clients:
-                    for mode, call in (("grpc", over_grpc), ("in_process", in_process)):
-                        r = closed_loop(call, names, c, seconds, seed=1000 * c + n)
-                        load_rows.append({"adapters": n, "clients": c, "mode": mode, **r})
-                        log(f"  {n} adapters, {c:2d} clients, {mode:10s}: p50 {r['p50_ms']:.1f} ms  p99 "
-                            f"{r['p99_ms']:.1f} ms  {r['throughput_rps']:.1f} req/s")
+        # Cold first requests: adapters of the large root no request touched yet, each then warm.
+        stub = servers["large"][2]
+        rng = np.random.default_rng(7)
+        call(stub, names[-1], TEXTS[0])  # the first request of a server pays one-time costs
+        pick = [names[i] for i in rng.choice(np.arange(len(names) // 2, len(names) - 1), size=cold, replace=False)]
+        cold_ms, warm_ms = [], []
+        for name in pick:
+            cold_ms.append(call(stub, name, TEXTS[1]))
+            warm_ms.append(call(stub, name, TEXTS[1]))
+        report["cold"] = {"adapters": cold, "cold_p50_ms": statistics.median(cold_ms), "warm_p50_ms": statistics.median(warm_ms),
+                          "ratio_p50": statistics.median(cold_ms) / statistics.median(warm_ms)}
+        log(f"cold first request p50 {report['cold']['cold_p50_ms']:.1f} ms, warm {report['cold']['warm_p50_ms']:.1f} ms")
+
+        # Zipf traffic, rounds alternating between the two servers.
+        for k in range(rounds):
+            for label in ("small", "large"):
+                _, _, stub, n = servers[label]
+                weights = zipf_weights(n)
+                rng = np.random.default_rng(1000 * k + n)
+                lat = []
+                end = time.perf_counter() + seconds
+                while time.perf_counter() < end:
+                    lat.append(call(stub, names[int(rng.choice(n, p=weights))], TEXTS[int(rng.integers(len(TEXTS)))]))
+                reg = servers[label][0].service.registry
+                report["rounds"].append({"round": k, "server": label, "adapters": n, "requests": len(lat),
+                                         "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+                                         "slot_hits": reg.stats["slot_hits"], "slot_misses": reg.stats["slot_misses"]})
+                log(f"round {k} {label:5s}: {len(lat)} requests, p50 {percentile(lat, 50):.2f} ms, "
+                    f"p99 {percentile(lat, 99):.2f} ms")
+        tiers = {label: servers[label][0].service.registry.tiers() for label in servers}
+        report["memory"] = {"rss_mb": rss_mb(), "rss_growth_mb": rss_mb() - rss0,
+                            "tiers_mb": {label: {t: b / 2**20 for t, (_, b) in v.items()} for label, v in tiers.items()},
+                            "resident": {label: {t: c for t, (c, _) in v.items()} for label, v in tiers.items()}}
     finally:
-        channel.close()
-        server.stop(grace=1.0)
-    return {"scaling": scaling, "load": load_rows}
+        for server, channel, _, _ in servers.values():
+            channel.close()
+            server.stop(grace=1.0)
+    p50 = {label: statistics.median(r["p50_ms"] for r in report["rounds"] if r["server"] == label) for label in servers}
+    report["p50_ratio"] = p50["large"] / p50["small"]
+    report["p50_ratio_per_round"] = [b["p50_ms"] / a["p50_ms"] for a, b in zip(report["rounds"][::2], report["rounds"][1::2])]
+    start = report["starts"]["large"]
+    report["rss_per_registered_mb"] = (report["memory"]["rss_growth_mb"] - report["starts"]["small"]["rss_added_mb"]) / large
+    report["rss_per_registered_at_start_mb"] = (start["rss_added_mb"] - report["starts"]["small"]["rss_added_mb"]) / (large - small)
+    report["device_entry_ms"] = {"count": len(entries["device"]), "p50": percentile(entries["device"], 50),
+                                 "p99": percentile(entries["device"], 99)}
+    report["host_entry_ms"] = {"count": len(entries["host"]), "p50": percentile(entries["host"], 50) if entries["host"] else None}
+    return report
 
 
 def plot(report: dict, path: Path) -> None:
     fig, (a1, a2) = figure(1, 2, figsize=(10, 3.8))
-    s = report["scaling"]
-    a1.plot([x["adapters"] for x in s], [x["in_process_p50_ms"] for x in s], "o-", label="batch-1 p50 ms")
-    a1.plot([x["adapters"] for x in s], [x["rss_growth_mb"] / 10 for x in s], "s--", label="RSS growth / 10 MB")
-    a1.set_xscale("log")
-    a1.set_xlabel("registered adapters")
-    a1.legend(fontsize=8)
+    for label, style in (("small", "o-"), ("large", "s--")):
+        pts = [r for r in report["rounds"] if r["server"] == label]
+        n = pts[0]["adapters"]
+        a1.plot([p["round"] for p in pts], [p["p50_ms"] for p in pts], style, label=f"{n} adapters p50")
+        a1.plot([p["round"] for p in pts], [p["p99_ms"] for p in pts], style, alpha=0.4, label=f"{n} adapters p99")
+    a1.set_xlabel("round (interleaved)")
+    a1.set_ylabel("batch-1 ms over gRPC")
+    a1.legend(fontsize=7)
     a1.grid(alpha=0.3)
-    for n in dict.fromkeys(r["adapters"] for r in report["load"]):
-        for mode, style in (("grpc", "o-"), ("in_process", "s--")):
-            pts = [r for r in report["load"] if r["adapters"] == n and r["mode"] == mode]
-            a2.plot([p["clients"] for p in pts], [p["throughput_rps"] for p in pts], style, label=f"{n} adapters, {mode}")
-    a2.set_xlabel("closed-loop clients")
-    a2.set_ylabel("requests / s")
-    a2.set_xscale("log", base=2)
-    a2.legend(fontsize=7)
-    a2.grid(alpha=0.3)
-    fig.suptitle(f"MiniLM, {report['backend']} engine, Zipf(1.1) traffic", fontsize=9)
+    c = report["cold"]
+    a2.bar(["warm", "cold (disk)", "device entry"], [c["warm_p50_ms"], c["cold_p50_ms"], report["device_entry_ms"]["p50"]])
+    a2.set_ylabel("p50 ms")
+    a2.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"MiniLM, {report['backend']} engine, Zipf(1.1) over the registered adapters", fontsize=9)
     save_figure(fig, path)
 
 
@@ -177,24 +216,34 @@ def main(argv: list[str] | None = None) -> int:
     environment()  # read at the start: the commit and machine this run measures
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="onnxruntime")
-    p.add_argument("--seconds", type=float, default=6.0, help="length of each closed-loop run")
+    p.add_argument("--adapters", type=int, default=10000)
+    p.add_argument("--small", type=int, default=100, help="adapters of the server compared against")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=8.0, help="length of each round")
+    p.add_argument("--cold", type=int, default=30, help="adapters whose first request is timed")
+    p.add_argument("--device-budget-mb", type=float, default=1024.0)
+    p.add_argument("--host-budget-mb", type=float, default=2048.0)
+    p.add_argument("--workdir", type=Path, default=None, help="where the adapters are written (default a temp dir)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="keep the generated adapters here (generated when empty; reused by the next run)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a test that it runs)")
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/load_<backend>.json")
     args = p.parse_args(argv)
     out = args.out or Path(f"benchmarks/results/load_{args.backend}.json")
     if args.quick:
-        steps, load_counts, clients, seconds = [1, 3], [3], [1, 2], 0.5
-    else:
-        steps, load_counts, clients, seconds = [1, 10, 100, 1000], [100, 1000], [1, 4, 16], args.seconds
+        args.adapters, args.small, args.rounds, args.seconds, args.cold = 12, 4, 2, 0.5, 3
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = run(backend=args.backend, steps=steps, load_counts=load_counts, clients=clients, seconds=seconds,
-                  workdir=Path(tmp), log=print)
-    report = {"benchmark": "load", **environment(), "backend": args.backend, "seconds_per_run": seconds,
-              "zipf_exponent": 1.1, "adapter": "WaRA r=4 haar J=1, random, 5 labels", "quick": args.quick,
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        res = run(backend=args.backend, small=args.small, large=args.adapters, rounds=args.rounds, seconds=args.seconds,
+                  cold=args.cold, device_mb=args.device_budget_mb, host_mb=args.host_budget_mb, workdir=Path(tmp), log=print,
+                  root=args.root)
+    report = {"benchmark": "load", **environment(), "backend": args.backend, "seconds_per_round": args.seconds,
+              "zipf_exponent": 1.1, "adapter": "WaRA haar J=1 on MiniLM's 36 layers, ranks 4 and 8, random, 5 labels",
+              "device_budget_mb": args.device_budget_mb, "host_budget_mb": args.host_budget_mb, "quick": args.quick,
               "wall_seconds": time.perf_counter() - t0, **res}
     write_json(out, report)
     plot(report, out.with_suffix(".png"))
+    print(json.dumps({k: report[k] for k in ("p50_ratio", "rss_per_registered_mb", "device_entry_ms", "cold")}, indent=1))
     print(f"-> {out}")
     return 0
 

@@ -52,11 +52,11 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
     ours = {}
     for eng in engines:
         if eng == "torch":
-            e = TorchEngine(spec, slots=n + 1, max_rank=4 * RANK, device=str(device))
+            e = TorchEngine(spec, device=str(device))
         else:
             from runtime.ort_engine import OrtEngine
 
-            e = OrtEngine(spec, slots=n + 1, max_rank=4 * RANK)
+            e = OrtEngine(spec)
         for i, a in enumerate(adapters):
             e.write_slot(i + 1, e.prepare(a))
         ours[eng] = e

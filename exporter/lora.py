@@ -55,8 +55,8 @@ def peft_lora_tensors(
         la, lb = folded[mod]
         if mod in conv_modules:
             la, lb = la[:, :, None, None], lb[:, :, None, None]
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = la.contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lb.contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = la.clone(memory_format=torch.contiguous_format)  # own storage
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lb.clone(memory_format=torch.contiguous_format)
     for mod, name in saved.items():
         for pname, t in adapter.saved_modules[mod].items():
             out[f"{PEFT_PREFIX}{name}.{pname}"] = t.contiguous()

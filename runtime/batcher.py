@@ -6,8 +6,8 @@ arrived. A batch is filled fairly: one request from each tenant in turn (in orde
 oldest request, starting after the tenant that led the last batch), so a tenant with a thousand
 queued requests takes one row in turn with a tenant that has one. The queue is bounded in
 requests (``max_queue``) and in input bytes (``max_queued_bytes``): past either, RESOURCE_EXHAUSTED
-at once. When more distinct adapters are queued than a batch has slots for, requests whose
-adapter already holds a slot go first (no slot miss, no fold), but a request that has waited
+at once. When more distinct adapters are queued than the pool holds, requests whose
+adapter is already resident go first (no slot miss, no fold), but a request that has waited
 ``resident_wait_ms`` goes first whatever its adapter, so none starves. Text rows are padded to the longest sequence (the attention mask keeps the result the
 same); images must share a size to share a batch. Each request's future gets its own rows.
 """
@@ -118,8 +118,8 @@ class Batcher:
                 if rows >= self.max_batch or left <= 0:
                     break
                 self.cond.wait(timeout=left)
-            batch, rows, models = [], 0, set()
-            limit = self.engine.num_slots - 1
+            batch, rows, models, pages = [], 0, set(), 0
+            limit = self.engine.pages
             keep: deque[Request] = deque()
             order = self._prefer_resident(self._fair_order())
             self.queue.clear()
@@ -128,12 +128,13 @@ class Batcher:
                 fits = rows + r.rows <= self.max_batch or not batch
                 same_shape = not batch or self._compatible(batch[0], r)
                 new_model = model is not None and model not in models
-                if fits and same_shape and not (new_model and len(models) >= limit):
+                if fits and same_shape and not (new_model and models and pages + r.version.pages > limit):
                     batch.append(r)
                     self.queued_bytes -= r.nbytes
                     rows += r.rows
-                    if model is not None:
+                    if new_model:
                         models.add(model)
+                        pages += r.version.pages
                 else:
                     keep.append(r)
             self.queue.extend(sorted(keep, key=lambda r: r.arrived))
@@ -200,14 +201,74 @@ class Batcher:
             if live:
                 self._run(live)
 
+    def _requeue(self, requests: list[Request]) -> None:
+        """Put requests back, in arrival order (their adapters found no room this time)."""
+        with self.cond:
+            self.queue = deque(sorted([*requests, *self.queue], key=lambda r: r.arrived))
+            self.queued_bytes += sum(r.nbytes for r in requests)
+
+    def _place(self, batch: list[Request]) -> tuple[list[Request], dict[int, int] | None, bool]:
+        """(requests that run now, their slots or None for the merged copy, merged)."""
+        first = batch[0].version
+        if first is not None and first.merged is not None and all(r.version is first for r in batch):
+            return batch, None, True
+        versions = [r.version for r in batch if r.version is not None]
+        slot_of, deferred = self.registry.assign_slots(self.engine.base_model, versions) if versions else ({}, [])
+        if not deferred:
+            return batch, slot_of, False
+        later = {id(v) for v in deferred}
+        now = [r for r in batch if r.version is None or id(r.version) not in later]
+        self._requeue([r for r in batch if r.version is not None and id(r.version) in later])
+        # The pool is held by queued requests of resident adapters: run them now, so their
+        # adapters can make room for the deferred ones once no request holds them.
+        extra = self._take_resident(sum(r.rows for r in now), now[0] if now else None)
+        if extra:
+            more, still = self.registry.assign_slots(self.engine.base_model, [r.version for r in extra if r.version])
+            slot_of.update(more)
+            if still:  # not resident after all (evicted meanwhile): back to the queue
+                gone = {id(v) for v in still}
+                self._requeue([r for r in extra if r.version is not None and id(r.version) in gone])
+                extra = [r for r in extra if r.version is None or id(r.version) not in gone]
+            now += extra
+        if not now:
+            time.sleep(0.001)
+        return now, slot_of, False
+
+    def _take_resident(self, rows: int, like: Request | None) -> list[Request]:
+        """Queued requests whose adapter is in the pool (or the base), up to a full batch."""
+        taken, keep = [], deque()
+        with self.cond:
+            for r in self.queue:
+                resident = r.version is None or r.version.slot is not None
+                if (resident and rows + r.rows <= self.max_batch and (like is None or self._compatible(like, r))):
+                    taken.append(r)
+                    rows += r.rows
+                    like = like or r
+                else:
+                    keep.append(r)
+            self.queue = keep
+            self.queued_bytes -= sum(r.nbytes for r in taken)
+        return taken
+
     def _run(self, batch: list[Request]) -> None:
         """Forward one batch. ``on_end`` runs before any request's future is resolved, so a
         client that has its answer never sees its request still counted as running."""
+        try:
+            batch, slot_of, merged = self._place(batch)
+        except Exception as e:  # a failed placement (an unreadable adapter) fails its batch
+            if self.on_expire is not None:
+                self.on_expire(batch)  # no longer waiting
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_exception(e)
+            return
+        if not batch:
+            return
         if self.on_start is not None:
             self.on_start(batch)
         error = None
         try:
-            outputs, merged = self._forward(batch)
+            outputs, merged = self._forward(batch, slot_of, merged)
         except Exception as e:  # a failed batch fails its own requests, never the worker
             error = e
         finally:
@@ -220,15 +281,18 @@ class Batcher:
             return
         self._finish(batch, outputs, merged=merged)
 
-    def _forward(self, batch: list[Request]) -> tuple[list, bool]:
+    def _forward(self, batch: list[Request], slot_of: dict[int, int] | None, merged: bool) -> tuple[list, bool]:
         """(one output row per input row, whether the merged copy ran)."""
         first = batch[0].version
         # Read once: another thread may drop the merged copy between a check and a use.
-        merged, folded = (first.merged, first.folded) if first is not None else (None, None)
-        if merged is not None and folded is not None and all(r.version is first for r in batch):
-            return self.engine.forward_merged(merged, folded, _concat([r.inputs for r in batch])), True
-        versions = [r.version for r in batch if r.version is not None]
-        slot_of = self.registry.assign_slots(self.engine.base_model, versions) if versions else {}
+        copy = first.merged if merged and first is not None else None
+        if copy is not None:
+            return self.engine.forward_merged(copy, first.head, _concat([r.inputs for r in batch])), True
+        if slot_of is None:  # the merged copy went since `_place`: place the batch now
+            versions = [r.version for r in batch if r.version is not None]
+            slot_of, deferred = self.registry.assign_slots(self.engine.base_model, versions)
+            if deferred:
+                raise Overloaded("the device pool has no room for this batch's adapters; retry")
         slots: list[int] = []
         for r in batch:
             slots += [slot_of[id(r.version)] if r.version is not None else 0] * r.rows

@@ -60,21 +60,25 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0: any free port
     adapter_root: str | None = None  # sub-directories with an adapter: loadable by name, and on first request
-    preload: bool = True  # load every adapter under the root at start (false: each on its first request)
+    # At start the root is indexed (configs and header sizes; no tensors) and each adapter loads
+    # on its first request; true: load (read, check, fold-check) every one at start instead.
+    preload: bool = False
     bases: tuple[BaseEntry, ...] = tuple(BaseEntry(b, b) for b in BUILTINS)  # served bases; default: the built-ins
     # "torch", "onnxruntime" (the exporter's multi graph, slot factors as inputs), or "auto":
     # per base, the one that is faster here (see `resolve_backend`).
     backend: str = "auto"
     device: str | None = None  # default: cuda when present, else cpu
-    slots: int = 16  # device-tier adapter slots per base (slot 0 is the base)
-    max_rank: int = 32  # folded rank the slots are padded to
+    # The device tier per base: a pool of this many MB, cut into pages of one rank of every
+    # adapted layer; an adapter takes as many pages as its folded rank (no max-rank padding).
+    device_budget_mb: float = 256.0
+    max_rank: int = 128  # the largest folded rank an adapter may have (rank x (3 levels + 1))
     max_batch: int = 32  # rows per forward pass
     max_delay_ms: float = 5.0  # how long the first request of a batch may wait for company
     # With more distinct adapters queued than slots, resident ones go first; a request that has
     # waited this long goes first whatever its adapter (runtime.batcher).
     resident_wait_ms: float = 50.0
     max_queue: int = 1024  # queued requests per base before RESOURCE_EXHAUSTED
-    host_budget_mb: float = 1024.0  # folded adapters kept in memory (LRU beyond it)
+    host_budget_mb: float = 1024.0  # adapters' own factors kept in memory (LRU beyond it; read again from the root)
     max_message_mb: int = 64  # largest gRPC message
     request_timeout_s: float = 30.0  # when the client sets no deadline
     grace_s: float = 10.0  # SIGTERM / Ctrl-C: accepted requests complete within it (a second signal exits at once)
@@ -161,14 +165,14 @@ class ServeConfig:
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: valid backends are {', '.join(BACKENDS)}")
-        for name in ("slots", "max_rank", "max_batch", "max_queue", "max_message_mb", "max_text_length", "max_inflight",
+        for name in ("max_rank", "max_batch", "max_queue", "max_message_mb", "max_text_length", "max_inflight",
                      "max_streams_per_connection", "max_queued_mb", "decode_workers", "inline_decode_kb",
                      "max_adapters", "max_request_elements", "max_request_mb", "max_bytes_elements", "max_bytes_element_mb",
                      "max_text_bytes", "max_request_text_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.slots < 2:
-            raise ConfigError("slots must be >= 2 (slot 0 is the base)")
+        if self.device_budget_mb <= 0:
+            raise ConfigError(f"device_budget_mb must be > 0, got {self.device_budget_mb!r}")
         if not (0 <= self.port <= 65535):
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if self.resident_wait_ms < 0:

@@ -1,10 +1,15 @@
-"""The PyTorch engine: one base model, a device tier of fixed adapter slots, per-row routing.
+"""The PyTorch engine: one base model, a device tier of rank-aware slots in a page pool.
 
-Every adaptable layer of the base becomes a `SlotLayer` holding ``lora_A`` (S, R, n) and
-``lora_B`` (S, m, R): the folded factors (DESIGN.md 2.2) of up to S-1 adapters, zero-padded to
-the max rank R, so writing or clearing a slot never reallocates (STYLE.md 7). Slot 0 is the base
-(all zeros). The task head is tapped: the model returns its features and each row gets its own
-adapter's head, so adapters with different label sets share one forward pass.
+Every adaptable layer of the base becomes a `SlotLayer` holding one flat ``pool`` tensor. The
+pool is cut into pages; a page is one rank of every adapted layer ((n + m) values per layer of
+shape (m, n)), and an adapter of folded rank R takes R consecutive pages in every layer: its
+``lora_A`` (R, n) and then its ``lora_B`` (m, R), both row-major and contiguous, so a kernel
+reads them in place (no padding to a fixed max rank, no per-slot copies). The number of pages
+comes from a byte budget (``device_budget_mb``), so a budget holds many rank-4 adapters or fewer
+rank-16 ones, in the spirit of S-LoRA's unified paging. A *slot* is a resident adapter's id
+(1, 2, ...; 0 is the base); its pages may move when the pool is compacted, between forwards.
+The task head is tapped: the model returns its features and each row gets its own adapter's
+head, so adapters with different label sets share one forward pass.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from wara_train.errors import ConfigError, IncompatibleAdapterError
 from wara_train.layer import is_pointwise_conv, layer_shape, merged_weight, weight_matrix
 from wara_train.model import adaptable_layers, find_targets, set_submodule
 
+from .errors import Overloaded
 from .kernels import LoraKernel, grouped_lora
+
+DEFAULT_DEVICE_BUDGET_MB = 256.0
+
+
+class NoRoom(Overloaded):
+    """The device pool has too few free pages for an adapter (the caller may evict and retry)."""
 
 
 @dataclass
@@ -34,41 +46,89 @@ class Routing:
     rows: int = 0  # the batch size: every adapted layer's input must lead with it
 
 
+class PagePool:
+    """Which pages each slot holds: contiguous runs, first fit, compaction on demand."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+        self.runs: dict[int, tuple[int, int]] = {}  # slot -> (first page, pages)
+
+    @property
+    def used(self) -> int:
+        return sum(n for _, n in self.runs.values())
+
+    @property
+    def free(self) -> int:
+        return self.pages - self.used
+
+    def find(self, count: int) -> int | None:
+        """The first page of the first free run of ``count`` pages, or None."""
+        at = 0
+        for start, n in sorted(self.runs.values()):
+            if start - at >= count:
+                return at
+            at = start + n
+        return at if self.pages - at >= count else None
+
+    def compaction(self) -> list[tuple[int, int, int]]:
+        """Moves (slot, from page, to page), in order, that pack every run to the front."""
+        moves, at = [], 0
+        for slot, (start, n) in sorted(self.runs.items(), key=lambda kv: kv[1][0]):
+            if start != at:
+                moves.append((slot, start, at))
+            at += n
+        return moves
+
+
 class SlotLayer(nn.Module):
-    """``y = W0 x + lora_B[s] (lora_A[s] x)`` for each row's slot s (Linear, 1x1 Conv2d, Conv1D).
+    """``y = W0 x + B_s (A_s x)`` for each row's slot s (Linear, 1x1 Conv2d, Conv1D), A_s and
+    B_s views of this layer's page pool.
 
     Inputs lead with the batch axis; everything between it and the feature axis is tokens
     (sequence positions, or H x W for a Linear on channels-last maps such as ConvNeXt's)."""
 
-    def __init__(self, base: nn.Module, *, slots: int, max_rank: int, routing: Routing, kernel: LoraKernel) -> None:
+    def __init__(self, base: nn.Module, *, pages: int, routing: Routing, kernel: LoraKernel) -> None:
         super().__init__()
         self.base = base
         self.conv = is_pointwise_conv(base)
-        m, n = layer_shape(base)
+        self.m, self.n = layer_shape(base)
         dev, dt = base.weight.device, base.weight.dtype
-        self.register_buffer("lora_A", torch.zeros(slots, max_rank, n, device=dev, dtype=dt), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(slots, m, max_rank, device=dev, dtype=dt), persistent=False)
+        self.register_buffer("pool", torch.zeros(pages * (self.n + self.m), device=dev, dtype=dt), persistent=False)
         self.routing = routing
         self.kernel = kernel
-        self.ranks = [0] * slots  # rank in use per slot (the rest of max_rank is zeros)
+        self.offset: dict[int, int] = {}  # slot -> element offset of its A in the pool
+        self.rank: dict[int, int] = {}  # slot -> its rank in this layer (0: the adapter skips it)
 
-    def set_slot(self, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Write folded factors (r <= max rank) into a slot, zeroing the padding."""
-        r = a.shape[0]
-        if r > self.lora_A.shape[1]:
-            raise ConfigError(f"folded rank {r} exceeds the server's max_rank {self.lora_A.shape[1]}")
-        self.lora_A[index, :r].copy_(a)
-        self.lora_B[index, :, :r].copy_(b)
-        old = self.ranks[index]
-        if old > r:  # rows past r are zero except where a larger adapter left its factors
-            self.lora_A[index, r:old].zero_()
-            self.lora_B[index, :, r:old].zero_()
-        self.ranks[index] = r
+    def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views (A (r, n), B (m, r)) of a slot's factors in the pool; None for rank 0."""
+        r = self.rank.get(slot, 0)
+        if r == 0:
+            return None
+        off, n, m = self.offset[slot], self.n, self.m
+        return self.pool[off : off + r * n].view(r, n), self.pool[off + r * n : off + r * (n + m)].view(m, r)
 
-    def reset_slot(self, index: int) -> None:
-        self.lora_A[index].zero_()
-        self.lora_B[index].zero_()
-        self.ranks[index] = 0
+    def place(self, slot: int, page: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Copy folded factors (A (r, n), B (m, r); None: rank 0) into the pages from ``page``."""
+        off = page * (self.n + self.m)
+        r = 0 if a is None else a.shape[0]
+        self.offset[slot], self.rank[slot] = off, r
+        if r:
+            n, m = self.n, self.m
+            self.pool[off : off + r * n].view(r, n).copy_(a)
+            self.pool[off + r * n : off + r * (n + m)].view(m, r).copy_(b)
+
+    def move(self, slot: int, page: int) -> None:
+        """Move a slot's factors to start at ``page`` (compaction: never past its old place)."""
+        r, off = self.rank[slot], self.offset[slot]
+        new = page * (self.n + self.m)
+        if r and new != off:
+            size = r * (self.n + self.m)
+            self.pool[new : new + size].copy_(self.pool[off : off + size].clone())
+        self.offset[slot] = new
+
+    def drop(self, slot: int) -> None:
+        self.offset.pop(slot, None)
+        self.rank.pop(slot, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -79,15 +139,14 @@ class SlotLayer(nn.Module):
                               f"batch of {self.routing.rows}: this model cannot be served with per-row adapters")
         if self.conv:  # (B, C, H, W) -> (B, HW, C) rows of features
             xs = x.flatten(2).transpose(1, 2)
-            d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks)
-            return y + d.transpose(1, 2).reshape(y.shape)
+            d = self.kernel(xs, self, self.routing.groups)
+            return y if d is None else y + d.transpose(1, 2).reshape(y.shape)
         xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, tokens, n)
         if y.is_contiguous():
-            self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks,
-                        out=y.view(y.shape[0], -1, y.shape[-1]))  # in place
+            self.kernel(xs, self, self.routing.groups, out=y.view(y.shape[0], -1, y.shape[-1]))  # in place
             return y
-        d = self.kernel(xs, self.lora_A, self.lora_B, self.routing.groups, self.ranks)
-        return y + d.reshape(y.shape)
+        d = self.kernel(xs, self, self.routing.groups)
+        return y if d is None else y + d.reshape(y.shape)
 
 
 class HeadTap(nn.Module):
@@ -106,6 +165,11 @@ class Folded:
     labels: list[str] | None
 
     @property
+    def rank(self) -> int:
+        """Pages it takes in the device pool: its largest folded rank."""
+        return max((a.shape[0] for a, _ in self.factors.values()), default=0)
+
+    @property
     def nbytes(self) -> int:
         total = sum(a.numel() + b.numel() for a, b in self.factors.values())
         if self.head is not None:
@@ -114,14 +178,12 @@ class Folded:
 
 
 class TorchEngine:
-    """A base model with S adapter slots; runs heterogeneous batches in one forward."""
+    """A base model with a device pool of adapter slots; runs heterogeneous batches in one forward."""
 
     platform = "wara_pytorch"
 
-    def __init__(self, base: BaseSpec | str, *, slots: int = 16, max_rank: int = 32, device: str | None = None,
-                 kernel: LoraKernel = grouped_lora) -> None:
-        if slots < 2:
-            raise ConfigError("slots must be >= 2 (slot 0 is the base)")
+    def __init__(self, base: BaseSpec | str, *, device_budget_mb: float = DEFAULT_DEVICE_BUDGET_MB,
+                 max_rank: int = 128, device: str | None = None, kernel: LoraKernel = grouped_lora) -> None:
         self.spec = spec = base if isinstance(base, BaseSpec) else resolve_base(base)
         self.base_model = spec.name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -130,10 +192,19 @@ class TorchEngine:
         # adaptable layer (the fallback's divisibility by 2^J is the adapter's own business).
         self.targets = (find_targets(model, spec.default_targets) if spec.default_targets
                         else adaptable_layers(model, exclude=(spec.head,)))
+        # One page: one rank of every adapted layer, at the base's weight precision.
+        shapes = [layer_shape(model.get_submodule(t)) for t in self.targets]
+        itemsize = next(model.parameters()).element_size()
+        self.page_bytes = itemsize * sum(m + n for m, n in shapes)
+        self.pages = int(device_budget_mb * (1 << 20)) // self.page_bytes
+        if self.pages < 1:
+            raise ConfigError(f"device_budget_mb {device_budget_mb:g} is smaller than one rank of base {spec.name!r} "
+                              f"({self.page_bytes} bytes over its {len(shapes)} adapted layers)")
+        self.pool = PagePool(self.pages)
         self.routing = Routing()
         self._fingerprints: dict[tuple[str, ...], str] = {}  # target set -> hash of its base weights
         for name in self.targets:
-            set_submodule(model, name, SlotLayer(model.get_submodule(name), slots=slots, max_rank=max_rank,
+            set_submodule(model, name, SlotLayer(model.get_submodule(name), pages=self.pages,
                                                  routing=self.routing, kernel=kernel))
         try:
             self.base_head: nn.Module | None = model.get_submodule(spec.head)
@@ -146,12 +217,9 @@ class TorchEngine:
         if self.base_head is not None:
             self.base_head = self.base_head.to(self.device).eval()
         self.layers: dict[str, SlotLayer] = {n: model.get_submodule(n) for n in self.targets}
-        self.num_slots = slots
         self.max_rank = max_rank
-        feat = self._feature_dim()
-        self.head_w = torch.zeros(slots, 1, feat, device=self.device)
-        self.head_b = torch.zeros(slots, 1, device=self.device)
-        self.slot_labels: list[int] = [0] * slots
+        self.feature_dim = self._feature_dim()
+        self.heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> its task head (weight, bias)
         self.lock = threading.Lock()  # one forward or slot write at a time
         self._hash_lock = threading.Lock()
         self.fingerprint(tuple(self.targets))  # the usual target set, hashed once at start-up
@@ -209,8 +277,8 @@ class TorchEngine:
         params = adapter.saved_modules.get(head_name)
         if params is not None:
             w, b = params.get("weight"), params.get("bias")
-            if w is None or w.dim() != 2 or w.shape[1] != self.head_w.shape[2] or set(params) - {"weight", "bias"}:
-                raise IncompatibleAdapterError(f"task head {head_name} must be a Linear on {self.head_w.shape[2]} features")
+            if w is None or w.dim() != 2 or w.shape[1] != self.feature_dim or set(params) - {"weight", "bias"}:
+                raise IncompatibleAdapterError(f"task head {head_name} must be a Linear on {self.feature_dim} features")
             if b is not None and tuple(b.shape) != (w.shape[0],):
                 raise IncompatibleAdapterError(f"task head bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
             head = (w.float(), b.float() if b is not None else None)
@@ -221,33 +289,57 @@ class TorchEngine:
                 raise IncompatibleAdapterError(f"{len(adapter.labels)} labels for a head of {head[0].shape[0]} outputs")
         return Folded(factors, head, adapter.labels)
 
-    def write_slot(self, index: int, folded: Folded) -> None:
-        """Device tier: copy an adapter into slot ``index`` (1..S-1) in place."""
+    def write_slot(self, slot: int, folded: Folded) -> None:
+        """Device tier: put an adapter into slot ``slot`` (>= 1; one already there is replaced),
+        on as many pages as its rank, compacting the pool when its free pages are split.
+        `NoRoom` when the pool has fewer free pages than the adapter's rank."""
+        if slot < 1:
+            raise ConfigError(f"slot {slot}: slot 0 is the base")
         with self.lock:
+            self._release(slot)
+            rank = folded.rank
+            page = self.pool.find(rank)
+            if page is None and self.pool.free >= rank:
+                for s, _, to in self.pool.compaction():
+                    for layer in self.layers.values():
+                        layer.move(s, to)
+                    self.pool.runs[s] = (to, self.pool.runs[s][1])
+                page = self.pool.find(rank)
+            if page is None:
+                raise NoRoom(f"the device pool of {self.base_model!r} has {self.pool.free} free pages; the adapter "
+                             f"needs {rank} (device_budget_mb holds {self.pages} pages in all)")
+            self.pool.runs[slot] = (page, rank)
             for name, layer in self.layers.items():
-                if name in folded.factors:
-                    a, b = folded.factors[name]
-                    layer.set_slot(index, a.to(self.device), b.to(self.device))
-                else:
-                    layer.reset_slot(index)
+                a, b = folded.factors.get(name, (None, None))
+                layer.place(slot, page, None if a is None else a.to(self.device),
+                            None if b is None else b.to(self.device))
             if folded.head is not None:
                 w, b = folded.head
-                if w.shape[0] > self.head_w.shape[1]:  # grow the head bank (rare: more labels)
-                    grow = w.shape[0] - self.head_w.shape[1]
-                    self.head_w = F.pad(self.head_w, (0, 0, 0, grow))
-                    self.head_b = F.pad(self.head_b, (0, grow))
-                self.head_w[index].zero_()
-                self.head_b[index].zero_()
-                self.head_w[index, : w.shape[0]] = w.to(self.device)
-                if b is not None:
-                    self.head_b[index, : b.shape[0]] = b.to(self.device)
-                self.slot_labels[index] = w.shape[0]
-            else:
-                self.slot_labels[index] = 0
-            self._slot_written(index)
+                self.heads[slot] = (w.to(self.device), b.to(self.device) if b is not None else torch.zeros(
+                    w.shape[0], device=self.device, dtype=w.dtype))
+            self._slot_written(slot)
 
-    def _slot_written(self, index: int) -> None:
-        """Called under the lock after slot ``index`` changed (a backend's own copies follow)."""
+    def free_slot(self, slot: int) -> None:
+        """Give a slot's pages back."""
+        with self.lock:
+            self._release(slot)
+            self._slot_written(slot)
+
+    def _release(self, slot: int) -> None:
+        self.pool.runs.pop(slot, None)
+        self.heads.pop(slot, None)
+        for layer in self.layers.values():
+            layer.drop(slot)
+
+    def capacity(self, rank: int | None = None) -> int:
+        """How many adapters of folded ``rank`` (default: the ranks resident now, else
+        `max_rank`) the pool holds."""
+        runs = list(self.pool.runs.values())
+        rank = rank or (max(1, round(sum(n for _, n in runs) / len(runs))) if runs else self.max_rank)
+        return self.pages // max(1, rank)
+
+    def _slot_written(self, slot: int) -> None:
+        """Called under the lock after slot ``slot`` changed (a backend's own copies follow)."""
 
     # --- merged fast path -------------------------------------------------------------------
     def build_merged(self, folded: Folded) -> nn.Module:
@@ -266,14 +358,15 @@ class TorchEngine:
         return merged.eval()
 
     @torch.no_grad()
-    def forward_merged(self, merged: nn.Module, folded: Folded, inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
-        """All rows on one merged adapter: one plain forward, then its head."""
+    def forward_merged(self, merged: nn.Module, head: tuple[torch.Tensor, torch.Tensor | None] | None,
+                       inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+        """All rows on one merged adapter: one plain forward, then its head (None: the base's)."""
         with self.lock:
             feats = merged(*[t.to(self.device) for t in inputs])
-            if folded.head is None:
+            if head is None:
                 out = self._base_output(feats)
                 return [{k: v[i] for k, v in out.items()} for i in range(feats.shape[0])]
-            w, b = folded.head
+            w, b = head
             logits = feats @ w.to(self.device).T + (b.to(self.device) if b is not None else 0)
             return [{"logits": row.float().cpu()} for row in logits]
 
@@ -285,19 +378,23 @@ class TorchEngine:
         slot_t = torch.as_tensor(list(slots), dtype=torch.long)
         groups = [(int(s), (slot_t == s).nonzero().flatten().to(self.device)) for s in sorted(set(slots)) if s != 0]
         with self.lock:
+            missing = [s for s, _ in groups if s not in self.pool.runs]
+            if missing:
+                raise ConfigError(f"internal: slots {missing} of {self.base_model!r} hold no adapter")
             feats = self._features(inputs, slot_t, groups)
             out: list[dict[str, Any]] = [dict() for _ in slots]
-            base_rows = [i for i, s in enumerate(slots) if s == 0 or self.slot_labels[s] == 0]
+            base_rows = [i for i, s in enumerate(slots) if s not in self.heads]
             if base_rows:
                 base_out = self._base_output(feats[base_rows])
                 for j, i in enumerate(base_rows):
                     out[i] = {k: v[j] for k, v in base_out.items()}
             for s, rows in groups:
-                if self.slot_labels[s] == 0:
+                head = self.heads.get(s)
+                if head is None:
                     continue
-                logits = feats[rows] @ self.head_w[s].T + self.head_b[s]
+                logits = (feats[rows] @ head[0].T + head[1]).float().cpu()
                 for j, i in enumerate(rows.tolist()):
-                    out[i] = {"logits": logits[j, : self.slot_labels[s]].float().cpu()}
+                    out[i] = {"logits": logits[j]}
         return out
 
     def _features(self, inputs: Sequence[torch.Tensor], slot_t: torch.Tensor,

@@ -25,6 +25,10 @@ class Metrics:
         self.evictions = Gauge("wara_adapter_evictions", "Host-tier and slot evictions so far", ["tier"], registry=r)
         self.load_latency = Histogram("wara_adapter_load_seconds", "Adapter load latency (validate + fold)", registry=r,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+        self.tier_load = Histogram("wara_adapter_tier_load_seconds", "Time an adapter takes to enter a tier: host (read "
+                                   "from the adapter root and checked), device (folded and written to the pool)",
+                                   ["tier"], registry=r,
+                                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
 
         self.refusals = Counter("wara_refusals", "Requests refused at the edge, by reason (unauthenticated, "
                                 "not_admin, tenant_queue_full, server_busy, draining, ...)", ["reason"], registry=r)
@@ -52,8 +56,8 @@ class Metrics:
 
     def add_tiers(self, snapshot) -> None:
         """Per tier, at each scrape: ``wara_adapters_resident{tier}`` and
-        ``wara_adapter_bytes_resident{tier}`` (disk: adapters under the root not loaded; host:
-        folded in memory; device: in a slot), and ``wara_adapter_tier_lookups_total{tier,
+        ``wara_adapter_bytes_resident{tier}`` (disk: adapters under the root not loaded, bytes of their files;
+        host: own factors in memory; device: pages in the pool), and ``wara_adapter_tier_lookups_total{tier,
         result}`` (hit or miss when a batch needs an adapter). ``snapshot() -> (tiers, stats)``
         with tiers ``{name: (count, bytes)}`` and the registry's counters."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -86,6 +90,9 @@ class Metrics:
             for labels in list(metric._metrics):  # prometheus_client keeps a dict of label tuples
                 if labels[0] == model:
                     metric.remove(*labels)
+
+    def observe_tier_load(self, tier: str, seconds: float) -> None:
+        self.tier_load.labels(tier).observe(seconds)
 
     def observe_batch(self, base: str, rows: int) -> None:
         self.batch_size.labels(base).observe(rows)

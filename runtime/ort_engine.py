@@ -1,9 +1,11 @@
 """The onnxruntime engine: the exporter's ``multi`` graph with the slot factors bound as inputs.
 
-It shares everything but the forward with `TorchEngine` (validation, folding, the slot tensors,
-per-row heads). The graph's slot inputs are compact copies of those slot tensors cut to the
-largest rank in use (the padding to ``max_rank`` would double the adapter FLOPs of a rank-16
-adapter under the default max rank of 32), refreshed under the engine lock on every slot write.
+It shares everything but the forward with `TorchEngine` (validation, folding, the page pool,
+per-row heads). The graph takes slot stacks (S, R, n) and (S, m, R) and gathers each row's
+slot itself, so each batch binds stacks of just the adapters it holds, at their largest rank
+(never a fixed max-rank padding). A batch of one adapter binds that adapter's pool views as they
+are, without a copy; a mixed batch copies its adapters' factors once (the graph's own gather
+would copy them per row anyway).
 """
 
 from __future__ import annotations
@@ -19,24 +21,24 @@ from wara_train.basespec import BaseSpec
 from wara_train.errors import ConfigError
 from wara_train.layer import layer_shape
 
-from .engine import TorchEngine
+from .engine import DEFAULT_DEVICE_BUDGET_MB, TorchEngine
 from .errors import InvalidRequest
 
 
 class OrtEngine(TorchEngine):
     platform = "wara_onnxruntime"
 
-    def __init__(self, base: BaseSpec | str, *, slots: int = 16, max_rank: int = 32, device: str | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
-        super().__init__(base, slots=slots, max_rank=max_rank, device="cpu")
+    def __init__(self, base: BaseSpec | str, *, device_budget_mb: float = DEFAULT_DEVICE_BUDGET_MB, max_rank: int = 128,
+                 device: str | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        super().__init__(base, device_budget_mb=device_budget_mb, max_rank=max_rank, device="cpu")
         try:
             from exporter.onnx_export import INDEX_INPUT, export_multi_graph, model_io
-            from exporter.slots import slot_feeds, slot_input_names
+            from exporter.slots import slot_input_names
             from exporter.verify import ort_session
         except ImportError as e:
             raise ConfigError(f"the onnxruntime backend needs the 'export' and 'cpu' extras ({e})") from None
         self._index_input = INDEX_INPUT
-        self._slot_feeds, self._slot_names = slot_feeds, slot_input_names
+        self._slot_names = slot_input_names
         self.io = model_io(self.spec)
         # Axes the graph takes at any size; every other axis must match the export sample.
         self._fixed = [[a for a in range(t.dim()) if a not in dyn] for t, dyn in zip(self.io.sample, self.io.dynamic)]
@@ -47,10 +49,9 @@ class OrtEngine(TorchEngine):
         # batcher threads (one pinned core: batch-1 request 12.0 -> 7.0 ms in-process).
         self.session = ort_session(str(path), providers=providers, spinning=False)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.slot_feeds: dict[str, np.ndarray] = {}
-        self._rank_in_use = -1
-        self._slot_written(0)
-        missing = [n for n in self.input_names if n.startswith("wara.") and n not in self.slot_feeds]
+        # A batch without adapter rows binds one all-zero slot of rank 1.
+        self._base_feeds = self._stack_feeds([], 1)
+        missing = [n for n in self.input_names if n.startswith("wara.") and n not in self._base_feeds]
         if missing:
             raise ConfigError(f"internal: the multi graph wants unknown slot inputs {missing[:3]}")
         self._check_against_torch()
@@ -72,19 +73,42 @@ class OrtEngine(TorchEngine):
                 raise ConfigError(f"the onnxruntime graph of {self.base_model} disagrees with PyTorch at batch {batch}, "
                                   f"length {seq} (max abs error {err:.2e})")
 
-    def _slot_written(self, index: int) -> None:
-        """Keep the graph's slot inputs as compact copies cut to the largest rank in use, so the
-        graph never multiplies by the zero padding up to ``max_rank`` (the rank axis is dynamic).
-        A write copies one slot; only a new largest rank re-lays every slot out."""
-        rank = max(1, max(max(layer.ranks) for layer in self.layers.values()))
-        if rank != self._rank_in_use:
-            self._rank_in_use = rank
-            self.slot_feeds = self._slot_feeds({n: (layer.lora_A, layer.lora_B) for n, layer in self.layers.items()}, rank)
-            return
+    def _stack_feeds(self, slots: list[int], rank: int) -> dict[str, np.ndarray]:
+        """Slot stacks for a batch: slot 0 zeros, slot i+1 = ``slots[i]``'s factors, at ``rank``."""
+        feeds = {}
         for name, layer in self.layers.items():
+            a = np.zeros((len(slots) + 1, rank, layer.n), dtype=np.float32)
+            b = np.zeros((len(slots) + 1, layer.m, rank), dtype=np.float32)
+            for i, s in enumerate(slots, start=1):
+                f = layer.factors(s)
+                if f is not None:
+                    a[i, : f[0].shape[0]] = f[0].numpy()
+                    b[i, :, : f[1].shape[1]] = f[1].numpy()
             a_name, b_name = self._slot_names(name)
-            self.slot_feeds[a_name][index] = layer.lora_A[index, :rank].numpy()
-            self.slot_feeds[b_name][index] = layer.lora_B[index, :, :rank].numpy()
+            feeds[a_name], feeds[b_name] = a, b
+        return feeds
+
+    def _batch_feeds(self, slot_t: torch.Tensor, groups: list[tuple[int, torch.Tensor]]) -> tuple[dict, np.ndarray]:
+        """(slot feeds, per-row index into them) for one batch."""
+        if not groups:
+            return self._base_feeds, np.zeros(slot_t.shape[0], dtype=np.int64)
+        if len(groups) == 1 and groups[0][1].numel() == slot_t.shape[0]:  # one adapter: its pool views, no copy
+            slot = groups[0][0]
+            feeds = {}
+            for name, layer in self.layers.items():
+                a_name, b_name = self._slot_names(name)
+                f = layer.factors(slot)
+                if f is None:
+                    feeds[a_name], feeds[b_name] = self._base_feeds[a_name], self._base_feeds[b_name]
+                else:
+                    feeds[a_name], feeds[b_name] = f[0].numpy()[None], f[1].numpy()[None]
+            return feeds, np.zeros(slot_t.shape[0], dtype=np.int64)
+        slots = [s for s, _ in groups]
+        rank = max(1, max(layer.rank.get(s, 0) for layer in self.layers.values() for s in slots))
+        index = np.zeros(slot_t.shape[0], dtype=np.int64)
+        for i, (_, rows) in enumerate(groups, start=1):
+            index[rows.numpy()] = i
+        return self._stack_feeds(slots, rank), index
 
     def _pad(self, t: torch.Tensor, dynamic: dict[int, str]) -> torch.Tensor:
         """Token inputs shorter than the graph's smallest length (torch.export specialises a
@@ -106,6 +130,6 @@ class OrtEngine(TorchEngine):
                 raise InvalidRequest(f"the onnxruntime engine of {self.base_model} takes {name!r} of shape {want}, "
                                      f"got {list(t.shape)} (serve it with backend 'torch' for other sizes)")
         feeds = {n: self._pad(t, dyn).numpy() for n, t, dyn in zip(self.io.input_names, inputs, self.io.dynamic)}
-        feeds[self._index_input] = slot_t.numpy().astype(np.int64)
-        feeds.update(self.slot_feeds)
+        slot_feeds, feeds[self._index_input] = self._batch_feeds(slot_t, groups)
+        feeds.update(slot_feeds)
         return torch.from_numpy(self.session.run(None, feeds)[0])

@@ -3,10 +3,14 @@
 * A **version** is one loaded content of a name. Requests *lease* the version current when
   they arrive and hold it until their batch ran, so unload or reload never tears a request:
   the old version drains while new requests see the new one (or NOT_FOUND after an unload).
-* The **host tier** keeps folded adapters within a byte budget, least recently used first out,
-  pinned ones never; an evicted version is folded again from its source on its next request.
-* The **device tier** is the engine's fixed slots; a version gets a slot when a batch needs it
-  and gives it up, least recently used first, when no running batch uses it.
+* The **host tier** keeps each adapter's own factors (the artifact's tensors, about half the
+  bytes of their folded LoRA) within a byte budget, least recently used first out, pinned ones
+  never; an evicted version is read again from the adapter root on its next request. Adapters a
+  client sent (no file to read again) stay, and count against the budget.
+* The **device tier** is the engine's page pool: an adapter is folded when it enters it (or at
+  load, for the request that loaded it), takes as many pages as its folded rank, and leaves it,
+  least recently used first, only when no queued or running request holds it.
+* Disk I/O and folds run outside the registry's lock, so other requests keep flowing.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -35,19 +39,27 @@ class Version:
     version: str  # the artifact's content hash
     base_model: str
     labels: list[str] | None
-    # The artifact files, to fold again after a host-tier eviction: kept in memory for files a
-    # client sent, read again from the adapter root (a callable) for adapters that live there, so
-    # host memory holds one copy of an adapter's data, not its files and its folded factors.
-    source: "dict[str, bytes] | Callable[[], dict[str, bytes]]"
-    folded: Folded | None
-    nbytes: int
+    # How to read the artifact files again after a host-tier eviction (adapters under the
+    # root); None for files a client sent, which are never evicted (nothing to read back).
+    source: Callable[[], dict[str, bytes]] | None
+    adapter: WaraAdapter | None  # the host tier: the adapter's own factors (None: evicted)
+    nbytes: int  # bytes of its own tensors (what the host tier holds)
+    pages: int  # its folded rank: pages it takes in the device pool
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # its task head (small; always kept)
     pinned: bool = False
-    merged: Any = None  # a merged copy of the base for this adapter (the fast path), or None
+    merged: object = None  # a merged copy of the base for this adapter (the fast path), or None
     leases: int = 0
     retired: bool = False
     slot: int | None = None
+    fresh: Folded | None = None  # folded at load for the request that loaded it; used once
     loaded_at: float = field(default_factory=time.time)
     head_size: int | None = None  # outputs of its task head; None: it answers as its base does
+
+
+def own_bytes(adapter: WaraAdapter) -> int:
+    """Bytes of an adapter's own tensors (factors and saved modules)."""
+    total = sum(t.numel() * t.element_size() for blocks in adapter.factors.values() for pair in blocks.values() for t in pair)
+    return total + sum(t.numel() * t.element_size() for params in adapter.saved_modules.values() for t in params.values())
 
 
 # The largest |value| a folded delta (lora_B @ lora_A) or task head may hold: trained deltas are
@@ -88,7 +100,7 @@ def check_folded(name: str, folded: Folded) -> None:
                                    "(alpha or factor values too large)")
             # max|B A| <= sum_k max_i|B_ik| max_j|A_kj|: O((m + n) R); the exact product only when
             # that bound is not already small enough (for a trained adapter it is)
-            bound = float((b.double().abs().amax(dim=0) * a.double().abs().amax(dim=1)).sum()) if a.numel() else 0.0
+            bound = float((b.abs().amax(dim=0) * a.abs().amax(dim=1)).sum()) if a.numel() else 0.0  # inf: exact check
             if bound <= MAX_FOLDED_ABS:
                 continue
             delta = b.float() @ a.float()
@@ -112,45 +124,56 @@ class Registry:
     """Name -> current version, for every base engine; thread-safe."""
 
     def __init__(self, engines: dict[str, TorchEngine], *, host_budget_bytes: int = 2 << 30,
-                 max_adapters: int = 10000) -> None:
+                 max_adapters: int = 10000, observe: Callable[[str, float], None] | None = None) -> None:
         self.engines = engines
         self.host_budget = host_budget_bytes
         self.max_adapters = max_adapters  # loaded adapter names in total; RESOURCE_EXHAUSTED past it
+        self.observe = observe  # (tier, seconds) of each entry into the host or device tier
         self.lock = threading.RLock()
         self.current: dict[str, Version] = {}
-        self.host: OrderedDict[int, Version] = OrderedDict()  # id(version) -> version, LRU order
-        self.slots: dict[str, list[Version | None]] = {b: [None] * e.num_slots for b, e in engines.items()}
-        self.slot_lru: dict[str, OrderedDict[int, None]] = {b: OrderedDict() for b in engines}
+        self.host: OrderedDict[int, Version] = OrderedDict()  # id(version) -> version with own factors, LRU order
+        self.resident: dict[str, OrderedDict[int, Version]] = {b: OrderedDict() for b in engines}  # slot -> version, LRU
+        self._next_slot = {b: 1 for b in engines}
+        self._free_slots: dict[str, list[int]] = {b: [] for b in engines}
         self.stats = {"loads": 0, "unloads": 0, "host_evictions": 0, "slot_evictions": 0,
                       "slot_hits": 0, "slot_misses": 0, "host_hits": 0, "host_misses": 0}
 
     # --- load / unload --------------------------------------------------------------------
     def load(self, name: str, files: dict[str, bytes], *, pinned: bool = False, merged: bool = False,
-             reread: Callable[[], dict[str, bytes]] | None = None) -> Version:
+             reread: Callable[[], dict[str, bytes]] | None = None, keep_folded: bool = False) -> Version:
         """Validate and fold a new version of ``name``; only then make it current. On any error
-        nothing changes."""
+        nothing changes. The fold is checked and then dropped (it is made again when the
+        adapter enters the device tier), unless ``keep_folded``: a load for a request that
+        needs it at once."""
         if not name or "/" in name or name in self.engines:
             raise ConfigError(f"invalid adapter name {name!r} (a base model's name or containing '/')")
         self._check_room(name)
         adapter = adapter_from_files(files, source=f"adapter {name!r}")
+        del files
         engine = self.bind(name, adapter)
-        try:
-            folded = engine.prepare(adapter)  # validates against the base, folds
-        except (AdapterError, IncompatibleAdapterError) as e:
-            if str(e).startswith(f"adapter {name!r}"):
-                raise
-            raise type(e)(f"adapter {name!r}: {e}") from None
-        check_folded(name, folded)
-        if folded.nbytes > self.host_budget:
-            raise Overloaded(f"adapter {name!r} takes {folded.nbytes} bytes folded, more than the whole host tier "
+        folded = self._prepare(engine, name, adapter)
+        if folded.rank > engine.pages:
+            raise Overloaded(f"adapter {name!r} has folded rank {folded.rank} and needs {folded.rank} pages of "
+                             f"{engine.page_bytes} bytes in the device pool, more than all {engine.pages} "
+                             f"(device_budget_mb); raise device_budget_mb to serve it")
+        nbytes = own_bytes(adapter)
+        if nbytes > self.host_budget:
+            raise Overloaded(f"adapter {name!r} takes {nbytes} bytes, more than the whole host tier "
                              f"({self.host_budget} bytes, host_budget_mb); raise host_budget_mb to serve it")
-        version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, reread or dict(files), folded,
-                          folded.nbytes, pinned=pinned or merged,
+        version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, reread, adapter, nbytes,
+                          folded.rank, head=folded.head, pinned=pinned or merged,
+                          fresh=folded if keep_folded else None,
                           head_size=int(folded.head[0].shape[0]) if folded.head is not None else None)
         if merged:
             version.merged = engine.build_merged(folded)
         with self.lock:
             self._check_room(name)
+            if reread is None:  # a client's files cannot be read back: they stay, within the budget
+                kept = sum(v.nbytes for v in self.host.values() if v.source is None or v.pinned)
+                if kept + nbytes > self.host_budget:
+                    raise Overloaded(f"adapter {name!r}: the host tier holds {kept} bytes of adapters it cannot evict "
+                                     f"(sent by clients, or pinned) and this one needs {nbytes} more, over "
+                                     f"host_budget_mb; unload one first")
             old = self.current.get(name)
             self.current[name] = version
             self.host[id(version)] = version
@@ -159,6 +182,17 @@ class Registry:
             self._enforce_host_budget()
             self.stats["loads"] += 1
         return version
+
+    @staticmethod
+    def _prepare(engine: TorchEngine, name: str, adapter: WaraAdapter) -> Folded:
+        try:
+            folded = engine.prepare(adapter)  # validates against the base, folds
+        except (AdapterError, IncompatibleAdapterError) as e:
+            if str(e).startswith(f"adapter {name!r}"):
+                raise
+            raise type(e)(f"adapter {name!r}: {e}") from None
+        check_folded(name, folded)
+        return folded
 
     def _check_room(self, name: str) -> None:
         """RESOURCE_EXHAUSTED when ``name`` is new and `max_adapters` are already loaded."""
@@ -196,23 +230,21 @@ class Registry:
             self._drop(version)
 
     def _drop(self, version: Version) -> None:
+        """Forget a retired version with no requests. Its pages go back when the device tier
+        next needs room (the batch worker owns the pool; this may run on any thread)."""
         self.host.pop(id(version), None)
-        if version.slot is not None:
-            self.slots[version.base_model][version.slot] = None
-            self.slot_lru[version.base_model].pop(version.slot, None)
-            version.slot = None
-        version.folded = None
-        version.merged = None
+        version.adapter = version.fresh = version.merged = None
 
     def _enforce_host_budget(self) -> None:
-        used = sum(v.nbytes for v in self.host.values() if v.folded is not None)
+        used = sum(v.nbytes for v in self.host.values())
         for key in list(self.host):
             if used <= self.host_budget:
                 break
             v = self.host[key]
-            if v.pinned or v.leases or v.folded is None:
+            if v.pinned or v.leases or v.source is None:
                 continue
-            v.folded = None
+            del self.host[key]
+            v.adapter = v.fresh = None
             used -= v.nbytes
             self.stats["host_evictions"] += 1
 
@@ -234,61 +266,119 @@ class Registry:
             if version.retired and version.leases == 0:
                 self._drop(version)
 
-    # --- device tier (called by the batcher's worker, between forwards) --------------------
-    def assign_slots(self, base_model: str, versions: list[Version]) -> dict[int, int]:
-        """Give every version of a batch a slot; returns id(version) -> slot index."""
-        engine = self.engines[base_model]
-        out = {}
+    # --- the host tier ----------------------------------------------------------------------
+    def fold(self, version: Version) -> Folded:
+        """A version's folded factors, from its own factors in the host tier (read again from
+        the adapter root first if they were evicted). Blocking I/O and math: call it without
+        the registry's lock."""
         with self.lock:
-            table, lru = self.slots[base_model], self.slot_lru[base_model]
-            needed = {id(v): v for v in versions}
-            for v in needed.values():
-                if v.slot is not None and table[v.slot] is v:
-                    lru.move_to_end(v.slot)
-                    out[id(v)] = v.slot
-                    self.stats["slot_hits"] += 1
-                    continue
-                self.stats["slot_misses"] += 1
-                self.stats["host_hits" if v.folded is not None else "host_misses"] += 1
-                free = next((i for i in range(1, len(table)) if table[i] is None), None)
-                if free is None:
-                    free = next((i for i in lru if id(table[i]) not in needed), None)
-                    if free is None:
-                        raise Overloaded(f"more distinct adapters in one batch than the {len(table) - 1} slots")
-                    table[free].slot = None
-                    self.stats["slot_evictions"] += 1
-                if v.folded is None:  # evicted from the host tier: fold again from its files
-                    v.folded = engine.prepare(self._source_adapter(v))
-                    self.host[id(v)] = v
-                    self.host.move_to_end(id(v))
+            adapter = version.adapter
+            self.stats["host_hits" if adapter is not None else "host_misses"] += 1
+        if adapter is None:
+            t0 = time.perf_counter()
+            adapter = self._source_adapter(version)
+            with self.lock:
+                if not version.retired or version.leases:
+                    version.adapter = adapter
+                    self.host[id(version)] = version
                     self._enforce_host_budget()
-                engine.write_slot(free, v.folded)
-                table[free] = v
-                v.slot = free
-                lru[free] = None
-                lru.move_to_end(free)
-                out[id(v)] = free
-        return out
+            if self.observe is not None:
+                self.observe("host", time.perf_counter() - t0)
+        return self._prepare(self.engines[version.base_model], version.name, adapter)
 
     @staticmethod
     def _source_adapter(v: Version) -> WaraAdapter:
-        """The adapter a version was loaded from, to fold again; one read again from the root
-        must still be the content that was loaded (its hash), else its requests fail and the
-        message says to reload it."""
-        files = v.source() if callable(v.source) else v.source
-        adapter = adapter_from_files(files, source=f"adapter {v.name!r}")
+        """The adapter a version was loaded from, read again from the root; it must still be
+        the content that was loaded (its hash), else its requests fail and the message says to
+        reload it."""
+        if v.source is None:
+            raise AdapterError(f"internal: adapter {v.name!r} left the host tier with nothing to read it back from")
+        adapter = adapter_from_files(v.source(), source=f"adapter {v.name!r}")
         if adapter.content_hash != v.version:
             raise AdapterError(f"adapter {v.name!r} changed in the adapter root since it was loaded (version "
                                f"{v.version[:12]}); load it again to serve the new content")
         return adapter
 
-    def tiers(self) -> dict[str, tuple[int, int]]:
-        """(adapters, bytes) resident per tier: ``host`` (folded factors in memory) and
-        ``device`` (adapters in a slot; bytes of their folded factors)."""
+    # --- device tier (called by the batcher's worker, between forwards) --------------------
+    def assign_slots(self, base_model: str, versions: list[Version]) -> tuple[dict[int, int], list[Version]]:
+        """Give every version of a batch a slot: (id(version) -> slot, versions deferred). A
+        version that needs pages evicts least recently used adapters that no queued or running
+        request holds; one that still finds no room is deferred (its requests wait for the next
+        batch, after the adapters that hold the pool have run). Folds run outside the lock."""
+        engine = self.engines[base_model]
+        needed = {id(v): v for v in versions}
+        out: dict[int, int] = {}
+        misses = []
         with self.lock:
-            host = [v for v in self.host.values() if v.folded is not None]
-            device = [v for table in self.slots.values() for v in table if v is not None]
-            return {"host": (len(host), sum(v.nbytes for v in host)), "device": (len(device), sum(v.nbytes for v in device))}
+            table = self.resident[base_model]
+            for v in needed.values():
+                if v.slot is not None:
+                    table.move_to_end(v.slot)
+                    out[id(v)] = v.slot
+                    self.stats["slot_hits"] += 1
+                else:
+                    misses.append(v)
+                    self.stats["slot_misses"] += 1
+        deferred = []
+        for v in misses:
+            with self.lock:
+                if not self._make_room(base_model, v.pages, needed):
+                    deferred.append(v)
+                    continue
+                folded, v.fresh = v.fresh, None
+            t0 = time.perf_counter()
+            if folded is None:
+                folded = self.fold(v)
+            with self.lock:
+                if not self._make_room(base_model, v.pages, needed):  # another thread's drop cannot take pages; kept for safety
+                    deferred.append(v)
+                    continue
+                slot = self._free_slots[base_model].pop() if self._free_slots[base_model] else self._take_slot_id(base_model)
+                engine.write_slot(slot, folded)
+                v.slot = slot
+                table[slot] = v
+                out[id(v)] = slot
+            if self.observe is not None:
+                self.observe("device", time.perf_counter() - t0)
+        return out, deferred
+
+    def _take_slot_id(self, base_model: str) -> int:
+        slot = self._next_slot[base_model]
+        self._next_slot[base_model] += 1
+        return slot
+
+    def _make_room(self, base_model: str, pages: int, needed: dict[int, Version]) -> bool:
+        """Evict (under the lock) until ``pages`` are free: retired versions first, then the
+        least recently used ones no request holds. False when that is not enough."""
+        engine, table = self.engines[base_model], self.resident[base_model]
+        if engine.pool.free >= pages:
+            return True
+        order = [s for s, v in table.items() if v.retired and v.leases == 0]
+        order += [s for s, v in table.items() if not v.retired and v.leases == 0 and id(v) not in needed]
+        for slot in order:
+            self._evict(base_model, slot)
+            if engine.pool.free >= pages:
+                return True
+        return False
+
+    def _evict(self, base_model: str, slot: int) -> None:
+        """Take a version out of the device tier (under the lock; it has no requests)."""
+        v = self.resident[base_model].pop(slot)
+        self.engines[base_model].free_slot(slot)
+        v.slot = None
+        self._free_slots[base_model].append(slot)
+        if not v.retired:
+            self.stats["slot_evictions"] += 1
+
+    def tiers(self) -> dict[str, tuple[int, int]]:
+        """(adapters, bytes) resident per tier: ``host`` (own factors in memory) and ``device``
+        (adapters in the page pool; bytes of the pages they take)."""
+        with self.lock:
+            host = [v for v in self.host.values() if v.adapter is not None]
+            device = [(v, self.engines[b].page_bytes) for b, table in self.resident.items() for v in table.values()
+                      if not v.retired]
+            return {"host": (len(host), sum(v.nbytes for v in host)),
+                    "device": (len(device), sum(v.pages * size for v, size in device))}
 
     def index(self) -> list[Version]:
         with self.lock:

@@ -211,13 +211,19 @@ class InferenceServicer:
 
     async def _ModelReady(self, request, context, tenant):
         try:
-            _, versions, _, _ = self.service.describe(_model_name(request.name), tenant)
+            name = _model_name(request.name)
+            if not request.version and self.service.needs_load(name, tenant):  # on disk: served on its first request
+                return pb.ModelReadyResponse(ready=self.service.ready and self.service.loadable(name))
+            _, versions, _, _ = self.service.describe(name, tenant)
         except WaraError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.service.ready and (not request.version or request.version in versions))
 
     async def _ModelMetadata(self, request, context, tenant):
-        base, versions, inputs, outputs = self.service.describe(_model_name(request.name), tenant)
+        name = _model_name(request.name)
+        if self.service.needs_load(name, tenant):  # its outputs depend on its head: load it, off the loop
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.service.ensure_loaded, name, tenant)
+        base, versions, inputs, outputs = self.service.describe(name, tenant)
         resp = pb.ModelMetadataResponse(name=request.name, versions=versions,
                                         platform=f"{self.service.engines[base].platform}:{base}")
         for spec in inputs:
@@ -340,6 +346,8 @@ class Server:
     """A running server: the asyncio gRPC server on its own event-loop thread, and the serving
     core behind it (``service``). `create_server` builds and starts one."""
 
+    servicer_class: type[InferenceServicer] = InferenceServicer  # the scale-out edge serves a subclass (runtime.ray_serve)
+
     def __init__(self, service: Service) -> None:
         self.service = service
         self.config = service.config
@@ -369,7 +377,7 @@ class Server:
                      ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", config.max_streams_per_connection),
                      ("grpc.http.overload_protection", 0)])  # count streams as HTTP/2 does: excess waits at the client
         self.health = ModelHealth()
-        self.servicer = InferenceServicer(self.service, self.health, self.auth, self.pool)
+        self.servicer = self.servicer_class(self.service, self.health, self.auth, self.pool)
         add_inference_service(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         names = (INFERENCE_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -30,7 +30,8 @@ from .engine import TorchEngine
 from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, Overloaded, clip
 from .inputs import InputConverter, input_specs
 from .metrics import Metrics
-from .registry import Registry, Version, inside_root, read_dir, unknown_model
+from .catalog import Catalog
+from .registry import Registry, Version, read_dir, unknown_model
 
 log = logging.getLogger("wara.serve")
 SERVER_NAME = "wara-serve"
@@ -45,7 +46,7 @@ def output_specs(engine: TorchEngine, version: Version | None) -> list[TensorSpe
     spec = engine.spec
     if version is None or version.head_size is None:
         if spec.output == "embeddings":
-            return [TensorSpec("embeddings", "FP32", (-1, engine.head_w.shape[2]))]
+            return [TensorSpec("embeddings", "FP32", (-1, engine.feature_dim))]
         n = engine.base_head.out_features if isinstance(engine.base_head, torch.nn.Linear) else -1
         return [TensorSpec("logits", "FP32", (-1, n))] + ([TensorSpec("labels", "BYTES", (-1,))] if spec.labels else [])
     specs = [TensorSpec("logits", "FP32", (-1, version.head_size))]
@@ -63,14 +64,14 @@ def make_engine(config: ServeConfig, spec: BaseSpec) -> TorchEngine:
         from .ort_engine import OrtEngine
 
         try:
-            return OrtEngine(spec, slots=config.slots, max_rank=config.max_rank)
+            return OrtEngine(spec, device_budget_mb=config.device_budget_mb, max_rank=config.max_rank)
         except Exception as e:
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             if config.backend != "auto":
                 raise ConfigError(f"base {spec.name!r}: the onnxruntime engine could not be built ({why}); "
                                   "serve it with backend 'torch' or 'auto'") from None
             log.warning("base %s: the onnxruntime engine could not be built (%s); serving it with PyTorch", spec.name, why)
-    return TorchEngine(spec, slots=config.slots, max_rank=config.max_rank, device=config.device)
+    return TorchEngine(spec, device_budget_mb=config.device_budget_mb, max_rank=config.max_rank, device=config.device)
 
 
 def resolve_entry(entry: BaseEntry) -> BaseSpec:
@@ -78,11 +79,11 @@ def resolve_entry(entry: BaseEntry) -> BaseSpec:
 
 
 def tier(version: Version) -> str:
-    """Where a loaded adapter's data is: on the device (a slot), in host memory (folded), or
-    only its files (folded again on its next request)."""
+    """Where a loaded adapter's data is: on the device (its pages in the pool), in host memory
+    (its own factors), or only on disk (read again on its next request)."""
     if version.slot is not None:
-        return f"on device (slot {version.slot})"
-    return "in host" if version.folded is not None else "in host (files only; folds on its next request)"
+        return f"on device (slot {version.slot}, {version.pages} pages)"
+    return "in host" if version.adapter is not None else "on disk (read again on its next request)"
 
 
 class Pending:
@@ -123,7 +124,7 @@ class Service:
                                                 max_request_text_bytes=config.max_request_text_bytes)
                            for name, spec in self.specs.items()}
         self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)),
-                                 max_adapters=config.max_adapters)
+                                 max_adapters=config.max_adapters, observe=self.metrics.observe_tier_load)
         self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
                                     max_queue=config.max_queue, max_queued_bytes=config.max_queued_mb << 20,
                                     resident_wait_ms=config.resident_wait_ms,
@@ -145,16 +146,18 @@ class Service:
         self._loading: dict[str, Future] = {}
         self._loading_lock = threading.Lock()
         self._unloaded: set[str] = set()
-        if config.adapter_root and config.preload:
-            for d in sorted(Path(config.adapter_root).iterdir()):
-                if (d / CONFIG_NAME).is_file():
-                    if not inside_root(config.adapter_root, d):
-                        log.warning("skipping adapter %s: it resolves outside the adapter root (a symlink?)", d.name)
-                        continue
-                    try:
-                        self.load(d.name)
-                    except Exception as e:  # one bad adapter must not stop the server
-                        log.warning("skipping adapter %s: %s", d.name, e)
+        # The disk tier: the root indexed from configs and header sizes; tensors on first use.
+        self.catalog = Catalog(config.adapter_root).scan() if config.adapter_root else None
+        if self.catalog is not None and config.preload:
+            for name in self.catalog.names():
+                problem = self.catalog.entries[name].problem
+                if problem is not None:
+                    log.warning("skipping adapter %s: %s", name, problem)
+                    continue
+                try:
+                    self.load(name)
+                except Exception as e:  # one bad adapter must not stop the server
+                    log.warning("skipping adapter %s: %s", name, e)
         self.ready = True
 
     def _on_batch(self, base: str, rows: int) -> None:
@@ -186,11 +189,10 @@ class Service:
 
     def _tier_snapshot(self) -> tuple[dict[str, tuple[int, int | None]], dict[str, int]]:
         tiers: dict[str, tuple[int, int | None]] = dict(self.registry.tiers())
-        root = self.config.adapter_root
-        if root:
-            loaded = set(self.registry.current)
-            on_disk = sum(1 for d in Path(root).iterdir() if d.name not in loaded and (d / CONFIG_NAME).is_file())
-            tiers["disk"] = (on_disk, None)
+        if self.catalog is not None:
+            loaded = self.registry.current
+            on_disk = [e for name, e in list(self.catalog.entries.items()) if name not in loaded]
+            tiers["disk"] = (len(on_disk), sum(e.file_bytes for e in on_disk))
         return tiers, dict(self.registry.stats)
 
     def _lora_snapshot(self) -> tuple[list[str], list[str], int]:
@@ -200,7 +202,7 @@ class Service:
             items = list(self._gauges.items())
         running = [label for (g, label), v in items if g == id(self.metrics.running) and v > 0 and label not in self.engines]
         waiting = [label for (g, label), v in items if g == id(self.metrics.waiting) and v > 0 and label not in self.engines]
-        return running, waiting, min(e.num_slots for e in self.engines.values()) - 1
+        return running, waiting, min(e.capacity() for e in self.engines.values())
 
     def _on_start(self, batch: list[Request]) -> None:
         for r in batch:
@@ -216,7 +218,7 @@ class Service:
             self._gauge(self.metrics.running, r.model, -1)
 
     # --- repository -------------------------------------------------------------------------
-    def load(self, name: str, files: dict[str, bytes] | None = None) -> Version:
+    def load(self, name: str, files: dict[str, bytes] | None = None, *, keep_folded: bool = False) -> Version:
         t0 = time.perf_counter()
         if not ADAPTER_NAME.match(name) or ".." in name:
             raise InvalidRequest(f"invalid adapter name {clip(name)}: use letters, digits, '.', '_' and '-' (at most 128)")
@@ -225,11 +227,18 @@ class Service:
             if not self.config.adapter_root:
                 raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
             root = Path(self.config.adapter_root)
-            files = read_dir(root, name)
+            try:
+                files = read_dir(root, name)
+            except ModelNotFound:
+                if self.catalog is not None:
+                    self.catalog.forget(name)
+                raise
             reread = lambda: read_dir(root, name)  # noqa: E731 - the host tier keeps no copy of the files
         self._check_tenant_room(name)
         version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged,
-                                     reread=reread)
+                                     reread=reread, keep_folded=keep_folded)
+        if self.catalog is not None and reread is not None:
+            self.catalog.get(name)  # indexed (a directory added since start)
         self._unloaded.discard(name)
         self.metrics.loads.inc()
         self.metrics.load_latency.observe(time.perf_counter() - t0)
@@ -270,23 +279,33 @@ class Service:
         rows = [(b, "1", "READY", "") for b in self.engines]
         loaded = {v.name: v for v in self.registry.index()}
         rows += [(v.name, v.version, "READY", tier(v)) for v in loaded.values()]
-        if self.config.adapter_root:
-            for d in sorted(Path(self.config.adapter_root).iterdir()):
-                if (d / CONFIG_NAME).is_file() and d.name not in loaded and inside_root(self.config.adapter_root, d):
-                    reason = "unloaded" if d.name in self._unloaded else "on disk (loads on its first request)"
-                    rows.append((d.name, "", "UNAVAILABLE", reason))
+        if self.catalog is not None:
+            for name, e in list(self.catalog.entries.items()):
+                if name in loaded:
+                    continue
+                if name in self._unloaded:
+                    reason = "unloaded"
+                elif e.problem:
+                    reason = f"on disk, not servable: {e.problem}"
+                else:
+                    reason = f"on disk (loads on its first request; rank {e.rank}, {e.pages} pages)"
+                rows.append((name, "", "UNAVAILABLE", reason))
         return rows
 
     def needs_load(self, name: str, tenant: Tenant = OPEN) -> bool:
         """Whether a request for ``name`` would load it from the adapter root first: an adapter
         directory there, not loaded, not unloaded on purpose, and one the tenant may use."""
-        root = self.config.adapter_root
-        if not root or name in self.engines or name in self.registry.current or name in self._unloaded:
+        if self.catalog is None or name in self.engines or name in self.registry.current or name in self._unloaded:
             return False
         if not tenant.may_use(name) or not ADAPTER_NAME.match(name) or ".." in name:
             return False
-        path = Path(root) / name
-        return (path / CONFIG_NAME).is_file() and inside_root(root, path)
+        return self.catalog.get(name) is not None
+
+    def loadable(self, name: str) -> bool:
+        """Whether an adapter on disk looks servable as far as the index can tell (ModelReady of
+        an adapter not loaded yet): its first request still runs every check."""
+        entry = self.catalog.get(name) if self.catalog is not None else None
+        return entry is not None and entry.problem is None
 
     def ensure_loaded(self, name: str, tenant: Tenant = OPEN) -> None:
         """Load ``name`` from the adapter root if `needs_load`; concurrent callers wait for the
@@ -302,7 +321,7 @@ class Service:
         if owner:
             try:
                 if self.needs_load(name, tenant):  # not loaded meanwhile
-                    self.load(name)
+                    self.load(name, keep_folded=True)  # its fold serves the request that asked
                 future.set_result(None)
             except BaseException as e:
                 future.set_exception(e)
@@ -410,17 +429,17 @@ class Service:
                 return
             dominant = next(v for v in self._recent if v is not None and id(v) == vid)
             previous = self._auto_merged.get(dominant.base_model)
-            if previous is dominant or dominant.merged is not None or dominant.retired or dominant.folded is None:
+            if previous is dominant or dominant.merged is not None or dominant.retired:
                 return
             if previous is not None:
                 self._demote(previous)
             self._auto_merged[dominant.base_model] = dominant
             dominant.pinned = True  # its folded factors and head must stay while the copy serves
-            folded, engine = dominant.folded, self.engines[dominant.base_model]
+            engine = self.engines[dominant.base_model]
 
         def build() -> None:
             try:
-                merged = engine.build_merged(folded)
+                merged = engine.build_merged(self.registry.fold(dominant))
             except Exception:
                 log.exception("auto-merge of %s failed", dominant.name)
                 merged = None

@@ -208,7 +208,7 @@ def world(tmp_path_factory):
     # a symlink that stays inside the root is fine
     os.symlink(root / "good", root / "alias")
 
-    service = Service(ServeConfig(bases=(f"b=hf:{bert}",), backend="torch", port=0, adapter_root=str(root),
+    service = Service(ServeConfig(bases=(f"b=hf:{bert}",), backend="torch", port=0, adapter_root=str(root), preload=True,
                                   max_delay_ms=0.0, auto_merge=False))
     text = {"text": np.array([b"the movie is really good"], dtype=object)}
     _, out = service.infer("good", text)

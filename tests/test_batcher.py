@@ -12,10 +12,10 @@ from runtime.batcher import Batcher, Request
 
 
 class Engine:
-    """Two slots (slot 0 is the base): one adapter per batch; records who ran together."""
+    """A pool of one page: one adapter per batch; records who ran together."""
 
     base_model = "b"
-    num_slots = 2
+    pages = 1
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
@@ -33,11 +33,11 @@ class Registry:
             for other in self.all:
                 other.slot = None
             v.slot = 1
-        return {id(v): 1 for v in versions}
+        return {id(v): 1 for v in versions}, []
 
 
 def version(name: str, slot=None):
-    return SimpleNamespace(name=name, slot=slot, merged=None, folded=None)
+    return SimpleNamespace(name=name, slot=slot, merged=None, head=None, pages=1)
 
 
 def run(requests: list[Request], key=lambda r: r.model, max_batch: int = 32, **kw) -> list[list[str]]:

@@ -85,12 +85,15 @@ def test_hotswap_checks_every_step(quick_results):
 
 
 @pytest.mark.slow
-def test_load_reports_scaling_and_closed_loop_runs(quick_results):
+def test_load_reports_every_target_of_the_ten_thousand_adapter_run(quick_results):
     r = _load(quick_results, "load_torch")
-    assert [x["adapters"] for x in r["scaling"]] == [1, 3]
-    assert all(x["load_p50_ms"] > 0 and x["rss_mb"] > 0 and x["in_process_p50_ms"] > 0 for x in r["scaling"])
-    assert {(x["clients"], x["mode"]) for x in r["load"]} == {(c, m) for c in (1, 2) for m in ("grpc", "in_process")}
-    assert all(x["requests"] > 0 and x["p50_ms"] <= x["p99_ms"] for x in r["load"])
+    assert {k: v["adapters"] for k, v in r["starts"].items()} == {"small": 4, "large": 12}
+    assert all(v["tensors_read_at_start"] == 0 and v["ready_s"] > v["index_s"] >= 0 for v in r["starts"].values())
+    assert [(x["round"], x["server"]) for x in r["rounds"]] == [(k, s) for k in (0, 1) for s in ("small", "large")]
+    assert all(x["requests"] > 0 and x["p50_ms"] <= x["p99_ms"] for x in r["rounds"])
+    assert r["cold"]["adapters"] == 3 and r["cold"]["cold_p50_ms"] > 0 and r["p50_ratio"] > 0
+    assert r["device_entry_ms"]["count"] >= 3  # at least the cold adapters entered the pool
+    assert r["memory"]["resident"]["large"]["device"] >= 1
 
 
 @pytest.mark.slow

@@ -27,27 +27,34 @@ CUDA = "cuda"
 
 
 def test_grouped_lora_on_cuda_matches_cpu_reference():
+    """The kernel on a CUDA page pool (MiniLM's intermediate layer, ranks 32, 8, 3 and 16)."""
+    from runtime.engine import PagePool, Routing, SlotLayer
+
     gen = torch.Generator().manual_seed(0)
-    slots, max_rank, n, m = 5, 32, 384, 1536  # MiniLM's intermediate layer, padded to the server's rank
-    ranks = [0, 32, 8, 3, 16]
-    a = torch.zeros(slots, max_rank, n)
-    b = torch.zeros(slots, m, max_rank)
-    for s, r in enumerate(ranks):
-        a[s, :r] = 0.1 * torch.randn(r, n, generator=gen)
-        b[s, :, :r] = 0.1 * torch.randn(m, r, generator=gen)
+    n, m = 384, 1536
+    ranks = {1: 32, 2: 8, 3: 3, 4: 16}
+    layer = SlotLayer(torch.nn.Linear(n, m).to(CUDA), pages=64, routing=Routing(), kernel=grouped_lora)
+    pool = PagePool(64)
+    a = torch.zeros(5, 32, n)  # the reference's padded stacks (slot 0: zeros)
+    b = torch.zeros(5, m, 32)
+    for s, r in ranks.items():
+        fa, fb = 0.1 * torch.randn(r, n, generator=gen), 0.1 * torch.randn(m, r, generator=gen)
+        a[s, :r], b[s, :, :r] = fa, fb
+        page = pool.find(r)
+        pool.runs[s] = (page, r)
+        layer.place(s, page, fa.to(CUDA), fb.to(CUDA))
     x = torch.randn(9, 16, n, generator=gen)
     row_slots = torch.tensor([1, 0, 2, 1, 4, 3, 2, 0, 4])
     groups = [(s, (row_slots == s).nonzero().flatten()) for s in (1, 2, 3, 4)]
     on_cuda = [(s, rows.to(CUDA)) for s, rows in groups]  # the engine routes with device indices
-    xc, ac, bc = x.to(CUDA), a.to(CUDA), b.to(CUDA)
-    got = grouped_lora(xc, ac, bc, on_cuda, ranks)
+    xc = x.to(CUDA)
+    got = grouped_lora(xc, layer, on_cuda)
     assert got.is_cuda
-    assert_close(got.cpu(), reference_lora(x, a, b, groups, ranks))
+    assert_close(got.cpu(), reference_lora(x, a, b, groups))
     assert torch.count_nonzero(got[1]) == 0 and torch.count_nonzero(got[7]) == 0  # base rows
     one = [(3, torch.arange(9))]  # every row on one adapter: the single-GEMM path
-    assert_close(grouped_lora(xc, ac, bc, [(3, torch.arange(9, device=CUDA))], ranks).cpu(),
-                 reference_lora(x, a, b, one, ranks))
-    assert grouped_lora(xc, ac, bc, [], ranks) is None
+    assert_close(grouped_lora(xc, layer, [(3, torch.arange(9, device=CUDA))]).cpu(), reference_lora(x, a, b, one))
+    assert grouped_lora(xc, layer, []) is None
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +84,13 @@ def test_engine_mixed_batch_on_cuda_matches_cpu_engine(tiny_base, two_adapters):
     slots = [0, 1, 2]  # base row, adapter 1, adapter 2: one forward
     answers = {}
     for device in ("cpu", CUDA):
-        engine = TorchEngine(tiny_base, slots=3, max_rank=32, device=device)
+        engine = TorchEngine(tiny_base, device=device)
         folded = [engine.prepare(a) for a in two_adapters]
         for i, f in enumerate(folded, start=1):
             engine.write_slot(i, f)
         assert next(engine.model.parameters()).device.type == device
         rows = engine.forward(inputs, slots)
-        merged = engine.forward_merged(engine.build_merged(folded[1]), folded[1], inputs)  # the hot-adapter path
+        merged = engine.forward_merged(engine.build_merged(folded[1]), folded[1].head, inputs)  # the hot-adapter path
         answers[device] = (rows, merged)
         del engine
     (cpu_rows, cpu_merged), (gpu_rows, gpu_merged) = answers["cpu"], answers[CUDA]

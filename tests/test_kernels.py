@@ -1,4 +1,5 @@
-"""The multi-adapter LoRA kernel against its slow row-by-row float64 reference."""
+"""The multi-adapter LoRA kernel, reading factors in place from a layer's page pool, against its
+slow row-by-row float64 reference (which takes plain zero-padded stacks, not the pool)."""
 
 from __future__ import annotations
 
@@ -6,34 +7,52 @@ import torch
 from helpers import assert_close
 
 from references import reference_lora
+from runtime.engine import PagePool, Routing, SlotLayer
 from runtime.kernels import grouped_lora
 
 
-def test_grouped_lora_matches_reference_with_padded_ranks():
+def test_grouped_lora_reads_each_slots_own_rank_from_the_pool():
     gen = torch.Generator().manual_seed(0)
-    slots, max_rank, n, m = 8, 8, 24, 40
-    ranks = [0, 8, 3, 5, 1, 2, 8, 4]
-    a = torch.zeros(slots, max_rank, n)
-    b = torch.zeros(slots, m, max_rank)
-    for s, r in enumerate(ranks):  # real factors up to the slot's rank, zeros after
-        a[s, :r] = torch.randn(r, n, generator=gen)
-        b[s, :, :r] = torch.randn(m, r, generator=gen)
+    n, m = 24, 40
+    ranks = {1: 8, 2: 3, 3: 5, 4: 1, 5: 2, 6: 8, 7: 4}
+    layer = SlotLayer(torch.nn.Linear(n, m), pages=sum(ranks.values()) + 3, routing=Routing(), kernel=grouped_lora)
+    pool = PagePool(layer.pool.numel() // (n + m))
+    a = torch.zeros(8, 8, n)  # the reference's padded stacks (slot 0: zeros)
+    b = torch.zeros(8, m, 8)
+    for s, r in ranks.items():
+        fa, fb = torch.randn(r, n, generator=gen), torch.randn(m, r, generator=gen)
+        a[s, :r], b[s, :, :r] = fa, fb
+        page = pool.find(r)
+        pool.runs[s] = (page, r)
+        layer.place(s, page, fa, fb)
+    layer.place(8, pool.find(1), None, None)  # an adapter that skips this layer: rank 0 here
     x = torch.randn(9, 6, n, generator=gen)
-    # One adapter on some rows (its GEMM pair) and many adapters (gathered batched matmuls).
-    few = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1])  # one adapter plus base rows
-    many = torch.tensor([1, 0, 2, 1, 4, 3, 7, 5, 6])
-    for row_slots in (few, many):
+    few = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1])  # one adapter plus base rows: its GEMM pair
+    many = torch.tensor([1, 0, 2, 1, 4, 3, 7, 5, 6])  # many adapters: gathered batched matmuls
+    skip = torch.tensor([8, 0, 2, 8, 2, 0, 0, 0, 8])  # with rows whose adapter skips the layer
+    for row_slots in (few, many, skip):
         groups = [(s, (row_slots == s).nonzero().flatten()) for s in sorted(set(row_slots.tolist()) - {0})]
-        got = grouped_lora(x, a, b, groups, ranks)
-        assert_close(got, reference_lora(x, a, b, groups, ranks))
+        ref_groups = [(s, rows) for s, rows in groups if s != 8]
+        got = grouped_lora(x, layer, groups)
+        assert_close(got, reference_lora(x, a, b, ref_groups))
         assert torch.count_nonzero(got[1]) == 0  # the base row gets no delta
     one = [(2, torch.arange(9))]  # every row on one adapter: the single-GEMM path
-    assert_close(grouped_lora(x, a, b, one, ranks), reference_lora(x, a, b, one, ranks))
-    assert grouped_lora(x, a, b, [], ranks) is None
+    assert_close(grouped_lora(x, layer, one), reference_lora(x, a, b, one))
+    assert grouped_lora(x, layer, []) is None
+    assert grouped_lora(x, layer, [(8, torch.arange(9))]) is None  # nothing to add
     # In place: the delta is added into `out` (the engine's layer output), base rows untouched.
     y = torch.randn(9, 6, m, generator=gen)
     for g in (groups, one):
         acc = y.clone()
-        assert grouped_lora(x, a, b, g, ranks, out=acc) is acc
-        assert_close(acc, y + reference_lora(x, a, b, g, ranks))
-    assert grouped_lora(x, a, b, [], ranks, out=y) is y
+        assert grouped_lora(x, layer, g, out=acc) is acc
+        assert_close(acc, y + reference_lora(x, a, b, [(s, r) for s, r in g if s != 8]))
+    assert grouped_lora(x, layer, [], out=y) is y
+
+
+def test_page_pool_first_fit_and_compaction_plan():
+    pool = PagePool(20)
+    assert pool.find(21) is None and pool.find(20) == 0
+    pool.runs = {1: (0, 4), 2: (6, 5), 3: (14, 3)}
+    assert pool.free == 8
+    assert pool.find(2) == 4 and pool.find(3) == 11 and pool.find(4) is None  # runs of 2, 3 and 3 free
+    assert pool.compaction() == [(2, 6, 4), (3, 14, 9)]

@@ -148,8 +148,9 @@ def test_lora_requests_info_gauge(served):
     and the adapter slots."""
     text = served["service"].metrics.text().decode()
     line = next(l for l in text.splitlines() if l.startswith("wara_lora_requests_info{"))
-    slots = served["service"].config.slots - 1
-    assert f'max_lora="{slots}"' in line and 'running_lora_adapters=""' in line and 'waiting_lora_adapters=""' in line
+    engine = served["service"].engines["b"]
+    assert engine.capacity(8) == engine.pages // 8  # rank-8 adapters the pool holds
+    assert f'max_lora="{engine.capacity()}"' in line and 'running_lora_adapters=""' in line and 'waiting_lora_adapters=""' in line
     service = served["service"]
     with service._gauge_lock:  # as a queued request for a3 leaves it
         service._gauges[(id(service.metrics.waiting), "a3")] = 1
@@ -189,12 +190,13 @@ def test_host_tier_keeps_no_copy_of_root_files_and_refolds_from_disk(served, tmp
     for name in ("a1", "a2", "a3"):
         shutil.copytree(served["root"] / name, root / name)
     probe = Service(ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
-                                auto_merge=False))
+                                auto_merge=False, preload=True))
     one = max(v.nbytes for v in probe.registry.current.values())
+    pages = max(v.pages for v in probe.registry.current.values()) * probe.engines["b"].page_bytes
     assert all(callable(v.source) for v in probe.registry.current.values())
     probe.drain()
-    config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root), slots=2,
-                         host_budget_mb=1.5 * one / 2**20, auto_merge=False)
+    config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
+                         device_budget_mb=1.2 * pages / 2**20, host_budget_mb=1.5 * one / 2**20, auto_merge=False)
     service = Service(config)
     x = {"text": np.array([TEXT.encode()], dtype=object)}
     try:
@@ -207,7 +209,7 @@ def test_host_tier_keeps_no_copy_of_root_files_and_refolds_from_disk(served, tmp
         shutil.rmtree(root / "a1")
         shutil.copytree(served["root"] / "a9", root / "a1")  # other content under the same name
         service.infer("a2", x), service.infer("a3", x)  # a1 leaves the host tier and its slot
-        assert service.registry.current["a1"].folded is None  # evicted: its next batch reads the root
+        assert service.registry.current["a1"].adapter is None  # evicted: its next batch reads the root
         with pytest.raises(Exception, match="changed in the adapter root"):
             service.infer("a1", x)
         service.load("a1")  # an explicit load serves the new content
@@ -231,7 +233,126 @@ def test_tier_metrics(served):
     assert value('wara_adapters_resident{tier="disk"}') == on_disk
     assert value('wara_adapters_resident{tier="host"}') == len(service.registry.current)
     assert value('wara_adapter_bytes_resident{tier="host"}') == sum(v.nbytes for v in service.registry.current.values()
-                                                                   if v.folded is not None)
+                                                                   if v.adapter is not None)
     assert value('wara_adapters_resident{tier="device"}') >= 1
     assert value('wara_adapter_tier_lookups_total{result="hit",tier="device"}') >= 1  # a8's second batch
     assert value('wara_adapter_tier_lookups_total{result="miss",tier="device"}') >= 1  # its first
+
+
+def test_start_indexes_configs_and_headers_only(served, tmp_path):
+    """An adapter whose tensor bytes are garbage (its config and header length intact) is listed
+    as on disk at start, so start-up read no tensor; its first request reads them and fails
+    with the load's own error, and nothing else changes."""
+    import shutil
+
+    from runtime.service import Service
+
+    root = tmp_path / "root"
+    shutil.copytree(served["root"] / "a1", root / "good")
+    shutil.copytree(served["root"] / "a2", root / "garbled")
+    weights = root / "garbled" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = b"\xff" * (len(data) - header)  # NaN patterns where the tensors were
+    weights.write_bytes(bytes(data))
+    service = Service(ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
+                                  auto_merge=False))
+    try:
+        assert service.ready and not service.registry.current and len(service.catalog) == 2
+        rows = {name: (state, reason) for name, _, state, reason in service.index()}
+        assert rows["garbled"][0] == "UNAVAILABLE" and rows["garbled"][1].startswith("on disk (loads on its first")
+        x = {"text": np.array([TEXT.encode()], dtype=object)}
+        with pytest.raises(Exception, match="garbled.*NaN or Inf"):
+            service.infer("garbled", x)
+        assert "garbled" not in service.registry.current
+        np.testing.assert_allclose(service.infer("good", x)[1]["logits"][0], reference(served, "a1"),
+                                   rtol=tol(torch.float32)[0], atol=tol(torch.float32)[1])
+    finally:
+        service.drain()
+
+
+def test_a_device_budget_smaller_than_one_adapter_is_a_clear_refusal(served):
+    """RESOURCE_EXHAUSTED over gRPC, naming device_budget_mb, at once; the server keeps serving."""
+    from runtime.service import Service
+
+    page = served["service"].engines["b"].page_bytes
+    config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(served["root"]),
+                         device_budget_mb=10 * page / 2**20, auto_merge=False, port=0)  # 10 pages; a1 needs 16
+    server, port = create_server(config)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request("a1"), timeout=30)
+        assert info.value.code() == C.RESOURCE_EXHAUSTED and "device_budget_mb" in info.value.details()
+        assert time.perf_counter() - t0 < 10 and "a1" not in server.service.registry.current
+        assert stub.ModelInfer(request("a0"), timeout=30).model_name == "a0"  # rank 2: 8 pages fit
+    finally:
+        channel.close()
+        server.stop(grace=1.0)
+
+
+@pytest.mark.slow
+def test_no_eviction_of_a_held_adapter_under_a_pool_of_two(served, tmp_path):
+    """A device pool that holds two adapters, 16 concurrent gRPC clients over 10 adapters: every
+    answer is its adapter's, and no adapter is ever evicted while a queued or running request
+    holds it (checked at every eviction)."""
+    from runtime.registry import Registry
+
+    root = tmp_path / "root"
+    spec = resolve_base(f"hf:{served['bert']}", name="b")
+    names = [f"p{i}" for i in range(10)]
+    for k, name in enumerate(names):
+        random_adapter(spec, root / name, rank=2, seed=200 + k)  # 8 pages each
+    page = served["service"].engines["b"].page_bytes
+    config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
+                         device_budget_mb=20 * page / 2**20, auto_merge=False, port=0, max_delay_ms=2.0)
+    server, port = create_server(config)
+    registry = server.service.registry
+    evicted, held = [], []
+    original = Registry._evict
+
+    def checked(self, base_model, slot):
+        v = self.resident[base_model][slot]
+        (held if v.leases else evicted).append(v.name)
+        original(self, base_model, slot)
+
+    registry._evict = checked.__get__(registry)
+    want = {}
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(served["bert"])([TEXT], return_tensors="pt")
+    for name in names:
+        adapter = load_adapter(root / name)
+        with torch.no_grad():
+            want[name] = reference_model(adapter, base_for(adapter))(enc["input_ids"], enc["attention_mask"])[0].numpy()
+    errors, answers = [], []
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(12):
+                name = names[int(rng.integers(len(names)))]
+                try:
+                    got = decode_outputs(stub.ModelInfer(request(name), timeout=60))["logits"][0]
+                    answers.append((name, got))
+                except grpc.RpcError as e:
+                    errors.append((name, e.code(), e.details()))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        server.stop(grace=1.0)
+    assert not errors, errors[:3]
+    assert len(answers) == 16 * 12
+    for name, got in answers:
+        np.testing.assert_allclose(got, want[name], rtol=tol(torch.float32)[0], atol=tol(torch.float32)[1])
+    assert not held, f"evicted while held: {held[:5]}"
+    assert len(evicted) >= 10  # ten adapters took turns in a pool of two
+    assert registry.engines["b"].pool.used <= 20

@@ -74,7 +74,7 @@ def served(request, tmp_path_factory):
     variants = tmp_path_factory.mktemp("variants")
     for v in range(4):  # new contents for the hot-swap test
         ref.add(random_adapter("minilm", variants / str(v), rank=2, seed=100 + v))
-    config = ServeConfig(port=0, adapter_root=str(root), slots=12, max_delay_ms=20.0, max_message_mb=4,
+    config = ServeConfig(port=0, adapter_root=str(root), preload=True, max_delay_ms=20.0, max_message_mb=4,
                          merged=("topic-h",), backend=request.param)
     server, port = create_server(config)
     service = server.service
@@ -374,65 +374,74 @@ def test_health_per_model_and_reflection(served):
 
 
 def test_host_tier_budget_pinning_and_slot_eviction(tmp_path):
-    """In-process: a host budget that holds about one adapter, two usable slots, three adapters.
-    Evicted adapters are folded again on demand and still answer exactly; pinned ones stay."""
+    """In-process: a host budget that holds about one adapter, a device pool that holds two,
+    three adapters. Evicted adapters are read and folded again on demand and still answer
+    exactly; pinned ones stay."""
     from runtime.service import Service
 
     ref = Reference()
     for k, name in enumerate(["pinned-one", "x", "y"]):
         ref.add(random_adapter("minilm", tmp_path / name, rank=2, seed=20 + k))
-    one = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), auto_merge=False, backend="torch"))
+    one = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), auto_merge=False, backend="torch",
+                              preload=True))
     size_mb = one.registry.current["x"].nbytes / (1 << 20)
+    pages = one.registry.current["x"].pages * one.engines["minilm"].page_bytes / (1 << 20)
     one.drain()
-    service = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), slots=3, max_delay_ms=0.0, backend="torch",
+    service = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), device_budget_mb=2.5 * pages,
+                                  max_delay_ms=0.0, backend="torch", preload=True,
                                   host_budget_mb=size_mb * 1.5, pinned=("pinned-one",), auto_merge=False))
     try:
         reg = service.registry
-        assert reg.current["pinned-one"].folded is not None  # pinned: never evicted
+        assert reg.current["pinned-one"].adapter is not None  # pinned: never evicted
         assert reg.stats["host_evictions"] >= 1
         text = "tell me a joke"
         for _ in range(2):
             for name in ["x", "y", "pinned-one"]:
                 version, out = service.infer(name, {"text": np.array([text.encode()], dtype=object)})
                 _assert_matches(ref, {"model": name, "version": version, "text": text, "logits": out["logits"].tolist()})
-        assert reg.stats["slot_evictions"] >= 1  # three adapters took turns in two slots
-        assert reg.current["pinned-one"].folded is not None
+        assert reg.stats["slot_evictions"] >= 1  # three adapters took turns in a pool that holds two
+        assert reg.current["pinned-one"].adapter is not None
     finally:
         service.drain()
 
 
 @pytest.mark.slow
-def test_onnxruntime_slot_inputs_follow_rank_growth_and_shrink(tmp_path):
-    """The onnxruntime engine binds slot factors cut to the largest rank in use: a larger adapter
-    re-lays them out, a smaller one in its place shrinks them, and every answer stays equal to
-    the PyTorch engine's (which keeps the padded max-rank buffers)."""
-    from runtime.engine import TorchEngine
+def test_rank_aware_slots_serve_mixed_ranks_in_one_batch(tmp_path):
+    """Ranks 2, 4, 8 and 16 (folded: 8, 16, 32 and 64 pages) share one batch with a base row,
+    in both engines, each row equal to its adapter's explicit model. Then a freed run at the
+    front and the free tail are too small apart for a 16-page adapter but enough together: the
+    pool compacts (moving resident adapters) and every answer stays exact."""
+    from runtime.engine import NoRoom, TorchEngine
     from runtime.ort_engine import OrtEngine
 
-    small = random_adapter("minilm", tmp_path / "small", rank=2, seed=1)  # folded rank 8
-    large = random_adapter("minilm", tmp_path / "large", rank=4, seed=2)  # folded rank 16
-    engines = [TorchEngine("minilm", slots=3, max_rank=32, device="cpu"), OrtEngine("minilm", slots=3, max_rank=32)]
-    enc = MiniLMTokenizer(max_length=16)(["hello there", "what is the weather like today"] * 2)
+    adapters = [random_adapter("minilm", tmp_path / f"r{r}", rank=r, seed=r) for r in (2, 4, 8, 16)]
+    page = TorchEngine("minilm", device="cpu", device_budget_mb=1).page_bytes
+    budget = 130 * page / 2**20  # 130 pages: the four take 120
+    engines = [TorchEngine("minilm", device_budget_mb=budget, device="cpu"), OrtEngine("minilm", device_budget_mb=budget)]
+    enc = MiniLMTokenizer(max_length=16)(["hello there", "what is the weather like today", "a third text", "four", "five"])
     inputs = (enc["input_ids"], enc["attention_mask"])
-    slots = [0, 1, 2, 1]
+    refs = [reference_model(a, base_for(a)) for a in adapters]
 
-    def answers(engine):
-        return [next(iter(row.values())) for row in engine.forward(inputs, slots)]
+    def check(engine, rows):  # rows: (slot, adapter index) for rows 0, 1, 3, 4; row 2 is the base
+        slots = [rows[0][0], rows[1][0], 0, rows[2][0], rows[3][0]]
+        got = engine.forward(inputs, slots)
+        with torch.no_grad():
+            for row, (_, k) in zip((0, 1, 3, 4), rows):
+                assert_close(got[row]["logits"], refs[k](*(t[row : row + 1] for t in inputs))[0])
+        assert set(got[2]) == {"embeddings"}  # the base row answers as the base
 
-    refs = {id(a): reference_model(a, base_for(a)) for a in (small, large)}
-    in_slot = {}
-    # Ranks 8, then 16 in both slots, then 8 in one (its old rows must not leak into a batch that
-    # also holds a rank-16 slot), then 8 in both (the onnxruntime inputs shrink back).
-    for step in ([(1, small)], [(1, large), (2, large)], [(2, small)], [(1, small)]):
-        for e in engines:
-            for index, adapter in step:
-                e.write_slot(index, e.prepare(adapter))
-        in_slot.update(dict(step))
-        want, got = answers(engines[0]), answers(engines[1])
-        for w, g in zip(want, got):
-            assert_close(g, w)
-        with torch.no_grad():  # and the PyTorch engine against each adapter's explicit model
-            for row, s in enumerate(slots):
-                if s in in_slot:
-                    assert_close(want[row], refs[id(in_slot[s])](*(t[row : row + 1] for t in inputs))[0])
-    assert engines[1].slot_feeds[next(k for k in engines[1].slot_feeds if k.endswith("lora_A"))].shape[1] == 8
+    for e in engines:
+        assert e.pages == 130
+        folded = [e.prepare(a) for a in adapters]
+        assert [f.rank for f in folded] == [8, 16, 32, 64]
+        for slot, f in enumerate(folded, start=1):
+            e.write_slot(slot, f)
+        assert e.pool.runs == {1: (0, 8), 2: (8, 16), 3: (24, 32), 4: (56, 64)}
+        check(e, [(1, 0), (2, 1), (3, 2), (4, 3)])
+        e.free_slot(1)  # free: 8 pages at the front, 10 at the end
+        e.write_slot(5, folded[1])  # 16 pages: only after compaction
+        assert e.pool.runs == {2: (0, 16), 3: (16, 32), 4: (48, 64), 5: (112, 16)}
+        check(e, [(5, 1), (2, 1), (3, 2), (4, 3)])
+        with pytest.raises(NoRoom, match="2 free pages"):
+            e.write_slot(6, folded[2])  # 32 pages: the pool has 2 left
+        check(e, [(4, 3), (3, 2), (2, 1), (5, 1)])  # a refused write changed nothing

@@ -324,7 +324,7 @@ def test_second_sigterm_exits_at_once(world):
 
 @pytest.fixture(scope="module")
 def soak_server(world):
-    served = Served(world, "soak", adapter_root=world["root"], max_delay_ms=2.0)
+    served = Served(world, "soak", adapter_root=world["root"], max_delay_ms=2.0, preload=True)
     try:
         yield served
     finally:

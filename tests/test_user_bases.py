@@ -308,7 +308,7 @@ def test_mixed_batches_over_two_user_bases_and_a_builtin_in_process(world, refs,
     from runtime.config import ServeConfig
     from runtime.service import Service
 
-    service = Service(ServeConfig(port=0, backend="torch", adapter_root=str(world["root"]), max_delay_ms=30.0,
+    service = Service(ServeConfig(port=0, backend="torch", adapter_root=str(world["root"]), max_delay_ms=30.0, preload=True,
                                   auto_merge=False, bases=(f"bert=hf:{world['bert']}", f"gpt=hf:{world['gpt2']}", "minilm",
                                                           "tiny=py:custom_base:tiny_vision_base")))
     stop = threading.Event()
@@ -509,7 +509,7 @@ def test_mixed_batch_on_convnext_channels_last_linears(tmp_path):
     directory = tm.make_convnext_classifier(tmp_path / "convnext")
     spec = resolve_base(f"hf:{directory}")
     adapters = [random_adapter(spec, tmp_path / f"a{k}", rank=2, num_labels=3, seed=k) for k in (1, 2)]
-    engine = TorchEngine(spec, slots=3, device="cpu")
+    engine = TorchEngine(spec, device="cpu")
     for k, a in enumerate(adapters, start=1):
         engine.write_slot(k, engine.prepare(a))
     (images,) = spec.sample(3, 0)

@@ -131,7 +131,7 @@ def _latency_table(root: Path) -> str:
 
     adapter, _, base = load_with_base(root / "topics")
     merged = merged_model(base, [(adapter, 1.0)]).eval()
-    engine = TorchEngine("minilm", slots=2, max_rank=32, device="cpu")
+    engine = TorchEngine("minilm", device="cpu")
     engine.write_slot(1, engine.prepare(adapter))
     tok = MiniLMTokenizer(64)
     rows = ["What is artificial intelligence and how do computers learn?"] * 8

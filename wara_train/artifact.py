@@ -210,6 +210,13 @@ def check_safetensors_header(head: bytes, total: int, *, source: str) -> dict:
     return header
 
 
+class ArtifactFiles(dict):
+    """The files of an artifact as `read_artifact_files` read them: the weights header already
+    checked (``header``), so parsing them does not check it twice."""
+
+    header: dict | None = None
+
+
 def read_artifact_files(path: str | os.PathLike, *, source: str | None = None,
                         root: str | os.PathLike | None = None) -> dict[str, bytes]:
     """The two files of an artifact directory, size-checked (the one reader of adapter
@@ -224,7 +231,7 @@ def read_artifact_files(path: str | os.PathLike, *, source: str | None = None,
     root_r = Path(root).resolve() if root is not None else None
     if root_r is not None and not path_inside(root_r, path):
         raise AdapterError(f"{label}: the adapter directory resolves outside the adapter root (a symlink?); refused")
-    files = {}
+    files = ArtifactFiles()
     for name, limit in ((CONFIG_NAME, MAX_CONFIG_BYTES), (WEIGHTS_NAME, MAX_WEIGHTS_BYTES)):
         f = path / name
         if not f.is_file():
@@ -242,7 +249,7 @@ def read_artifact_files(path: str | os.PathLike, *, source: str | None = None,
                         n = int.from_bytes(head, "little")
                         if n <= MAX_HEADER_BYTES and 8 + n <= size:
                             head += fh.read(n)
-                    check_safetensors_header(head, size, source=label)
+                    files.header = check_safetensors_header(head, size, source=label)
                     data = head + fh.read(size - len(head))
                 else:
                     data = fh.read(limit + 1)
@@ -260,7 +267,8 @@ def adapter_from_files(files: Mapping[str, bytes], *, source: str = "adapter") -
     missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME) if f not in files]
     if missing:
         raise AdapterError(f"{source}: adapter files missing: {', '.join(missing)} (send both {CONFIG_NAME} and {WEIGHTS_NAME})")
-    return adapter_from_bytes(files[CONFIG_NAME], files[WEIGHTS_NAME], source=source)
+    return adapter_from_bytes(files[CONFIG_NAME], files[WEIGHTS_NAME], source=source,
+                              header=getattr(files, "header", None))
 
 
 def load_adapter(path: str | os.PathLike) -> WaraAdapter:
@@ -268,9 +276,11 @@ def load_adapter(path: str | os.PathLike) -> WaraAdapter:
     return adapter_from_files(read_artifact_files(path), source=str(path))
 
 
-def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, *, source: str = "adapter") -> WaraAdapter:
+def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, *, source: str = "adapter",
+                       header: dict | None = None) -> WaraAdapter:
     """Validate an artifact given as the contents of its two files (what RepositoryModelLoad
-    sends, or `load_adapter` read). Errors start with ``source``."""
+    sends, or `load_adapter` read). Errors start with ``source``. ``header``: the weights
+    header as `check_safetensors_header` returned it for these very bytes (not checked again)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
@@ -302,14 +312,17 @@ def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, *, source: str
     labels = raw.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
         raise AdapterError(f"{source}: labels must be a list of strings")
-    check_safetensors_header(weights_bytes[:8 + min(int.from_bytes(weights_bytes[:8], "little"), MAX_HEADER_BYTES)],
-                             len(weights_bytes), source=source)
+    if header is None:
+        header = check_safetensors_header(
+            weights_bytes[:8 + min(int.from_bytes(weights_bytes[:8], "little"), MAX_HEADER_BYTES)],
+            len(weights_bytes), source=source)
+    finite = _all_finite(weights_bytes, header)
     try:
         tensors = load_safetensors(weights_bytes)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise AdapterError(f"{source}: {WEIGHTS_NAME} is an unreadable safetensors file (truncated or corrupt?): {e}") from None
 
-    factors, saved = _split_tensors(source, tensors, config)
+    factors, saved = _split_tensors(source, tensors, config, finite_checked=finite)
     return WaraAdapter(
         config=config,
         base_model=str(raw["base_model"]),
@@ -328,7 +341,20 @@ def _layer_shape(blocks_: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tu
     return 2 * blocks_["h1"][1].shape[0], 2 * blocks_["v1"][0].shape[1]
 
 
-def _split_tensors(source: str, tensors: dict[str, torch.Tensor], config: WaraConfig):
+def _all_finite(weights_bytes: bytes, header: dict) -> bool:
+    """True when every tensor of a safetensors file is float32 and its whole data region is
+    finite, checked in one pass (the usual adapter); False means: check tensor by tensor."""
+    import numpy as np
+
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    if not entries or any(v["dtype"] != "F32" for v in entries):
+        return False
+    start = 8 + int.from_bytes(weights_bytes[:8], "little")  # the header checked that the data follows it
+    data = np.frombuffer(weights_bytes, dtype=np.uint8, offset=start)
+    return data.size % 4 == 0 and bool(np.isfinite(data.view(np.float32)).all())
+
+
+def _split_tensors(source: str, tensors: dict[str, torch.Tensor], config: WaraConfig, *, finite_checked: bool = False):
     targets = list(config.target_modules)
     r, j = config.rank, config.levels
     names = [b.name for b in blocks(j)]
@@ -382,7 +408,7 @@ def _split_tensors(source: str, tensors: dict[str, torch.Tensor], config: WaraCo
     for mod, params in saved.items():
         if not params:
             raise AdapterError(f"{source}: modules_to_save names {mod!r} but the file has no tensors for it")
-    for key, t in tensors.items():
+    for key, t in ([] if finite_checked else tensors.items()):
         if not torch.isfinite(t).all():
             raise AdapterError(f"{source}: tensor {key!r} contains NaN or Inf")
     return factors, saved
