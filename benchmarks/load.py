@@ -13,7 +13,8 @@ default lazy start. Measured, all in one run:
   answered) against a warm request of the same adapter right after;
 * load -> servable: the time an adapter takes to enter the device tier (fold + pool write),
   from the registry's own timer, over the whole run;
-* RSS per registered adapter after the traffic, with the host and device tiers' bytes.
+* RSS per registered adapter after the traffic, with the host and device tiers' bytes, and
+  the RSS one more adapter in the host tier costs (explicit loads), against its own bytes.
 
     .venv/bin/python -m benchmarks.load                    # 10,000 adapters: ~20 GB disk, ~10 min
     .venv/bin/python -m benchmarks.load --quick            # tiny (used by the tests)
@@ -92,7 +93,7 @@ def link_root(src: Path, dst: Path, names: list[str]) -> None:
 
 
 def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, cold: int, device_mb: float,
-        host_mb: float, workdir: Path, log, root: Path | None = None) -> dict:
+        host_mb: float, workdir: Path, log, root: Path | None = None, host_loads: int = 300) -> dict:
     import grpc
 
     from runtime.config import ServeConfig
@@ -157,22 +158,38 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
                           "ratio_p50": statistics.median(cold_ms) / statistics.median(warm_ms)}
         log(f"cold first request p50 {report['cold']['cold_p50_ms']:.1f} ms, warm {report['cold']['warm_p50_ms']:.1f} ms")
 
-        # Zipf traffic, rounds alternating between the two servers.
-        for k in range(rounds):
+        # Zipf traffic, rounds alternating between the two servers; round 0 warms the tiers up
+        # (the first touches of the popular adapters) and is reported, not counted.
+        for k in range(rounds + 1):
             for label in ("small", "large"):
                 _, _, stub, n = servers[label]
+                reg = servers[label][0].service.registry
                 weights = zipf_weights(n)
                 rng = np.random.default_rng(1000 * k + n)
-                lat = []
+                lat, hit, miss = [], [], []
                 end = time.perf_counter() + seconds
                 while time.perf_counter() < end:
-                    lat.append(call(stub, names[int(rng.choice(n, p=weights))], TEXTS[int(rng.integers(len(TEXTS)))]))
-                reg = servers[label][0].service.registry
-                report["rounds"].append({"round": k, "server": label, "adapters": n, "requests": len(lat),
-                                         "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
-                                         "slot_hits": reg.stats["slot_hits"], "slot_misses": reg.stats["slot_misses"]})
+                    before = reg.stats["slot_misses"]
+                    ms = call(stub, names[int(rng.choice(n, p=weights))], TEXTS[int(rng.integers(len(TEXTS)))])
+                    lat.append(ms)
+                    (miss if reg.stats["slot_misses"] > before else hit).append(ms)
+                report["rounds"].append({"round": k, "warmup": k == 0, "server": label, "adapters": n,
+                                         "requests": len(lat), "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
+                                         "device_misses": len(miss), "hit_p50_ms": percentile(hit, 50) if hit else None,
+                                         "miss_p50_ms": percentile(miss, 50) if miss else None})
                 log(f"round {k} {label:5s}: {len(lat)} requests, p50 {percentile(lat, 50):.2f} ms, "
-                    f"p99 {percentile(lat, 99):.2f} ms")
+                    f"p99 {percentile(lat, 99):.2f} ms, {len(miss)} device misses"
+                    + (f" (p50 {percentile(miss, 50):.1f} ms; hits {percentile(hit, 50):.1f} ms)" if miss and hit else ""))
+        # The host tier's cost per adapter: explicit loads of adapters not touched yet.
+        service = servers["large"][0].service
+        fresh = [n for n in names[len(names) // 4 : len(names) // 2] if n not in service.registry.current][:host_loads]
+        before, own = rss_mb(), 0
+        for name in fresh:
+            own += service.load(name).nbytes
+        report["host_loads"] = {"adapters": len(fresh), "rss_per_adapter_mb": (rss_mb() - before) / max(1, len(fresh)),
+                                "own_bytes_per_adapter_mb": own / max(1, len(fresh)) / 2**20}
+        log(f"host tier: {len(fresh)} loads, RSS +{report['host_loads']['rss_per_adapter_mb']:.2f} MB per adapter "
+            f"(own factors {report['host_loads']['own_bytes_per_adapter_mb']:.2f} MB)")
         tiers = {label: servers[label][0].service.registry.tiers() for label in servers}
         report["memory"] = {"rss_mb": rss_mb(), "rss_growth_mb": rss_mb() - rss0,
                             "tiers_mb": {label: {t: b / 2**20 for t, (_, b) in v.items()} for label, v in tiers.items()},
@@ -181,9 +198,10 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
         for server, channel, _, _ in servers.values():
             channel.close()
             server.stop(grace=1.0)
-    p50 = {label: statistics.median(r["p50_ms"] for r in report["rounds"] if r["server"] == label) for label in servers}
+    counted = [r for r in report["rounds"] if not r["warmup"]]
+    p50 = {label: statistics.median(r["p50_ms"] for r in counted if r["server"] == label) for label in servers}
     report["p50_ratio"] = p50["large"] / p50["small"]
-    report["p50_ratio_per_round"] = [b["p50_ms"] / a["p50_ms"] for a, b in zip(report["rounds"][::2], report["rounds"][1::2])]
+    report["p50_ratio_per_round"] = [b["p50_ms"] / a["p50_ms"] for a, b in zip(counted[::2], counted[1::2])]
     start = report["starts"]["large"]
     report["rss_per_registered_mb"] = (report["memory"]["rss_growth_mb"] - report["starts"]["small"]["rss_added_mb"]) / large
     report["rss_per_registered_at_start_mb"] = (start["rss_added_mb"] - report["starts"]["small"]["rss_added_mb"]) / (large - small)
@@ -196,7 +214,7 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
 def plot(report: dict, path: Path) -> None:
     fig, (a1, a2) = figure(1, 2, figsize=(10, 3.8))
     for label, style in (("small", "o-"), ("large", "s--")):
-        pts = [r for r in report["rounds"] if r["server"] == label]
+        pts = [r for r in report["rounds"] if r["server"] == label and not r["warmup"]]
         n = pts[0]["adapters"]
         a1.plot([p["round"] for p in pts], [p["p50_ms"] for p in pts], style, label=f"{n} adapters p50")
         a1.plot([p["round"] for p in pts], [p["p99_ms"] for p in pts], style, alpha=0.4, label=f"{n} adapters p99")
@@ -236,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         res = run(backend=args.backend, small=args.small, large=args.adapters, rounds=args.rounds, seconds=args.seconds,
                   cold=args.cold, device_mb=args.device_budget_mb, host_mb=args.host_budget_mb, workdir=Path(tmp), log=print,
-                  root=args.root)
+                  root=args.root, host_loads=3 if args.quick else 300)
     report = {"benchmark": "load", **environment(), "backend": args.backend, "seconds_per_round": args.seconds,
               "zipf_exponent": 1.1, "adapter": "WaRA haar J=1 on MiniLM's 36 layers, ranks 4 and 8, random, 5 labels",
               "device_budget_mb": args.device_budget_mb, "host_budget_mb": args.host_budget_mb, "quick": args.quick,

@@ -237,6 +237,8 @@ class Service:
         self._check_tenant_room(name)
         version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged,
                                      reread=reread, keep_folded=keep_folded)
+        if reread is not None and self.registry.observe is not None:  # root -> host tier (read, checked, fold-checked)
+            self.registry.observe("host", time.perf_counter() - t0)
         if self.catalog is not None and reread is not None:
             self.catalog.get(name)  # indexed (a directory added since start)
         self._unloaded.discard(name)

@@ -89,7 +89,8 @@ def test_load_reports_every_target_of_the_ten_thousand_adapter_run(quick_results
     r = _load(quick_results, "load_torch")
     assert {k: v["adapters"] for k, v in r["starts"].items()} == {"small": 4, "large": 12}
     assert all(v["tensors_read_at_start"] == 0 and v["ready_s"] > v["index_s"] >= 0 for v in r["starts"].values())
-    assert [(x["round"], x["server"]) for x in r["rounds"]] == [(k, s) for k in (0, 1) for s in ("small", "large")]
+    assert [(x["round"], x["server"]) for x in r["rounds"]] == [(k, s) for k in (0, 1, 2) for s in ("small", "large")]
+    assert [x["warmup"] for x in r["rounds"]] == [True, True, False, False, False, False]
     assert all(x["requests"] > 0 and x["p50_ms"] <= x["p99_ms"] for x in r["rounds"])
     assert r["cold"]["adapters"] == 3 and r["cold"]["cold_p50_ms"] > 0 and r["p50_ratio"] > 0
     assert r["device_entry_ms"]["count"] >= 3  # at least the cold adapters entered the pool
