@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench gpu-check venv clean
+.PHONY: demo test bench gpu-check venv native clean
 
 venv: $(STAMP)
 
@@ -18,17 +18,35 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# The native op library (CMakeLists.txt, csrc/): configured once into build/native/, then Ninja
+# rebuilds what a changed source needs (a no-op run takes a fraction of a second). `make test`
+# stops if it fails (the build is part of set-up); `make demo` goes on with the pure-PyTorch
+# kernels and says why.
+native: $(STAMP)
+	$(PY) -m runtime.native.build
+
+# Triton for the GPU kernels' tests, run on the CPU in Triton's interpreter; --no-deps keeps the
+# pinned CPU torch (triton's own requirements are met by it).
+TRITON := triton==3.9.0
+TRITON_STAMP := $(VENV)/.triton-$(subst triton==,,$(TRITON))
+$(TRITON_STAMP): $(STAMP)
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps $(TRITON)
+	@touch $(TRITON_STAMP)
+
 demo: $(STAMP)
+	@$(PY) -m runtime.native.build || echo "make demo: the native kernels did not build; the pure-PyTorch kernels serve"
 	$(VENV)/bin/wara demo
 
-test: $(STAMP)
+test: $(STAMP) native $(TRITON_STAMP)
 	$(PY) -m pytest
 
 # Benchmarks (not tests): results to benchmarks/results/*.json, README section regenerated.
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
-# On a machine with an NVIDIA GPU: the CUDA tests (pytest -m cuda) and the GPU benchmarks, to
+# On a machine with an NVIDIA GPU: the native library built there (with its CUDA kernels), the
+# CUDA tests (pytest -m cuda: the CUDA and Triton kernels against CPU float64 references) and
+# the GPU benchmarks, to
 # benchmarks/results/gpu/<device>/ (exits 2 at once where torch sees no CUDA device). It installs
 # nothing (a GPU image has its own CUDA torch and no registry): it runs .venv's python where there
 # is one, else GPU_PYTHON (default python3). Its base is a random one built on the spot, so no
@@ -38,4 +56,4 @@ gpu-check:
 	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .wara-cache
+	rm -rf $(VENV) .pytest_cache .wara-cache build/native

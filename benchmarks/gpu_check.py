@@ -3,7 +3,11 @@ and record the outcome in benchmarks/results/gpu/<device-slug>/gpu_check.json.
 
     .venv/bin/python -m benchmarks.gpu_check [--budget-s 420] [--base SOURCE]
 
-Steps: ``pytest -m cuda -q`` (its tests build their own tiny random models), then each module in
+Steps: the native op library built on this machine (``python -m runtime.native.build --check``:
+CMake + Ninja with its CUDA kernels, well under a minute; a native build made elsewhere against
+another torch would not load), ``pytest -m cuda -q`` (its tests build their own tiny random
+models; tests/test_native.py checks the CUDA and Triton kernels against CPU float64 references),
+then each module in
 BENCHMARKS with ``--device cuda --base SOURCE --out
 benchmarks/results/gpu/<device-slug>/<name>.json`` (in a child process, so the budget can stop
 it). No model package is needed: without ``--base``, the base is a random BERT of MiniLM's
@@ -34,7 +38,9 @@ from .common import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path("benchmarks/results/gpu")  # relative to ROOT, as the benchmarks' --out
-BENCHMARKS: dict[str, str] = {"latency": "benchmarks.latency", "multitenant": "benchmarks.multitenant"}
+BENCHMARKS: dict[str, str] = {"latency": "benchmarks.latency", "multitenant": "benchmarks.multitenant",
+                              "kernels": "benchmarks.kernels"}
+NATIVE_BUILD_TIMEOUT_S = 240.0
 # Runs a benchmark's main(argv) in a child: python -c CALL MODULE ARGS...
 CALL = "import importlib, sys; sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))"
 RANDOM_BASE_SHAPE = "minilm"  # the built base has MiniLM's shapes: GPU figures of the same workload
@@ -154,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (ROOT / out_dir).mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"device": dev["name"], "torch_cuda": dev["torch_cuda"], "device_info": dev,
                               "onnxruntime": onnxruntime_info(), **environment(), "budget_s": args.budget_s,
-                              "tests": {"status": "pending"}, "benchmarks": {}}
+                              "native_build": {"status": "pending"}, "tests": {"status": "pending"}, "benchmarks": {}}
 
     def left() -> float:
         return args.budget_s - (time.perf_counter() - start)
@@ -164,6 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         (ROOT / out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
     skipped = {"status": "skipped", "reason": f"out of time (budget {args.budget_s:.0f} s)"}
+    print("== python -m runtime.native.build --check", flush=True)
+    if left() > 0:  # a failed build is recorded and the CUDA tests then say which kernels it lacks
+        report["native_build"] = run_step([sys.executable, "-m", "runtime.native.build", "--check"],
+                                          min(left(), NATIVE_BUILD_TIMEOUT_S))
+    else:
+        report["native_build"] = dict(skipped)
+    save()
     print("== pytest -m cuda -q", flush=True)
     if left() > 0:
         cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "--continue-on-collection-errors"]
@@ -192,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "--out", str(out)], left())
                 report["benchmarks"][name] = {**step, "out": str(out)}
             save()
-    steps = {"tests": report["tests"], "base": report["base"], **{f"bench {k}": v for k, v in report["benchmarks"].items()}}
+    steps = {"native build": report["native_build"], "tests": report["tests"], "base": report["base"],
+             **{f"bench {k}": v for k, v in report["benchmarks"].items()}}
     report["ok"] = all(s["status"] not in ("failed", "timeout") for s in steps.values())
     save()
     print(f"\n== gpu-check summary ({dev['name']}, {report['wall_s']:.0f} s of {args.budget_s:.0f}):")

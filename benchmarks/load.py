@@ -118,6 +118,15 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
     report: dict = {"starts": {}, "rounds": [], "cold": {}}
     # Device entries (fold + pool write) and host entries (read + check), as the registry times them.
     entries: dict[str, list[float]] = {"device": [], "host": []}
+    from runtime.catalog import Catalog
+
+    gc_rss, t = rss_mb(), time.perf_counter()
+    catalog = Catalog(root).scan()  # the index alone: what start-up reads for every adapter
+    report["index_alone"] = {"adapters": len(catalog), "seconds": time.perf_counter() - t,
+                             "rss_per_adapter_kb": (rss_mb() - gc_rss) * 1024 / max(1, len(catalog))}
+    log(f"index alone: {len(catalog)} adapters in {report['index_alone']['seconds']:.2f} s, "
+        f"{report['index_alone']['rss_per_adapter_kb']:.2f} KB RSS each")
+    del catalog
     rss0 = rss_mb()
     for label, path, n in (("small", small_root, small), ("large", root, large)):
         before = rss_mb()

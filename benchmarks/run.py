@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "grpc_overhead_torch": ("benchmarks.grpc_overhead", ["--backend", "torch"]),
     "grpc_overhead_onnxruntime": ("benchmarks.grpc_overhead", ["--backend", "onnxruntime"]),
     "quality": ("benchmarks.quality", []),
+    "kernels": ("benchmarks.kernels", []),
 }
 
 
@@ -158,7 +159,7 @@ def render_load(r: dict, name: str) -> list[str]:
            f"{small['adapters']} and one on all {large['adapters']:,}:", "",
            "| target | measured |", "| --- | --- |",
            f"| RSS per registered adapter <= 1.5 MB | {r['rss_per_registered_mb']:.3f} MB after the traffic "
-           f"({r['rss_per_registered_at_start_mb']:.4f} MB each when only indexed; one more in the host tier: "
+           f"(the index alone: {r['index_alone']['rss_per_adapter_kb']:.1f} KB each; one more in the host tier: "
            f"{r['host_loads']['rss_per_adapter_mb']:.2f} MB RSS for {r['host_loads']['own_bytes_per_adapter_mb']:.2f} MB "
            f"of own factors) |",
            f"| batch-1 p50 at {large['adapters']:,} within 1.10x of {small['adapters']} | {r['p50_ratio']:.3f}x "
@@ -181,6 +182,27 @@ def render_load(r: dict, name: str) -> list[str]:
     for x in r["rounds"]:
         out.append(f"| {x['adapters']} | {x['round']}{' (warm-up)' if x.get('warmup') else ''} | {x['requests']} | "
                    f"{x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['device_misses']} | {ms(x['hit_p50_ms'])} / {ms(x['miss_p50_ms'])} |")
+    return out + [""]
+
+
+def render_kernels(r: dict) -> list[str]:
+    """The native ops against today's pure kernel, per layer shape, tokens and adapters."""
+    rows = {}
+    for x in r["results"]:
+        rows.setdefault((x["layer"], x["tokens"], x["adapters"], x["folded_rank"]), {})[x["kernel"]] = x
+    out = [f"**Native kernels** (`kernels.json`, {r['machine_label']}, commit {r.get('git_commit', '?')}): one adapted "
+           f"layer, float32, matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s measured in the same run; speedup over "
+           "`grouped_lora` (GFLOP/s); the wavelet op computes the same update from the unfolded factors "
+           "(half the FLOPs):", "",
+           "| layer | tokens | adapters | folded rank | sgmv native | wavelet_lowrank native | grouped_lora GFLOP/s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (layer, tokens, adapters, rank), k in sorted(rows.items()):
+        if tokens not in (64, 2048) or "sgmv[native]" not in k or "grouped_lora" not in k:
+            continue
+        s, w, g = k["sgmv[native]"], k.get("wavelet_lowrank[native]"), k["grouped_lora"]
+        wtxt = f"{w['speedup_vs_grouped_lora']:.2f}x ({w['gflops']:.0f})" if w else "-"
+        out.append(f"| {layer} | {tokens} | {adapters} | {rank} | {s['speedup_vs_grouped_lora']:.2f}x ({s['gflops']:.0f}) | "
+                   f"{wtxt} | {g['gflops']:.0f} |")
     return out + [""]
 
 
@@ -269,6 +291,9 @@ def render(results: Path) -> str:
         if r:
             lines += render_load(r, name)
     lines += render_grpc(results)
+    k = _load(results, "kernels")
+    if k:
+        lines += render_kernels(k)
     q = _load(results, "quality")
     if q:
         lines += render_quality(q)

@@ -29,7 +29,7 @@ from wara_train.layer import is_pointwise_conv, layer_shape, merged_weight, weig
 from wara_train.model import adaptable_layers, find_targets, set_submodule
 
 from .errors import Overloaded
-from .kernels import LoraKernel, grouped_lora
+from .kernels import LoraKernel, default_kernel, grouped_lora
 
 DEFAULT_DEVICE_BUDGET_MB = 256.0
 
@@ -44,6 +44,7 @@ class Routing:
 
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     rows: int = 0  # the batch size: every adapted layer's input must lead with it
+    cache: dict = field(default_factory=dict)  # what a kernel computes once per forward (token slots)
 
 
 class PagePool:
@@ -183,7 +184,7 @@ class TorchEngine:
     platform = "wara_pytorch"
 
     def __init__(self, base: BaseSpec | str, *, device_budget_mb: float = DEFAULT_DEVICE_BUDGET_MB,
-                 max_rank: int = 128, device: str | None = None, kernel: LoraKernel = grouped_lora) -> None:
+                 max_rank: int = 128, device: str | None = None, kernel: LoraKernel | None = None) -> None:
         self.spec = spec = base if isinstance(base, BaseSpec) else resolve_base(base)
         self.base_model = spec.name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -202,6 +203,10 @@ class TorchEngine:
                               f"({self.page_bytes} bytes over its {len(shapes)} adapted layers)")
         self.pool = PagePool(self.pages)
         self.routing = Routing()
+        if kernel is None:
+            kernel, self.kernel_name = default_kernel(self.device)
+        else:
+            self.kernel_name = getattr(kernel, "__name__", type(kernel).__name__)
         self._fingerprints: dict[tuple[str, ...], str] = {}  # target set -> hash of its base weights
         for name in self.targets:
             set_submodule(model, name, SlotLayer(model.get_submodule(name), pages=self.pages,
@@ -400,7 +405,7 @@ class TorchEngine:
     def _features(self, inputs: Sequence[torch.Tensor], slot_t: torch.Tensor,
                   groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """The model's features (its head input) for a batch routed by ``groups``."""
-        self.routing.groups, self.routing.rows = groups, int(slot_t.shape[0])
+        self.routing.groups, self.routing.rows, self.routing.cache = groups, int(slot_t.shape[0]), {}
         try:
             return self.model(*[t.to(self.device) for t in inputs])
         finally:

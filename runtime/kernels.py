@@ -59,3 +59,45 @@ def grouped_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, to
         ga[idx, : a.shape[0]] = a
         gb[idx, :, : b.shape[1]] = b
     return out.baddbmm_(torch.bmm(x, ga.transpose(1, 2)), gb.transpose(1, 2))
+
+
+def sgmv_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch.Tensor]],
+              out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The native SGMV op (`runtime.native`, ``torch.ops.wara.sgmv``) on the page pool as it is:
+    per-token slot indices, each slot at its own rank, base rows free, no factor copies. One
+    adapter on the whole batch stays on `grouped_lora`'s GEMM pair, which the op does not beat
+    there (benchmarks/results/kernels.json: 0.5-0.8x at 2048 tokens, 2-core VM); mixed batches
+    go to the op (1.2-11x faster than the gather there)."""
+    from runtime import native
+
+    live = [(slot, idx) for slot, idx in groups if layer.rank.get(slot, 0)]
+    if not live:
+        return out
+    if len(live) == 1 and live[0][1].numel() == x.shape[0]:
+        return grouped_lora(x, layer, live, out)
+    rows, tokens, n = x.shape
+    key = ("token_slot", tokens)
+    token_slot = layer.routing.cache.get(key)
+    if token_slot is None:  # the same for every layer of a forward: computed once
+        row_slot = torch.full((rows,), -1, dtype=torch.long, device=x.device)
+        for g, (_, idx) in enumerate(groups):
+            row_slot[idx] = g
+        token_slot = layer.routing.cache[key] = row_slot.repeat_interleave(tokens)
+    slot_offset = torch.tensor([layer.offset.get(s, 0) for s, _ in groups], dtype=torch.long, device=x.device)
+    slot_rank = torch.tensor([layer.rank.get(s, 0) for s, _ in groups], dtype=torch.long, device=x.device)
+    if out is None:
+        out = x.new_zeros(rows, tokens, layer.m)
+    native.sgmv(x.reshape(rows * tokens, n), out.view(rows * tokens, layer.m), layer.pool, token_slot, slot_offset,
+                slot_rank)
+    return out
+
+
+def default_kernel(device: torch.device) -> tuple[LoraKernel, str]:
+    """(kernel, what serves) for an engine on ``device``: the native op where its library is
+    built and loaded (`make test` and `make demo` build it), else `grouped_lora`, and why."""
+    from runtime import native
+
+    st = native.load(build=False)
+    if native.backend_for(device) == "native":
+        return sgmv_lora, f"native sgmv ({st.info})"
+    return grouped_lora, f"pure PyTorch grouped_lora ({st.reason or 'no native kernel for ' + device.type})"

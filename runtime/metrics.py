@@ -30,6 +30,8 @@ class Metrics:
                                    ["tier"], registry=r,
                                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
 
+        self.kernel = Gauge("wara_kernel_info", "The adapter kernel serving each base (1): the native op or the pure "
+                            "PyTorch one, and why", ["base", "kernel"], registry=r)
         self.refusals = Counter("wara_refusals", "Requests refused at the edge, by reason (unauthenticated, "
                                 "not_admin, tenant_queue_full, server_busy, draining, ...)", ["reason"], registry=r)
         self.tenant_inflight = Gauge("wara_tenant_requests_inflight", "Requests accepted and not yet answered, per tenant",

@@ -119,6 +119,9 @@ class Service:
         self.metrics = Metrics()
         self.specs = {e.name: resolve_entry(e) for e in config.bases}  # every base checked before any is built
         self.engines = {name: make_engine(config, spec) for name, spec in self.specs.items()}
+        for name, engine in self.engines.items():
+            self.metrics.kernel.labels(name, engine.kernel_name).set(1)
+            log.info("base %s: adapter kernel %s", name, engine.kernel_name)
         self.converters = {name: InputConverter(spec, max_text_length=config.max_text_length,
                                                 max_text_bytes=config.max_text_bytes,
                                                 max_request_text_bytes=config.max_request_text_bytes)

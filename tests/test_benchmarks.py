@@ -95,6 +95,7 @@ def test_load_reports_every_target_of_the_ten_thousand_adapter_run(quick_results
     assert r["cold"]["adapters"] == 3 and r["cold"]["cold_p50_ms"] > 0 and r["p50_ratio"] > 0
     assert r["device_entry_ms"]["count"] >= 3  # at least the cold adapters entered the pool
     assert r["memory"]["resident"]["large"]["device"] >= 1
+    assert r["index_alone"]["adapters"] == 12 and r["host_loads"]["adapters"] == 3
 
 
 @pytest.mark.slow

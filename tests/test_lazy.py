@@ -235,6 +235,7 @@ def test_tier_metrics(served):
     assert value('wara_adapter_bytes_resident{tier="host"}') == sum(v.nbytes for v in service.registry.current.values()
                                                                    if v.adapter is not None)
     assert value('wara_adapters_resident{tier="device"}') >= 1
+    assert value('wara_kernel_info{base="b",kernel="native sgmv') == 1  # the op serves, and says so
     assert value('wara_adapter_tier_lookups_total{result="hit",tier="device"}') >= 1  # a8's second batch
     assert value('wara_adapter_tier_lookups_total{result="miss",tier="device"}') >= 1  # its first
 

@@ -408,7 +408,7 @@ def test_host_tier_budget_pinning_and_slot_eviction(tmp_path):
 @pytest.mark.slow
 def test_rank_aware_slots_serve_mixed_ranks_in_one_batch(tmp_path):
     """Ranks 2, 4, 8 and 16 (folded: 8, 16, 32 and 64 pages) share one batch with a base row,
-    in both engines, each row equal to its adapter's explicit model. Then a freed run at the
+    in both engines (PyTorch with the native op and with the pure kernel; onnxruntime), each row equal to its adapter's explicit model. Then a freed run at the
     front and the free tail are too small apart for a 16-page adapter but enough together: the
     pool compacts (moving resident adapters) and every answer stays exact."""
     from runtime.engine import NoRoom, TorchEngine
@@ -417,7 +417,12 @@ def test_rank_aware_slots_serve_mixed_ranks_in_one_batch(tmp_path):
     adapters = [random_adapter("minilm", tmp_path / f"r{r}", rank=r, seed=r) for r in (2, 4, 8, 16)]
     page = TorchEngine("minilm", device="cpu", device_budget_mb=1).page_bytes
     budget = 130 * page / 2**20  # 130 pages: the four take 120
-    engines = [TorchEngine("minilm", device_budget_mb=budget, device="cpu"), OrtEngine("minilm", device_budget_mb=budget)]
+    from runtime.kernels import grouped_lora
+
+    engines = [TorchEngine("minilm", device_budget_mb=budget, device="cpu"),  # the native sgmv op
+               TorchEngine("minilm", device_budget_mb=budget, device="cpu", kernel=grouped_lora),
+               OrtEngine("minilm", device_budget_mb=budget)]
+    assert engines[0].kernel_name.startswith("native sgmv")
     enc = MiniLMTokenizer(max_length=16)(["hello there", "what is the weather like today", "a third text", "four", "five"])
     inputs = (enc["input_ids"], enc["attention_mask"])
     refs = [reference_model(a, base_for(a)) for a in adapters]

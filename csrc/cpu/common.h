@@ -1,0 +1,111 @@
+// What the CPU implementations of both ops share: cutting tokens into tiles, reading the
+// checked index tables, the per-thread transposed B factors, the dtype dispatch.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/lowrank.h"
+#include "cpu/simd.h"
+#include "layout.h"
+
+namespace wara::cpu {
+
+struct Tile {
+  int64_t slot, t0, t1;
+};
+
+// Runs of consecutive tokens on one adapted slot, cut into tiles of at most `max_tokens`; base
+// rows (slot -1) and slots of rank 0 produce none.
+inline std::vector<Tile> make_tiles(const int64_t* token_slot, int64_t tokens, const int64_t* slot_rank) {
+  int64_t adapted = 0;
+  for (int64_t t = 0; t < tokens; ++t) adapted += token_slot[t] >= 0 && slot_rank[token_slot[t]] > 0;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Enough tiles for every thread twice over, but never tiles so small that the factors are
+  // re-read for a handful of tokens.
+  const int64_t max_tokens = std::clamp<int64_t>((adapted + 2 * threads - 1) / (2 * threads), 8, 64);
+  std::vector<Tile> tiles;
+  int64_t t = 0;
+  while (t < tokens) {
+    const int64_t s = token_slot[t];
+    int64_t end = t + 1;
+    while (end < tokens && token_slot[end] == s) ++end;
+    if (s >= 0 && slot_rank[s] > 0)
+      for (int64_t a = t; a < end; a += max_tokens) tiles.push_back({s, a, std::min(end, a + max_tokens)});
+    t = end;
+  }
+  return tiles;
+}
+
+struct Tables {
+  at::Tensor token_slot, slot_offset, slot_rank;  // contiguous CPU int64
+  const int64_t* ts;
+  const int64_t* off;
+  const int64_t* rank;
+  int64_t max_rank;
+};
+
+inline Tables read_tables(const char* op, const at::Tensor& x, const at::Tensor& pool, const at::Tensor& token_slot,
+                   const at::Tensor& slot_offset, const at::Tensor& slot_rank, const Layout& layout) {
+  Tables t;
+  t.token_slot = token_slot.contiguous();
+  t.slot_offset = slot_offset.contiguous();
+  t.slot_rank = slot_rank.contiguous();
+  t.ts = t.token_slot.data_ptr<int64_t>();
+  t.off = t.slot_offset.data_ptr<int64_t>();
+  t.rank = t.slot_rank.data_ptr<int64_t>();
+  t.max_rank = check_tables(op, t.ts, x.size(0), t.off, t.rank, slot_offset.size(0), pool.numel(), layout);
+  return t;
+}
+
+// The transposed B factors of one slot, kept by a thread while its tiles stay on that slot.
+struct PackedB {
+  int64_t slot = -1;
+  std::vector<float> data;
+  std::vector<int64_t> at;  // per block: offset of its (r, m_b) transpose in data
+
+  template <typename TP>
+  void ensure(int64_t s, const TP* pool, int64_t offset, int64_t r, const Layout& layout) {
+    if (s == slot) return;
+    at.clear();
+    int64_t total = 0;
+    for (const Block& b : layout.blocks) {
+      at.push_back(total);
+      total += r * b.m;
+    }
+    data.resize(total);
+    for (size_t i = 0; i < layout.blocks.size(); ++i) {
+      const Block& b = layout.blocks[i];
+      pack_bt(pool + offset + r * b.prefix + r * b.n, b.m, r, data.data() + at[i]);
+    }
+    slot = s;
+  }
+};
+
+// Calls fn(TX{}, TP{}, TY{}) with the runtime dtypes of x, pool and y (each float32 or bfloat16).
+template <typename Fn>
+void dispatch3(at::ScalarType tx, at::ScalarType tp, at::ScalarType ty, Fn&& fn) {
+  auto on_y = [&](auto x_tag, auto p_tag) {
+    if (ty == at::kFloat) fn(x_tag, p_tag, float{});
+    else fn(x_tag, p_tag, bf16{});
+  };
+  auto on_p = [&](auto x_tag) {
+    if (tp == at::kFloat) on_y(x_tag, float{});
+    else on_y(x_tag, bf16{});
+  };
+  if (tx == at::kFloat) on_p(float{});
+  else on_p(bf16{});
+}
+
+inline void check_cpu(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& pool,
+               const at::Tensor& token_slot, const at::Tensor& slot_offset, const at::Tensor& slot_rank) {
+  check_args(op, x, y, pool, token_slot, slot_offset, slot_rank);
+  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got tensors on ", x.device());
+}
+
+}  // namespace wara::cpu

@@ -1,0 +1,47 @@
+// torch.ops.wara: fused multi-adapter low-rank updates for a layer y = W0 x (W0: (m, n)), reading
+// the factors of many adapters from one flat pool per layer (layout: layout.h).
+//
+//   sgmv(x, y, pool, token_slot, slot_offset, slot_rank):
+//     y[t] += B_s (A_s x[t])                     for every token t with s = token_slot[t] >= 0
+//   wavelet_lowrank(x, y, pool, token_slot, slot_offset, slot_rank, levels, dec_lo, dec_hi):
+//     y[t] += dW_s x[t],  dW_s = sum_b P_row,b^T (B_b A_b) P_col,b  (the J-level inverse 2-D DWT of
+//     the blocks C_b = B_b A_b, as wara_train.delta.delta_weight defines it; the scale is folded
+//     into B by the packer), computed as: DWT_J of x[t] along the input features; per block
+//     u = A_b (x[t]'s band under b's columns); B_b u added into b's row band; inverse DWT_J
+//     along the output features. pywt periodization, J = levels, analysis filters dec_lo /
+//     dec_hi of an orthogonal wavelet (the synthesis is their adjoint): 2 r (m + n) multiply-adds
+//     per token for J = 1, half the folded LoRA's.
+//
+// x: (T, n), y: (T, m), each float32 or bfloat16 (independently; unit stride along features);
+// pool: 1-D contiguous, float32 or bfloat16; token_slot: (T,) int64, -1 = base row (no work);
+// slot_offset, slot_rank: (S,) int64, a slot of rank 0 holds nothing. All math in float32; y
+// is read, added to and rounded once. All tensors on one device (the filters may be on the
+// CPU). Bad shapes, dtypes, slots or offsets raise.
+#include <torch/library.h>
+
+#include <string>
+
+namespace wara {
+
+std::string build_info() {
+  std::string info = "wara_kernels cpu";
+#if defined(__AVX512F__)
+  info += " avx512";
+#elif defined(__AVX2__)
+  info += " avx2";
+#endif
+#if defined(WARA_WITH_CUDA)
+  info += " cuda";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(wara, m) {
+  m.def("sgmv(Tensor x, Tensor(a!) y, Tensor pool, Tensor token_slot, Tensor slot_offset, Tensor slot_rank) -> ()");
+  m.def(
+      "wavelet_lowrank(Tensor x, Tensor(a!) y, Tensor pool, Tensor token_slot, Tensor slot_offset, "
+      "Tensor slot_rank, int levels, Tensor dec_lo, Tensor dec_hi) -> ()");
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace wara

@@ -1,0 +1,433 @@
+"""The fused multi-adapter ops (runtime/native) in all three implementations, against float64
+row-by-row oracles: `reference.sgmv_delta_f64` for the LoRA form, pywt's ``waverec2`` of each
+slot's blocks for the wavelet form.
+
+* native: ``torch.ops.wara.*`` from the C++ library, built here (the build is part of set-up: if
+  it fails, these tests fail and say why).
+* torch: the pure-PyTorch twins (what serves when the build fails).
+* triton: the GPU kernels, run in Triton's interpreter (``TRITON_INTERPRET=1``) where there is no
+  GPU, on small shapes (the interpreter runs each program in numpy).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import assert_close
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton_ops' kernels are decorated
+
+from references import pywt_delta  # noqa: E402
+from runtime import native  # noqa: E402
+from runtime.native import reference  # noqa: E402
+from runtime.native.packing import own_layout, pack_folded, pack_own, stack_slots, wavelet_filters  # noqa: E402
+from wara_train.delta import delta_weight, fold  # noqa: E402
+from wara_train.wavelets import WaveletSpec, blocks  # noqa: E402
+
+IMPLS = ("native", "torch", "triton")
+SEQ = 3  # tokens per batch row: a row's tokens are one run of its adapter
+
+
+def impl(name: str):
+    """The object whose ``sgmv`` / ``wavelet_lowrank`` are under test (on CPU tensors)."""
+    if name == "triton" and torch.cuda.is_available():
+        pytest.skip("compiled Triton takes CUDA tensors here: the cuda tests below run it")
+    if name == "native":
+        st = native.load()
+        if not st.native:
+            pytest.fail(f"the native library did not build or load: {st.reason}")
+        return torch.ops.wara
+    if name == "triton":
+        try:
+            from runtime.native import triton_ops
+        except ImportError as e:
+            pytest.fail(f"triton is not installed ({e}); `make test` installs it")
+        return triton_ops
+    return reference
+
+
+def row_slots(gen: torch.Generator, rows: int, adapters: int) -> list[int]:
+    """A slot per batch row: every adapter at least once where rows allow, base rows (-1) and the
+    empty slot (rank 0, index ``adapters``) mixed in, shuffled."""
+    pool = list(range(adapters)) + ([-1, adapters] if rows > adapters else [])
+    picks = (pool * (rows // len(pool) + 1))[:rows]
+    return [picks[i] for i in torch.randperm(rows, generator=gen).tolist()]
+
+
+def tokens_of(rows: list[int]) -> torch.Tensor:
+    return torch.tensor([s for s in rows for _ in range(SEQ)], dtype=torch.int64)
+
+
+def ranks_for(adapters: int) -> list[int]:
+    """Mixed ranks, then the empty slot (rank 0) and one slot no token uses."""
+    cycle = [4, 1, 16, 3, 8, 5]
+    return [cycle[i % len(cycle)] for i in range(adapters)] + [0, 2]
+
+
+def lora_pool(gen, ranks: list[int], m: int, n: int):
+    slots = [pack_folded(0.3 * torch.randn(r, n, generator=gen), 0.3 * torch.randn(m, r, generator=gen))
+             for r in ranks]
+    pool, offsets = stack_slots(slots)
+    return pool, torch.tensor(offsets), torch.tensor(ranks)
+
+
+def wara_factors(gen, rank: int, m: int, n: int, levels: int) -> dict:
+    return {b.name: (0.3 * torch.randn(rank, n >> b.level, generator=gen),
+                     0.3 * torch.randn(m >> b.level, rank, generator=gen)) for b in blocks(levels)}
+
+
+def wara_pool(gen, ranks: list[int], m: int, n: int, spec: WaveletSpec, scale: float = 0.5):
+    slots = [pack_own(wara_factors(gen, r, m, n, spec.levels), spec=spec, scale=scale) for r in ranks]
+    pool, offsets = stack_slots(slots)
+    return pool, torch.tensor(offsets), torch.tensor(ranks)
+
+
+def check_update(y0: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, token_slot: torch.Tensor, ranks) -> None:
+    """y == y0 + delta within y's tolerance, and rows of base tokens or empty slots unchanged."""
+    assert_close(y, y0.double() + delta)
+    idle = [t for t, s in enumerate(token_slot.tolist()) if s < 0 or ranks[s] == 0]
+    assert torch.equal(y[idle], y0[idle])
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize("rows,adapters", [(1, 1), (8, 1), (8, 5), (32, 3), (32, 32)])
+def test_sgmv_matches_float64_reference(name, rows, adapters):
+    ops = impl(name)
+    gen = torch.Generator().manual_seed(rows * 100 + adapters)
+    n, m = 40, 56  # not multiples of the vector width or of Triton's tiles: every tail runs
+    ranks = ranks_for(adapters)
+    pool, offsets, rank_t = lora_pool(gen, ranks, m, n)
+    token_slot = tokens_of(row_slots(gen, rows, adapters))
+    x = torch.randn(len(token_slot), n, generator=gen)
+    y0 = torch.randn(len(token_slot), m, generator=gen)
+    y = y0.clone()
+    ops.sgmv(x, y, pool, token_slot, offsets, rank_t)
+    delta = reference.sgmv_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m)
+    check_update(y0, y, delta, token_slot, ranks)
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_sgmv_interleaved_tokens_and_strided_rows(name):
+    """Tokens of many slots interleaved one by one (no runs), x and y views with padded rows."""
+    ops = impl(name)
+    gen = torch.Generator().manual_seed(7)
+    n, m, ranks = 24, 33, [2, 7, 0, 16, 1]
+    pool, offsets, rank_t = lora_pool(gen, ranks, m, n)
+    token_slot = torch.randint(-1, len(ranks), (29,), generator=gen)
+    x = torch.randn(29, n + 5, generator=gen)[:, :n]
+    y_store = torch.randn(29, m + 3, generator=gen)
+    y0 = y_store[:, :m].clone()
+    ops.sgmv(x, y_store[:, :m], pool, token_slot, offsets, rank_t)
+    delta = reference.sgmv_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m)
+    check_update(y0, y_store[:, :m], delta, token_slot, ranks)
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize("wavelet,levels", [("haar", 1), ("haar", 2), ("haar", 3), ("db2", 1), ("db2", 2), ("db2", 3)])
+def test_wavelet_lowrank_matches_pywt(name, wavelet, levels):
+    ops = impl(name)
+    gen = torch.Generator().manual_seed(levels * 10 + len(wavelet))
+    n, m = 64, 48
+    spec = WaveletSpec(wavelet, "periodization", levels)
+    ranks = ranks_for(4)
+    pool, offsets, rank_t = wara_pool(gen, ranks, m, n, spec)
+    token_slot = tokens_of(row_slots(gen, 8, 4))
+    x = torch.randn(len(token_slot), n, generator=gen)
+    y0 = torch.randn(len(token_slot), m, generator=gen)
+    y = y0.clone()
+    lo, hi = wavelet_filters(wavelet)
+    ops.wavelet_lowrank(x, y, pool, token_slot, offsets, rank_t, levels, lo, hi)
+    delta = reference.wavelet_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m, levels=levels,
+                                        wavelet=wavelet)
+    check_update(y0, y, delta, token_slot, ranks)
+
+
+@pytest.mark.parametrize("name", ["native", "torch"])
+@pytest.mark.parametrize("rows,adapters", [(1, 1), (32, 32)])
+def test_wavelet_lowrank_batch_sizes(name, rows, adapters):
+    """One row on one adapter, and 32 rows on 32 adapters (MiniLM's FFN shape over 4)."""
+    ops = impl(name)
+    gen = torch.Generator().manual_seed(rows + adapters)
+    n, m = 96, 384
+    spec = WaveletSpec("db2", "periodization", 2)
+    ranks = ranks_for(adapters)
+    pool, offsets, rank_t = wara_pool(gen, ranks, m, n, spec)
+    token_slot = tokens_of(row_slots(gen, rows, adapters))
+    x = torch.randn(len(token_slot), n, generator=gen)
+    y0 = torch.randn(len(token_slot), m, generator=gen)
+    y = y0.clone()
+    lo, hi = wavelet_filters("db2")
+    ops.wavelet_lowrank(x, y, pool, token_slot, offsets, rank_t, 2, lo, hi)
+    delta = reference.wavelet_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m, levels=2,
+                                        wavelet="db2")
+    check_update(y0, y, delta, token_slot, ranks)
+
+
+DTYPES = [(torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32, torch.float32),
+          (torch.float32, torch.bfloat16, torch.float32), (torch.float32, torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name", IMPLS)
+@pytest.mark.parametrize("x_dtype,pool_dtype,y_dtype", DTYPES)
+def test_bfloat16(name, x_dtype, pool_dtype, y_dtype):
+    """Cast inputs: the oracle sees the same rounded x and factors, so what is left is the
+    kernel's float32 math and y's one rounding, within bfloat16's tolerance."""
+    ops = impl(name)
+    gen = torch.Generator().manual_seed(3)
+    n, m, ranks = 32, 40, [3, 8, 0]
+    token_slot = tokens_of([0, -1, 1, 2, 0, 1])
+    x = torch.randn(len(token_slot), n, generator=gen).to(x_dtype)
+    y0 = torch.randn(len(token_slot), m, generator=gen).to(y_dtype)
+    pool, offsets, rank_t = lora_pool(gen, ranks, m, n)
+    pool = pool.to(pool_dtype)
+    y = y0.clone()
+    ops.sgmv(x, y, pool, token_slot, offsets, rank_t)
+    assert y.dtype == y_dtype
+    assert_close(y, y0.double() + reference.sgmv_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m),
+                 dtype=torch.bfloat16)
+    spec = WaveletSpec("db2", "periodization", 1)
+    pool, offsets, rank_t = wara_pool(gen, ranks, m, n, spec)
+    pool = pool.to(pool_dtype)
+    y = y0.clone()
+    lo, hi = wavelet_filters("db2")
+    ops.wavelet_lowrank(x, y, pool, token_slot, offsets, rank_t, 1, lo, hi)
+    delta = reference.wavelet_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m, levels=1, wavelet="db2")
+    assert_close(y, y0.double() + delta, dtype=torch.bfloat16)
+
+
+def test_packers_follow_the_core_delta_and_fold():
+    """pack_own (scale folded into B) reproduces the core's ΔW (pywt, via tests/references), and
+    the folded LoRA of the same adapter through sgmv equals the fused op on its own factors."""
+    gen = torch.Generator().manual_seed(11)
+    m, n, rank, scale = 48, 32, 3, 0.75
+    spec = WaveletSpec("db2", "periodization", 2)
+    factors = wara_factors(gen, rank, m, n, 2)
+    own = pack_own(factors, spec=spec, scale=scale)
+    assert own.numel() == native.own_numel(m, n, rank, 2)
+    unpacked = native.unpack(own, 0, rank, own_layout(m, n, 2))
+    core = pywt_delta(factors, shape=(m, n), wavelet="db2", levels=2, scale=scale)
+    assert_close(reference.pywt_delta_weight(unpacked, shape=(m, n), wavelet="db2", levels=2), core, dtype=torch.float32)
+    assert_close(delta_weight(factors, shape=(m, n), spec=spec, scale=scale), core, dtype=torch.float32)
+    la, lb = fold(factors, shape=(m, n), spec=spec, scale=scale)
+    folded = pack_folded(la, lb)
+    assert la.shape[0] == 7 * rank and folded.numel() == native.folded_numel(m, n, 7 * rank)
+    assert 5 * folded.numel() == 14 * own.numel()  # J=2: the folded slot holds 2.8x the own factors
+    x = torch.randn(6, n, generator=gen)
+    token_slot, offsets, ranks = torch.zeros(6, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), torch.tensor([rank])
+    y_own, y_fold = torch.zeros(6, m), torch.zeros(6, m)
+    ops = impl("native")
+    lo, hi = wavelet_filters("db2")
+    ops.wavelet_lowrank(x, y_own, own, token_slot, offsets, ranks, 2, lo, hi)
+    ops.sgmv(x, y_fold, folded, token_slot, offsets, torch.tensor([la.shape[0]]))
+    assert_close(y_own, x.double() @ core.T)
+    assert_close(y_fold, x.double() @ core.T)
+
+
+def _bad_calls(m: int, n: int):
+    """(description, kwargs overrides, message) for each malformed call."""
+    return [
+        ("x 1-D", {"x": torch.zeros(n)}, "x must be 2-D"),
+        ("token counts differ", {"y": torch.zeros(5, m)}, "tokens but y has"),
+        ("integer x", {"x": torch.zeros(4, n, dtype=torch.int32)}, "float32 or bfloat16"),
+        ("float64 pool", {"pool": torch.zeros(1000, dtype=torch.float64)}, "float32 or bfloat16"),
+        ("2-D pool", {"pool": torch.zeros(10, 100)}, "contiguous 1-D"),
+        ("int32 slots", {"token_slot": torch.zeros(4, dtype=torch.int32)}, "must be int64"),
+        ("slot table lengths differ", {"slot_rank": torch.tensor([2, 2, 2])}, "same length"),
+        ("slot past the table", {"token_slot": torch.tensor([0, 1, 2, -1])}, r"token 2 has slot 2, outside \[-1, 2\)"),
+        ("slot below -1", {"token_slot": torch.tensor([0, -2, 1, 1])}, "token 1 has slot -2"),
+        ("factors past the pool", {"slot_offset": torch.tensor([0, 990])}, "lies outside the pool"),
+        ("negative offset", {"slot_offset": torch.tensor([-1, 0])}, "lies outside the pool"),
+        ("negative rank", {"slot_rank": torch.tensor([2, -1])}, "negative rank"),
+        ("features not contiguous", {"x": torch.zeros(n, 4).T}, "unit stride"),
+    ]
+
+
+@pytest.mark.parametrize("name", IMPLS)
+def test_bad_arguments_raise_clear_errors(name):
+    ops = impl(name)
+    m, n = 16, 8
+    good = {"x": torch.zeros(4, n), "y": torch.zeros(4, m), "pool": torch.zeros(1000),
+            "token_slot": torch.tensor([0, 1, -1, 1]), "slot_offset": torch.tensor([0, 100]),
+            "slot_rank": torch.tensor([2, 3])}
+    order = ["x", "y", "pool", "token_slot", "slot_offset", "slot_rank"]
+    lo, hi = wavelet_filters("db2")
+    for what, change, message in _bad_calls(m, n):
+        args = [change.get(k, good[k]) for k in order]
+        with pytest.raises(RuntimeError, match=message):
+            ops.sgmv(*args)
+        with pytest.raises(RuntimeError, match=message):
+            ops.wavelet_lowrank(*args, 1, lo, hi)
+    args = [good[k] for k in order]
+    for levels, flo, fhi, message in [(4, lo, hi, "divisible by 2\\^levels = 16"), (0, lo, hi, "levels must be"),
+                                      (1, lo[:3], hi[:3], "even number of taps"), (1, lo, hi[:2], "of one length")]:
+        with pytest.raises(RuntimeError, match=message):
+            ops.wavelet_lowrank(*args, levels, flo, fhi)
+    ops.sgmv(*args)  # the good call runs: the checks above failed for their own reason
+    assert torch.count_nonzero(good["y"]) == 0  # zero factors add nothing
+
+
+def test_dispatcher_picks_native_on_cpu_and_matches():
+    gen = torch.Generator().manual_seed(5)
+    pool, offsets, ranks = lora_pool(gen, [4, 2], 24, 16)
+    token_slot = tokens_of([0, 1, -1])
+    x = torch.randn(len(token_slot), 16, generator=gen)
+    assert native.backend_for("cpu") == "native", native.status().reason
+    y = torch.zeros(len(token_slot), 24)
+    native.sgmv(x, y, pool, token_slot, offsets, ranks)
+    assert_close(y, reference.sgmv_delta_f64(x, pool, token_slot, offsets, ranks, out_features=24))
+
+
+def test_failed_build_falls_back_with_a_warning_naming_the_reason(tmp_path):
+    """No cmake on PATH and an empty build directory: the library cannot build, the pure kernels
+    serve, and the warning says why."""
+    code = textwrap.dedent("""
+        import warnings, torch
+        from runtime import native
+        st = native.load()
+        print("NATIVE", st.native, "|", st.reason.splitlines()[0])
+        pool = torch.arange(12, dtype=torch.float32)  # A (2, 2) then B (4, 2)
+        y = torch.zeros(1, 4)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            native.sgmv(torch.ones(1, 2), y, pool, torch.tensor([0]), torch.tensor([0]), torch.tensor([2]))
+        print("WARN", w[0].message)
+        print("Y", y.tolist())
+    """)
+    env = {**os.environ, "PATH": str(tmp_path), "WARA_NATIVE_BUILD_DIR": str(tmp_path / "build")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert "NATIVE False | build failed: cmake not found on PATH" in out.stdout
+    assert "pure PyTorch kernels (build failed: cmake not found" in out.stdout
+    # u = A @ [1, 1] = [0+1, 2+3] = [1, 5]; y = B @ u, B = [[4, 5], [6, 7], [8, 9], [10, 11]]
+    assert "Y [[29.0, 41.0, 53.0, 65.0]]" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# On a GPU (`make gpu-check`): the CUDA and the compiled Triton kernels on device tensors,
+# against the same CPU float64 oracles.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def gpu_impl(name: str):
+    if name == "native":
+        st = native.load()
+        if not (st.native and st.cuda):
+            pytest.fail(f"the native library has no CUDA kernels here: {st.describe()}")
+        return torch.ops.wara
+    from runtime.native import triton_ops
+
+    return triton_ops
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name", ["native", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_kernels_match_cpu_float64_reference(name, dtype):
+    ops = gpu_impl(name)
+    gen = torch.Generator().manual_seed(21)
+    cuda = torch.device("cuda")
+    m, n = 1536, 384  # MiniLM's FFN, 32 rows of 64 tokens over 32 adapters plus base rows
+    token_slot = torch.tensor([s for s in row_slots(gen, 40, 32) for _ in range(64)])
+    x = torch.randn(len(token_slot), n, generator=gen).to(dtype)
+    y0 = torch.randn(len(token_slot), m, generator=gen).to(dtype)
+    ranks = ranks_for(32)
+    pool, offsets, rank_t = lora_pool(gen, ranks, m, n)
+    pool = pool.to(dtype)
+    args = [t.to(cuda) for t in (x, y0.clone(), pool, token_slot, offsets, rank_t)]
+    ops.sgmv(*args)
+    delta = reference.sgmv_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m)
+    assert_close(args[1].cpu(), y0.double() + delta, dtype=dtype)
+    for wavelet, levels in [("haar", 1), ("db2", 2), ("db2", 3)]:
+        spec = WaveletSpec(wavelet, "periodization", levels)
+        pool, offsets, rank_t = wara_pool(gen, ranks, m, n, spec)
+        pool = pool.to(dtype)
+        lo, hi = wavelet_filters(wavelet)
+        args = [t.to(cuda) for t in (x, y0.clone(), pool, token_slot, offsets, rank_t)]
+        ops.wavelet_lowrank(*args, levels, lo, hi)
+        delta = reference.wavelet_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m, levels=levels,
+                                            wavelet=wavelet)
+        assert_close(args[1].cpu(), y0.double() + delta, dtype=dtype, msg=f"{name} {wavelet} J={levels}")
+        idle = (token_slot < 0).nonzero().flatten()
+        assert torch.equal(args[1].cpu()[idle], y0[idle])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name", ["native", "triton"])
+def test_gpu_kernels_reject_bad_indices(name):
+    ops = gpu_impl(name)
+    cuda = torch.device("cuda")
+    x, y, pool = torch.zeros(4, 8, device=cuda), torch.zeros(4, 16, device=cuda), torch.zeros(100, device=cuda)
+    offsets, ranks = torch.tensor([0, 50], device=cuda), torch.tensor([2, 2], device=cuda)
+    with pytest.raises(RuntimeError, match="token 3 has slot 5"):
+        ops.sgmv(x, y, pool, torch.tensor([0, 1, -1, 5], device=cuda), offsets, ranks)
+    with pytest.raises(RuntimeError, match="lies outside the pool"):
+        ops.sgmv(x, y, pool, torch.tensor([0, 1, -1, 1], device=cuda), torch.tensor([0, 90], device=cuda), ranks)
+    with pytest.raises(RuntimeError, match="all tensors must be on one device"):
+        ops.sgmv(x, y.cpu(), pool, torch.tensor([0, 1, -1, 1], device=cuda), offsets, ranks)
+
+
+TRITON_COMPILE = """
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from runtime.native import triton_ops as k
+
+def build(fn, sig, consts):
+    sig = {**sig, **{c: "constexpr" for c in consts}}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+
+idx = {"slot_ptr": "*i64", "off_ptr": "*i64", "rank_ptr": "*i64", "blk_ptr": "*i64", "T": "i32"}
+for x, pool in (("*fp32", "*fp32"), ("*bf16", "*bf16")):
+    build(k._shrink, {"x_ptr": x, "stride_x": "i64", "u_ptr": "*fp32", "stride_u": "i64", "pool_ptr": pool, **idx},
+          {"BLOCK_T": k.BLOCK_T, "BLOCK_N": k.BLOCK_N, "BLOCK_R": 32})
+    build(k._expand, {"u_ptr": "*fp32", "stride_u": "i64", "y_ptr": x, "stride_y": "i64", "pool_ptr": pool, **idx},
+          {"BLOCK_T": k.BLOCK_T, "BLOCK_M": k.BLOCK_M, "BLOCK_R": 16})
+band = {"lo_ptr": "*fp32", "hi_ptr": "*fp32", "slot_ptr": "*i64", "T": "i32", "half": "i32"}
+consts = {"TAPS": 4, "BLOCK_T": k.BLOCK_T, "BLOCK_K": k.BLOCK_K}
+build(k._dwt_level, {"in_ptr": "*bf16", "stride_in": "i64", "in_col": "i32", "out_ptr": "*fp32", "stride_out": "i64",
+                     "a_col": "i32", "d_col": "i32", **band}, consts)
+build(k._idwt_level, {"in_ptr": "*fp32", "stride_in": "i64", "a_col": "i32", "d_col": "i32", "dst_ptr": "*bf16",
+                      "stride_dst": "i64", "dst_col": "i32", **band}, consts)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda tests run the compiled kernels")
+def test_triton_kernels_compile_for_the_gpu(tmp_path):
+    """The interpreter accepts code the compiler may not: compile every Triton kernel for sm_90
+    (H100/H200) ahead of time, down to a cubin, as the GPU machine's JIT would."""
+    impl("triton")  # fails with the reason where triton is missing
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", TRITON_COMPILE], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+def test_kernel_benchmark_checks_then_times_every_kernel(tmp_path):
+    """benchmarks.kernels --quick runs (as `make bench` would) and reports every kernel."""
+    import json
+
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--quick", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine_label"] == "2-core CPU VM" and report["native"]["serving"]
+    kernels = {r["kernel"] for r in report["results"]}
+    assert {"sgmv[native]", "wavelet_lowrank[native]", "sgmv[torch]", "grouped_lora"} <= kernels
+    assert {r["adapters"] for r in report["results"]} == {1, 32}
+    for r in report["results"]:
+        assert r["max_rel_error"] <= 1e-4 and 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["gflops"] > 0
