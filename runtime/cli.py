@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
+
+from wara_train.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,13 +27,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                     "metrics_host says otherwise)")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
                    help="engine: auto (default: onnxruntime for MiniLM on CPU, else PyTorch), torch, onnxruntime")
+    ray = p.add_argument_group("scale-out on Ray Serve (the ray extra)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve as a Ray Serve application: REPLICAS full serving cores behind this endpoint, routed "
+                          "by adapter (a [serve.ray] table in --config does the same)")
+    ray.add_argument("--replicas", type=int, metavar="N", help="replicas (default 2)")
+    ray.add_argument("--ray-address", metavar="ADDR",
+                     help="join this Ray cluster ('auto' on one of its nodes, or HOST:6379) instead of starting a local one")
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from .config import BaseEntry, ServeConfig
-    from .server import create_server
+    from .config import BaseEntry, RayConfig, ServeConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # the ONNX exporter's own notices at start-up
@@ -39,10 +48,26 @@ def run(args: argparse.Namespace) -> int:
     bases = tuple(BaseEntry.parse(b) for b in args.base) if args.base else None
     config = config.replace(host=args.host, port=args.port, adapter_root=args.adapter_root,
                             metrics_port=args.metrics_port, backend=args.backend, bases=bases)
-    server, port = create_server(config)
+    if args.ray or config.ray is not None:
+        overrides = {k: v for k, v in (("replicas", args.replicas), ("address", args.ray_address)) if v is not None}
+        config = config.replace(ray=dataclasses.replace(config.ray or RayConfig(), **overrides))
+    elif args.replicas is not None or args.ray_address is not None:
+        raise ConfigError("--replicas and --ray-address need --ray (or a [serve.ray] table in --config)")
+    if config.ray is not None:
+        from .ray_serve import start_cluster
+
+        server, port = start_cluster(config)
+        ray = config.ray
+        print(f"Ray Serve: application {ray.app_name!r}, {ray.replicas} replicas of {ray.replica_cpus:g} CPUs "
+              f"on {ray.address or 'a local cluster'}", file=sys.stderr)
+    else:
+        from .server import create_server
+
+        server, port = create_server(config)
     service = server.service
     if config.metrics_port is not None:
-        service.metrics.serve(config.metrics_port, config.metrics_host)
+        httpd = service.metrics.serve(config.metrics_port, config.metrics_host)[0]
+        print(f"metrics on http://{config.metrics_host}:{httpd.server_port}/metrics", file=sys.stderr)
     stop = threading.Event()
 
     def on_stop(signum, _frame) -> None:
@@ -55,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(server,), daemon=True).start())
-    loaded = [v.name for v in service.registry.index()]
+    loaded = [name for name, _, state, _ in service.index() if state == "READY" and name not in service.engines]
     bases = ", ".join(f"{b} ({e.platform.removeprefix('wara_')})" for b, e in service.engines.items())
     security = ("TLS" + (" + client certificates" if config.tls_client_ca else "") if config.tls else "plaintext") + \
         (f", {len(config.tenants)} tenants" if config.tenants else ", no authentication")

@@ -56,6 +56,46 @@ class BaseEntry:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """``[serve.ray]`` (or ``wara serve --ray``): serve as a Ray Serve application of
+    ``replicas`` full serving cores behind this process's gRPC edge (`runtime.ray_serve`)."""
+
+    replicas: int = 2
+    address: str | None = None  # an existing cluster ("auto" on one of its nodes, "HOST:6379"); None: start a local one
+    num_cpus: int | None = None  # CPUs of the local cluster (default: this machine's)
+    replica_cpus: float = 1.0  # CPUs each replica reserves (and its torch threads)
+    replica_gpus: float = 0.0  # GPUs each replica reserves
+    max_ongoing_requests: int = 256  # requests one replica takes at once before its router tries the next
+    app_name: str = "wara"  # the Ray Serve application's name (one `wara serve --ray` per name and cluster)
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "max_ongoing_requests"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ray {name} must be a positive integer, got {value!r}")
+        if self.num_cpus is not None and (isinstance(self.num_cpus, bool) or not isinstance(self.num_cpus, int)
+                                          or self.num_cpus < 1):
+            raise ConfigError(f"ray num_cpus must be a positive integer, got {self.num_cpus!r}")
+        for name in ("replica_cpus", "replica_gpus"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"ray {name} must be a number >= 0, got {value!r}")
+        if self.address is not None and (not isinstance(self.address, str) or not self.address):
+            raise ConfigError(f"ray address must be a cluster address such as 'auto' or 'HOST:6379', "
+                              f"got {self.address!r}")
+        if not isinstance(self.app_name, str) or not BASE_NAME.match(self.app_name):
+            raise ConfigError(f"ray app_name {self.app_name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+
+    @classmethod
+    def from_table(cls, table: Any) -> "RayConfig":
+        known = {f.name for f in fields(cls)}
+        if not isinstance(table, dict) or set(table) - known:
+            extra = sorted(set(table) - known) if isinstance(table, dict) else table
+            raise ConfigError(f"[serve.ray] takes {', '.join(sorted(known))}; got {extra!r}")
+        return cls(**table)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0: any free port
@@ -122,8 +162,13 @@ class ServeConfig:
     auto_merge: bool = True  # also merge, per base, the one adapter that dominates recent traffic
     auto_merge_window: int = 200  # recent requests looked at
     auto_merge_share: float = 0.9  # share of them one adapter must have
+    ray: RayConfig | None = None  # [serve.ray]: scale out on Ray Serve (runtime.ray_serve); None: one process
 
     def __post_init__(self) -> None:
+        if isinstance(self.ray, dict):
+            object.__setattr__(self, "ray", RayConfig.from_table(self.ray))
+        elif self.ray is not None and not isinstance(self.ray, RayConfig):
+            raise ConfigError(f"ray must be a [serve.ray] table, got {self.ray!r}")
         bases = (self.bases,) if isinstance(self.bases, (str, BaseEntry)) else self.bases
         if not isinstance(bases, (list, tuple)) or not bases:
             raise ConfigError("bases must list at least one base (NAME=SOURCE[@TASK] or a built-in name)")

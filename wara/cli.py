@@ -75,6 +75,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 BENCHES = {"quality": "benchmarks.quality", "latency": "benchmarks.latency", "multitenant": "benchmarks.multitenant",
            "hotswap": "benchmarks.hotswap", "load": "benchmarks.load", "grpc-overhead": "benchmarks.grpc_overhead",
+           "ray-scale": "benchmarks.ray_scale",
            "all": "benchmarks.run"}
 
 
