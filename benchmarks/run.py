@@ -159,7 +159,8 @@ def render_load(r: dict, name: str) -> list[str]:
            f"{small['adapters']} and one on all {large['adapters']:,}:", "",
            "| target | measured |", "| --- | --- |",
            f"| RSS per registered adapter <= 1.5 MB | {r['rss_per_registered_mb']:.3f} MB after the traffic "
-           f"(the index alone: {r['index_alone']['rss_per_adapter_kb']:.1f} KB each; one more in the host tier: "
+           + (f"(the index alone: {r['index_alone']['rss_per_adapter_kb']:.1f} KB each; " if "index_alone" in r else "(")
+           + "one more in the host tier: "
            f"{r['host_loads']['rss_per_adapter_mb']:.2f} MB RSS for {r['host_loads']['own_bytes_per_adapter_mb']:.2f} MB "
            f"of own factors) |",
            f"| batch-1 p50 at {large['adapters']:,} within 1.10x of {small['adapters']} | {r['p50_ratio']:.3f}x "
