@@ -191,7 +191,7 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
                     + (f" (p50 {percentile(miss, 50):.1f} ms; hits {percentile(hit, 50):.1f} ms)" if miss and hit else ""))
         # The host tier's cost per adapter: explicit loads of adapters not touched yet.
         service = servers["large"][0].service
-        fresh = [n for n in names[len(names) // 4 : len(names) // 2] if n not in service.registry.current][:host_loads]
+        fresh = [n for n in names if n not in service.registry.current][:host_loads]
         before, own = rss_mb(), 0
         for name in fresh:
             own += service.load(name).nbytes

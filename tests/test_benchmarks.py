@@ -95,7 +95,7 @@ def test_load_reports_every_target_of_the_ten_thousand_adapter_run(quick_results
     assert r["cold"]["adapters"] == 3 and r["cold"]["cold_p50_ms"] > 0 and r["p50_ratio"] > 0
     assert r["device_entry_ms"]["count"] >= 3  # at least the cold adapters entered the pool
     assert r["memory"]["resident"]["large"]["device"] >= 1
-    assert r["index_alone"]["adapters"] == 12 and r["host_loads"]["adapters"] == 3
+    assert r["index_alone"]["adapters"] == 12 and 1 <= r["host_loads"]["adapters"] <= 3
 
 
 @pytest.mark.slow
@@ -131,7 +131,7 @@ def test_readme_section_is_generated_from_the_json(quick_results, tmp_path):
     first = readme.read_text()
     assert START in first and END in first
     for heading in ("Against issue 5's targets", "Latency, merged vs unmerged", "Multi-tenant batch", "Hot-swap",
-                    "Serving under load", "gRPC overhead", "Quality at equal parameters"):
+                    "adapters, torch engine", "gRPC overhead", "Quality at equal parameters"):
         assert heading in first, heading
     r = _load(quick_results, "grpc_overhead_torch")["results"]
     assert f"| torch | {r['grpc']['p50_ms']:.2f} |" in first  # the numbers come from the file
