@@ -67,9 +67,8 @@ def sgmv_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch
     per-token slot indices, each slot at its own rank, base rows free, no factor copies. One
     adapter on the whole batch stays on `grouped_lora`'s GEMM pair, which the op does not beat
     there (benchmarks/results/kernels.json: 0.5-0.8x at 2048 tokens, 2-core VM); mixed batches
-    go to the op (1.2-11x faster than the gather there)."""
-    from runtime import native
-
+    go to the op (1.2-11x faster than the gather there). `default_kernel` picks it only where
+    the library is loaded, so it calls the op directly (it runs once per adapted layer)."""
     live = [(slot, idx) for slot, idx in groups if layer.rank.get(slot, 0)]
     if not live:
         return out
@@ -87,8 +86,8 @@ def sgmv_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch
     slot_rank = torch.tensor([layer.rank.get(s, 0) for s, _ in groups], dtype=torch.long, device=x.device)
     if out is None:
         out = x.new_zeros(rows, tokens, layer.m)
-    native.sgmv(x.reshape(rows * tokens, n), out.view(rows * tokens, layer.m), layer.pool, token_slot, slot_offset,
-                slot_rank)
+    torch.ops.wara.sgmv(x.reshape(rows * tokens, n), out.view(rows * tokens, layer.m), layer.pool, token_slot,
+                        slot_offset, slot_rank)
     return out
 
 

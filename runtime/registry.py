@@ -329,10 +329,7 @@ class Registry:
             t0 = time.perf_counter()
             if folded is None:
                 folded = self.fold(v)
-            with self.lock:
-                if not self._make_room(base_model, v.pages, needed):  # another thread's drop cannot take pages; kept for safety
-                    deferred.append(v)
-                    continue
+            with self.lock:  # the room made above is still free: only this batch's worker writes the pool
                 slot = self._free_slots[base_model].pop() if self._free_slots[base_model] else self._take_slot_id(base_model)
                 engine.write_slot(slot, folded)
                 v.slot = slot

@@ -95,6 +95,18 @@ async def _result(future: concurrent.futures.Future, timeout: float) -> Any:
     return await asyncio.wait_for(asyncio.shield(waiter), timeout)
 
 
+async def answer(pending) -> tuple[str, dict]:
+    """(version, outputs) of an accepted request (`Service.start`), awaited off the batcher
+    without cancelling it; its deadline and failures are counted by ``pending``."""
+    try:
+        rows = await _result(pending.future, pending.wait_s)
+    except asyncio.TimeoutError:
+        pending.fail(DeadlineExceeded(f"no answer within {pending.timeout:.1f}s"))
+    except Exception as e:
+        pending.fail(e)
+    return pending.finish(rows)
+
+
 def _copy(source: concurrent.futures.Future, target: asyncio.Future) -> None:
     if target.done():
         return
@@ -262,13 +274,7 @@ class InferenceServicer:
             pending = start()
         else:  # big: decode and tokenize off the event loop, so small requests keep flowing
             pending = await asyncio.get_running_loop().run_in_executor(self.pool, start)
-        try:
-            rows = await _result(pending.future, pending.wait_s)
-        except asyncio.TimeoutError:
-            pending.fail(DeadlineExceeded(f"no answer within {pending.timeout:.1f}s"))
-        except Exception as e:
-            pending.fail(e)
-        version, outputs = pending.finish(rows)
+        version, outputs = await answer(pending)
         resp = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
         if pending.truncated:  # stated, not silent: which texts were cut, and to how many tokens
             resp.parameters["truncated_rows"].string_param = ",".join(map(str, pending.truncated))

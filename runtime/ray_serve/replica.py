@@ -22,9 +22,9 @@ from ray import serve
 
 from runtime.auth import OPEN, Tenant
 from runtime.config import ServeConfig
-from runtime.errors import DeadlineExceeded, ModelNotFound
+from runtime.errors import ModelNotFound
 from runtime.registry import unknown_model
-from runtime.server import _result
+from runtime.server import answer
 from runtime.service import Service
 
 from .messages import Failed, Op, Outcome, Reply, ReplicaStatus, failed
@@ -69,13 +69,7 @@ class WaraReplica:
                 await self._adapter(name)
             pending = self.service.start(name, inputs, timeout=timeout, requested_version=requested_version,
                                          tenant=tenant)
-            try:
-                rows = await _result(pending.future, pending.wait_s)
-            except asyncio.TimeoutError:
-                pending.fail(DeadlineExceeded(f"no answer within {pending.timeout:.1f}s"))
-            except Exception as e:
-                pending.fail(e)
-            version, outputs = pending.finish(rows)
+            version, outputs = await answer(pending)
             return Reply(version, outputs, pending.base, list(pending.truncated), self.tag)
         except Exception as e:
             return failed(e, self.tag)
