@@ -169,6 +169,34 @@ def test_wavelet_lowrank_batch_sizes(name, rows, adapters):
     check_update(y0, y, delta, token_slot, ranks)
 
 
+@pytest.mark.parametrize("wavelet,levels", [("haar", 1), ("db2", 2)])
+@pytest.mark.parametrize("tokens", [1, 5, 67])
+def test_native_every_rank_and_odd_token_counts(wavelet, levels, tokens):
+    """The CPU kernels' register blocks (ranks 4 at a time, then 3, 2 or 1; tokens 3 at a time,
+    then 2, 1; output panels, whole and partial vectors, scalar tails) for ranks 1-9, one slot
+    per call, odd token counts, band widths that are no multiple of the vector width."""
+    ops = impl("native")
+    n, m = 104, 232  # J=1 bands 52 and 116: a partial expand panel, vector and scalar tails
+    spec = WaveletSpec(wavelet, "periodization", levels)
+    lo, hi = wavelet_filters(wavelet)
+    for rank in range(1, 10):
+        gen = torch.Generator().manual_seed(rank * 1000 + tokens)
+        token_slot = torch.zeros(tokens, dtype=torch.int64)
+        x = torch.randn(tokens, n, generator=gen)
+        y0 = torch.randn(tokens, m, generator=gen)
+        pool, offsets, rank_t = wara_pool(gen, [rank], m, n, spec)
+        y = y0.clone()
+        ops.wavelet_lowrank(x, y, pool, token_slot, offsets, rank_t, levels, lo, hi)
+        delta = reference.wavelet_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m, levels=levels,
+                                            wavelet=wavelet)
+        check_update(y0, y, delta, token_slot, [rank])
+        pool, offsets, rank_t = lora_pool(gen, [rank * 4], m, n)
+        y = y0.clone()
+        ops.sgmv(x, y, pool, token_slot, offsets, rank_t)
+        check_update(y0, y, reference.sgmv_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m),
+                     token_slot, [rank * 4])
+
+
 DTYPES = [(torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32, torch.float32),
           (torch.float32, torch.bfloat16, torch.float32), (torch.float32, torch.float32, torch.bfloat16)]
 
@@ -431,3 +459,4 @@ def test_kernel_benchmark_checks_then_times_every_kernel(tmp_path):
     assert {r["adapters"] for r in report["results"]} == {1, 32}
     for r in report["results"]:
         assert r["max_rel_error"] <= 1e-4 and 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["gflops"] > 0
+

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "checks.h"
@@ -15,6 +16,35 @@
 #include "layout.h"
 
 namespace wara::cpu {
+
+// A float32 buffer aligned to 64 bytes (a cache line), so vector rows whose length is a
+// multiple of 16 floats never straddle lines.
+class AlignedFloats {
+ public:
+  AlignedFloats() = default;
+  explicit AlignedFloats(int64_t n) { resize(n); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  ~AlignedFloats() { std::free(p_); }
+  void resize(int64_t n) {
+    if (n <= cap_) return;
+    std::free(p_);
+    p_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(round_up(n)) * sizeof(float)));
+    TORCH_CHECK(p_ != nullptr, "wara: out of memory for a ", n, "-float scratch buffer");
+    cap_ = round_up(n);
+  }
+  float* data() { return p_; }
+  const float* data() const { return p_; }
+
+  // n rounded up to whole cache lines of floats
+  static int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }
+
+ private:
+  float* p_ = nullptr;
+  int64_t cap_ = 0;
+};
+
+inline int64_t round_up(int64_t n) { return AlignedFloats::round_up(n); }
 
 struct Tile {
   int64_t slot, t0, t1;

@@ -24,7 +24,7 @@ void sgmv_typed(const at::Tensor& x, const at::Tensor& y, const at::Tensor& pool
       const Tile& tile = tiles[i];
       const int64_t r = tab.rank[tile.slot], off = tab.off[tile.slot], nt = tile.t1 - tile.t0;
       u.resize(nt * r);
-      shrink(xp + tile.t0 * ldx, ldx, nt, pp + off, r, n, u.data(), r);
+      shrink(xp + tile.t0 * ldx, ldx, nt, pp + off, n, r, n, u.data(), r);
       packed.ensure(tile.slot, pp, off, r, layout);
       expand(u.data(), r, nt, packed.data.data(), r, m, yp + tile.t0 * ldy, ldy);
     }

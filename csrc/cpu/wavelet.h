@@ -42,7 +42,17 @@ inline void dwt_row_f(const TX* x, int64_t half, const float* lo, const float* h
     d[k] = sd;
   };
   for (int64_t k = 0; k < k0; ++k) edge(k);
-  for (int64_t k = k0; k < k1; ++k) {
+  int64_t k = k0;
+  if constexpr (F == 2) {  // haar: a, d from the even and odd samples, kW at a time (k0 = 0)
+    const vf l0 = splat(lo[0]), l1 = splat(lo[1]), h0 = splat(hi[0]), h1 = splat(hi[1]);
+    for (; k + kW <= k1; k += kW) {
+      vf e, o;
+      deinterleave(load(x + 2 * k), load(x + 2 * k + kW), e, o);
+      store(a + k, l1 * e + l0 * o);
+      store(d + k, h1 * e + h0 * o);
+    }
+  }
+  for (; k < k1; ++k) {
     float sa = 0.f, sd = 0.f;
 #pragma GCC unroll 32
     for (int i = 0; i < f; ++i) {
@@ -85,7 +95,18 @@ inline void idwt_row_add_f(const float* a, const float* d, int64_t half, const f
     assign(out[2 * q + 1], to_float(out[2 * q + 1]) + so);
   };
   for (int64_t q = 0; q < q0; ++q) edge(q);
-  for (int64_t q = q0; q < q1; ++q) {
+  int64_t q = q0;
+  if constexpr (F == 2) {  // haar: out[2q] += lo1 a + hi1 d, out[2q + 1] += lo0 a + hi0 d, kW q at a time
+    const vf l0 = splat(lo[0]), l1 = splat(lo[1]), h0 = splat(hi[0]), h1 = splat(hi[1]);
+    for (; q + kW <= q1; q += kW) {
+      const vf av = load(a + q), dv = load(d + q);
+      vf first, second;
+      interleave(l1 * av + h1 * dv, l0 * av + h0 * dv, first, second);
+      store(out + 2 * q, load(out + 2 * q) + first);
+      store(out + 2 * q + kW, load(out + 2 * q + kW) + second);
+    }
+  }
+  for (; q < q1; ++q) {
     float se = 0.f, so = 0.f;
 #pragma GCC unroll 32
     for (int i = 0; i < f; ++i) {
