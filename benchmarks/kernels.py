@@ -19,6 +19,7 @@ The plain-matmul peak (2048² float32) is measured in the same run; torch uses 2
     .venv/bin/python -m benchmarks.kernels                 # full grid (about 5 min on 2 cores)
     .venv/bin/python -m benchmarks.kernels --quick         # tiny sizes, one round (a test that it runs)
     .venv/bin/python -m benchmarks.kernels --device cuda   # the GPU kernels (Triton, and CUDA if built)
+    .venv/bin/python -m benchmarks.kernels --rule          # own factors vs fold: the engine's slot-form rule
 """
 
 from __future__ import annotations
@@ -167,6 +168,80 @@ def run_case(m, n, tokens, adapters, folded_rank, *, device, backends, rounds, l
     return rows
 
 
+RULE_WIDTHS = (64, 128, 256, 384)
+NOISE = 0.10  # run-to-run spread of a ratio on the 2-core VM
+RULE_TOKENS = (64, 2048)
+
+
+def rule_case(wavelet: str, width: int, levels: int, rank: int, tokens: int, *, rounds: int) -> dict:
+    """One adapter on ``tokens`` rows of a (width, width) layer: the fused op on its own factors
+    against the GEMM pair on its fold (what serves a one-adapter batch of each slot form),
+    both checked against the float64 oracle first."""
+    from runtime.native import pack_own, reference, wavelet_filters
+    from wara_train.delta import fold
+    from wara_train.wavelets import WaveletSpec, blocks
+
+    gen = torch.Generator().manual_seed(width + levels + rank)
+    m = n = width
+    spec = WaveletSpec(wavelet, "periodization", levels)
+    factors = {b.name: (torch.randn(rank, n >> b.level, generator=gen), torch.randn(m >> b.level, rank, generator=gen))
+               for b in blocks(levels)}
+    pool = pack_own(factors, spec=spec, scale=0.5)
+    lo, hi = wavelet_filters(wavelet)
+    x = torch.randn(tokens, n, generator=gen)
+    ts, off, rk = torch.zeros(tokens, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.tensor([rank])
+    y_own, y_pair = torch.zeros(tokens, m), torch.zeros(tokens, m)
+    want = reference.wavelet_delta_f64(x, pool, ts, off, rk, out_features=m, levels=levels, wavelet=wavelet)
+    a, b = fold(factors, shape=(m, n), spec=spec, scale=0.5)  # what a folded slot holds
+    big = a.shape[0]
+    own = lambda: torch.ops.wara.wavelet_lowrank(x, y_own, pool, ts, off, rk, levels, lo, hi)  # noqa: E731
+    pair = lambda: y_pair.addmm_(x @ a.T, b.T)  # noqa: E731
+    for name, fn, y in (("own", own, y_own), ("pair", pair, y_pair)):
+        y.zero_()
+        fn()
+        err = (y.double() - want).abs().max().item() / max(1e-12, want.abs().max().item())
+        if err > 1e-4:
+            raise AssertionError(f"rule {wavelet} J={levels} r={rank} {width}x{width} T={tokens}: {name} relative error {err:.2e}")
+    iters = max(1, int(2e7 / (tokens * width * big * 4)))
+    times = interleaved({"own": own, "pair": pair}, rounds=rounds, iters=iters, sync=lambda: None)
+    ratio = statistics.median(times["own"]) / statistics.median(times["pair"])
+    return {"wavelet": wavelet, "width": width, "levels": levels, "rank": rank, "tokens": tokens,
+            "own_ms": statistics.median(times["own"]), "pair_ms": statistics.median(times["pair"]), "own_over_pair": ratio}
+
+
+def run_rule(*, quick: bool, rounds: int, out: Path) -> int:
+    """The sweep behind `runtime.kernels.own_form_wins`: own / pair for haar and db2, J = 1-3,
+    ranks 4 and 8, widths 64-384, 64 and 2048 tokens; says where the rule and this run disagree."""
+    from runtime import native
+    from runtime.kernels import own_form_wins
+
+    if not native.load().native:
+        raise SystemExit(f"--rule times the native op, which is not loaded: {native.load().reason}")
+    rows, disagree = [], 0
+    grid = [("haar", 64, 1, 4, 64)] if quick else [
+        (w, width, j, r, t) for w in ("haar", "db2") for width in RULE_WIDTHS for j in (1, 2, 3) for r in (4, 8)
+        for t in RULE_TOKENS]
+    t0 = time.perf_counter()
+    for wavelet, width, levels, rank, tokens in grid:
+        row = rule_case(wavelet, width, levels, rank, tokens, rounds=rounds)
+        row["rule_says_own"] = own_form_wins(wavelet=wavelet, levels=levels, rank=rank, shapes=[(width, width)])
+        rows.append(row)
+        print(f"  {wavelet:4s} {width:4d} J={levels} r={rank} T={tokens:5d}: own/pair {row['own_over_pair']:.2f}  "
+              f"rule: {'own' if row['rule_says_own'] else 'folded'}", flush=True)
+    for key in sorted({(r["wavelet"], r["width"], r["levels"], r["rank"]) for r in rows}):
+        cells = [r for r in rows if (r["wavelet"], r["width"], r["levels"], r["rank"]) == key]
+        ratios = [r["own_over_pair"] for r in cells]  # within NOISE of 1 is a tie, which own's fewer pages win
+        wrong = max(ratios) > 1 + NOISE if cells[0]["rule_says_own"] else max(ratios) < 1 - NOISE
+        if wrong:
+            disagree += 1
+            print(f"  the rule disagrees with this run at {key}: own/pair {[round(r['own_over_pair'], 2) for r in cells]}")
+    report = {"benchmark": "kernels_rule", **environment(), "rounds": rounds, "quick": quick,
+              "wall_seconds": time.perf_counter() - t0, "disagreements": disagree, "results": rows}
+    write_json(out, report)
+    print(f"{len(rows)} cells, {disagree} (wavelet, width, J, rank) where the rule and this run disagree -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a test that it runs)")
@@ -174,11 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch threads on the CPU (default 2)")
     add_base_option(p)  # accepted for `make gpu-check`, which passes it to every benchmark; unused here
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels.json"))
+    p.add_argument("--rule", action="store_true", help="the sweep behind the engine's slot-form rule instead "
+                   "(runtime.kernels.own_form_wins; CPU, writes kernels_rule.json)")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/kernels.json "
+                   "(kernels_rule.json with --rule)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.rule:
+        return run_rule(quick=args.quick, rounds=1 if args.quick else args.rounds,
+                        out=args.out or Path("benchmarks/results/kernels_rule.json"))
+    args.out = args.out or Path("benchmarks/results/kernels.json")
     environment()  # read at the start: the commit and machine this run measures
     from runtime import native
 

@@ -6,7 +6,7 @@ import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from wara_train.bases import BUILTINS
 from wara_train.basespec import BaseSpec, parse_source
@@ -95,6 +95,13 @@ class RayConfig:
         return cls(**table)
 
 
+# What a slot of the PyTorch engine holds: the folded LoRA (``wara::sgmv`` or the GEMM pair), the
+# adapter's own WaRA factors (``wara::wavelet_lowrank``: half the multiply-adds and, at J = 1,
+# half the pages), or per adapter whichever `runtime.kernels.own_form_wins` measured faster.
+SlotForm = Literal["auto", "folded", "own"]
+SLOT_FORMS: tuple[str, ...] = ("auto", "folded", "own")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
@@ -112,6 +119,11 @@ class ServeConfig:
     # adapted layer; an adapter takes as many pages as its folded rank (no max-rank padding).
     device_budget_mb: float = 256.0
     max_rank: int = 128  # the largest folded rank an adapter may have (rank x (3 levels + 1))
+    # What a slot of the PyTorch engine holds: "folded" LoRA factors, the adapter's "own" WaRA
+    # factors (the fused wavelet op; fewer pages), or "auto": per adapter, the form measured
+    # faster (`runtime.kernels.own_form_wins`). Own factors need the native kernels; the
+    # onnxruntime engine always folds.
+    slot_form: str = "auto"
     max_batch: int = 32  # rows per forward pass
     max_delay_ms: float = 5.0  # how long the first request of a batch may wait for company
     # With more distinct adapters queued than slots, resident ones go first; a request that has
@@ -208,6 +220,8 @@ class ServeConfig:
                 raise ConfigError(f"{f.name} must be a number, got {value!r}")
             if f.type == "int" and not isinstance(value, int):
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+        if self.slot_form not in SLOT_FORMS:
+            raise ConfigError(f"unknown slot_form {self.slot_form!r}: valid forms are {', '.join(SLOT_FORMS)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: valid backends are {', '.join(BACKENDS)}")
         for name in ("max_rank", "max_batch", "max_queue", "max_message_mb", "max_text_length", "max_inflight",

@@ -14,6 +14,7 @@ head, so adapters with different label sets share one forward pass.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -28,8 +29,9 @@ from wara_train.errors import ConfigError, IncompatibleAdapterError
 from wara_train.layer import is_pointwise_conv, layer_shape, merged_weight, weight_matrix
 from wara_train.model import adaptable_layers, find_targets, set_submodule
 
+from .config import SLOT_FORMS, SlotForm
 from .errors import Overloaded
-from .kernels import LoraKernel, default_kernel, grouped_lora
+from .kernels import LoraKernel, default_kernel, grouped_lora, own_form_wins
 
 DEFAULT_DEVICE_BUDGET_MB = 256.0
 
@@ -82,8 +84,10 @@ class PagePool:
 
 
 class SlotLayer(nn.Module):
-    """``y = W0 x + B_s (A_s x)`` for each row's slot s (Linear, 1x1 Conv2d, Conv1D), A_s and
-    B_s views of this layer's page pool.
+    """``y = W0 x + ΔW_s x`` for each row's slot s (Linear, 1x1 Conv2d, Conv1D), the slot's
+    factors read in place from this layer's page pool: folded ``ΔW_s = B_s A_s`` (A (r, n),
+    B (m, r)), or the adapter's own WaRA blocks (`runtime.native.packing.own_layout`; ``own``
+    names the slot's (levels, wavelet)).
 
     Inputs lead with the batch axis; everything between it and the feature axis is tokens
     (sequence positions, or H x W for a Linear on channels-last maps such as ConvNeXt's)."""
@@ -99,12 +103,17 @@ class SlotLayer(nn.Module):
         self.kernel = kernel
         self.offset: dict[int, int] = {}  # slot -> element offset of its A in the pool
         self.rank: dict[int, int] = {}  # slot -> its rank in this layer (0: the adapter skips it)
+        self.size: dict[int, int] = {}  # slot -> pool elements it occupies here
+        self.own: dict[int, tuple[int, str]] = {}  # slot -> (levels, wavelet) of a slot holding own factors
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `tables`
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Views (A (r, n), B (m, r)) of a slot's factors in the pool; None for rank 0."""
+        """Views (A (r, n), B (m, r)) of a folded slot's factors in the pool; None for rank 0."""
         r = self.rank.get(slot, 0)
         if r == 0:
             return None
+        if slot in self.own:
+            raise ConfigError(f"internal: slot {slot} holds own WaRA factors, which this kernel cannot read")
         off, n, m = self.offset[slot], self.n, self.m
         return self.pool[off : off + r * n].view(r, n), self.pool[off + r * n : off + r * (n + m)].view(m, r)
 
@@ -112,24 +121,52 @@ class SlotLayer(nn.Module):
         """Copy folded factors (A (r, n), B (m, r); None: rank 0) into the pages from ``page``."""
         off = page * (self.n + self.m)
         r = 0 if a is None else a.shape[0]
-        self.offset[slot], self.rank[slot] = off, r
+        self.offset[slot], self.rank[slot], self.size[slot] = off, r, r * (self.n + self.m)
+        self.own.pop(slot, None)
+        self._tables.clear()
         if r:
             n, m = self.n, self.m
             self.pool[off : off + r * n].view(r, n).copy_(a)
             self.pool[off + r * n : off + r * (n + m)].view(m, r).copy_(b)
 
+    def place_own(self, slot: int, page: int, packed: torch.Tensor, *, rank: int, levels: int, wavelet: str) -> None:
+        """Copy an adapter's own factors (`runtime.native.pack_own`, WaRA rank ``rank``) into the
+        pages from ``page``."""
+        off = page * (self.n + self.m)
+        self.offset[slot], self.rank[slot], self.size[slot] = off, rank, packed.numel()
+        self.own[slot] = (levels, wavelet)
+        self._tables.clear()
+        self.pool[off : off + packed.numel()].copy_(packed)
+
     def move(self, slot: int, page: int) -> None:
         """Move a slot's factors to start at ``page`` (compaction: never past its old place)."""
-        r, off = self.rank[slot], self.offset[slot]
+        size, off = self.size[slot], self.offset[slot]
         new = page * (self.n + self.m)
-        if r and new != off:
-            size = r * (self.n + self.m)
+        if size and new != off:
             self.pool[new : new + size].copy_(self.pool[off : off + size].clone())
         self.offset[slot] = new
+        self._tables.clear()
 
     def drop(self, slot: int) -> None:
-        self.offset.pop(slot, None)
-        self.rank.pop(slot, None)
+        for table in (self.offset, self.rank, self.size, self.own):
+            table.pop(slot, None)
+        self._tables.clear()
+
+    def tables(self, slots: tuple[int, ...], form: tuple[int, str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_offset, slot_rank) for a native op over ``slots`` (a batch's groups, in order):
+        the slots of ``form`` (None: folded; else own factors at (levels, wavelet)) at their
+        rank, every other slot at rank 0 (skipped). Cached until a slot here changes."""
+        key = (slots, form)
+        got = self._tables.get(key)
+        if got is None:
+            if len(self._tables) > 256:
+                self._tables.clear()
+            dev = self.pool.device
+            off = torch.tensor([self.offset.get(s, 0) for s in slots], dtype=torch.long, device=dev)
+            rank = torch.tensor([self.rank.get(s, 0) if self.own.get(s) == form else 0 for s in slots],
+                                dtype=torch.long, device=dev)
+            got = self._tables[key] = (off, rank)
+        return got
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -159,20 +196,37 @@ class HeadTap(nn.Module):
 
 @dataclass
 class Folded:
-    """An adapter prepared for the device tier: folded factors and head, float32, CPU."""
+    """An adapter prepared for the device tier, float32, CPU: its folded factors (checked at
+    every load, and what a merged copy is built from), its head, and, where the engine serves
+    it unfolded, its own factors packed as a slot holds them."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     head: tuple[torch.Tensor, torch.Tensor | None] | None
     labels: list[str] | None
+    own: dict[str, torch.Tensor] | None = None  # layer -> `runtime.native.pack_own` of its blocks
+    own_rank: int = 0  # the WaRA rank of each own block
+    own_form: tuple[int, str] | None = None  # (levels, wavelet) of the own factors
+    pages: int = -1  # pages it takes in the device pool (-1: its folded rank)
+
+    def __post_init__(self) -> None:
+        if self.pages < 0:
+            self.pages = self.rank
 
     @property
     def rank(self) -> int:
-        """Pages it takes in the device pool: its largest folded rank."""
+        """Its largest folded rank."""
         return max((a.shape[0] for a, _ in self.factors.values()), default=0)
 
     @property
+    def form(self) -> str:
+        """What its slot holds: "own" factors or the "folded" LoRA."""
+        return "folded" if self.own is None else "own"
+
+    @property
     def nbytes(self) -> int:
-        total = sum(a.numel() + b.numel() for a, b in self.factors.values())
+        """Bytes its slot holds (float32), plus its head."""
+        total = (sum(t.numel() for t in self.own.values()) if self.own is not None
+                 else sum(a.numel() + b.numel() for a, b in self.factors.values()))
         if self.head is not None:
             total += self.head[0].numel() + (self.head[1].numel() if self.head[1] is not None else 0)
         return 4 * total
@@ -184,7 +238,10 @@ class TorchEngine:
     platform = "wara_pytorch"
 
     def __init__(self, base: BaseSpec | str, *, device_budget_mb: float = DEFAULT_DEVICE_BUDGET_MB,
-                 max_rank: int = 128, device: str | None = None, kernel: LoraKernel | None = None) -> None:
+                 max_rank: int = 128, device: str | None = None, kernel: LoraKernel | None = None,
+                 slot_form: SlotForm = "auto") -> None:
+        if slot_form not in SLOT_FORMS:
+            raise ConfigError(f"unknown slot_form {slot_form!r}: valid forms are {', '.join(SLOT_FORMS)}")
         self.spec = spec = base if isinstance(base, BaseSpec) else resolve_base(base)
         self.base_model = spec.name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -207,6 +264,9 @@ class TorchEngine:
             kernel, self.kernel_name = default_kernel(self.device)
         else:
             self.kernel_name = getattr(kernel, "__name__", type(kernel).__name__)
+        # Own factors need a kernel that computes the wavelet update; with any other the
+        # slots hold folded factors whatever slot_form says (kernel_name says which serves).
+        self.slot_form: SlotForm = slot_form if getattr(kernel, "reads_own_factors", False) else "folded"
         self._fingerprints: dict[tuple[str, ...], str] = {}  # target set -> hash of its base weights
         for name in self.targets:
             set_submodule(model, name, SlotLayer(model.get_submodule(name), pages=self.pages,
@@ -292,7 +352,31 @@ class TorchEngine:
                 raise IncompatibleAdapterError("the adapter names labels but saves no task head")
             if len(adapter.labels) != head[0].shape[0]:
                 raise IncompatibleAdapterError(f"{len(adapter.labels)} labels for a head of {head[0].shape[0]} outputs")
-        return Folded(factors, head, adapter.labels)
+        folded = Folded(factors, head, adapter.labels)
+        if self._serves_own(adapter):
+            self._pack_own(adapter, folded)
+        return folded
+
+    def _serves_own(self, adapter: WaraAdapter) -> bool:
+        """Whether ``adapter``'s slot holds its own factors: under slot_form "own" whenever the
+        fused op computes its transform (periodization), under "auto" where it also measured
+        faster (`runtime.kernels.own_form_wins`)."""
+        spec = adapter.config.spec
+        if self.slot_form == "folded" or spec.effective_mode != "periodization":
+            return False
+        shapes = [adapter.shape(t) for t in adapter.config.target_modules]
+        return self.slot_form == "own" or own_form_wins(wavelet=spec.wavelet, levels=spec.levels,
+                                                        rank=adapter.config.rank, shapes=shapes)
+
+    def _pack_own(self, adapter: WaraAdapter, folded: Folded) -> None:
+        from runtime.native import own_numel, pack_own
+
+        spec, dtype = adapter.config.spec, next(self.model.parameters()).dtype
+        folded.own = {t: pack_own(adapter.factors[t], spec=spec, scale=adapter.config.scale, dtype=dtype)
+                      for t in adapter.config.target_modules}
+        folded.own_rank, folded.own_form = adapter.config.rank, (spec.levels, spec.wavelet)
+        folded.pages = max(math.ceil(own_numel(*adapter.shape(t), adapter.config.rank, spec.levels) / sum(adapter.shape(t)))
+                           for t in adapter.config.target_modules)
 
     def write_slot(self, slot: int, folded: Folded) -> None:
         """Device tier: put an adapter into slot ``slot`` (>= 1; one already there is replaced),
@@ -302,7 +386,7 @@ class TorchEngine:
             raise ConfigError(f"slot {slot}: slot 0 is the base")
         with self.lock:
             self._release(slot)
-            rank = folded.rank
+            rank = folded.pages
             page = self.pool.find(rank)
             if page is None and self.pool.free >= rank:
                 for s, _, to in self.pool.compaction():
@@ -315,7 +399,12 @@ class TorchEngine:
                              f"needs {rank} (device_budget_mb holds {self.pages} pages in all)")
             self.pool.runs[slot] = (page, rank)
             for name, layer in self.layers.items():
-                a, b = folded.factors.get(name, (None, None))
+                if folded.own is not None and name in folded.own:
+                    levels, wavelet = folded.own_form
+                    layer.place_own(slot, page, folded.own[name].to(self.device), rank=folded.own_rank,
+                                    levels=levels, wavelet=wavelet)
+                    continue
+                a, b = folded.factors.get(name, (None, None)) if folded.own is None else (None, None)
                 layer.place(slot, page, None if a is None else a.to(self.device),
                             None if b is None else b.to(self.device))
             if folded.head is not None:

@@ -1,9 +1,11 @@
-"""Multi-adapter LoRA kernels: ``delta[b] = B_s (A_s x[b])`` for each row b and its slot s.
+"""Multi-adapter kernels: ``delta[b] = ΔW_s x[b]`` for each row b and its slot s.
 
 The engine calls one function through `LoraKernel`, so a native or CUDA kernel (punica-style
 SGMV) can replace the CPU one without touching anything else. A kernel reads each slot's
-factors in place from the layer's page pool (`SlotLayer.factors`: views A (r, n), B (m, r) at
-the slot's own rank); rows of the base (slot 0) are in no group and cost nothing.
+factors in place from the layer's page pool: folded ``ΔW_s = B_s A_s`` (`SlotLayer.factors`:
+views A (r, n), B (m, r) at the slot's own rank) or, for a kernel marked
+``reads_own_factors``, the adapter's own WaRA blocks (`SlotLayer.own`); rows of the base
+(slot 0) are in no group and cost nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class LoraKernel(Protocol):
     def __call__(self, x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch.Tensor]],
                  out: torch.Tensor | None = None) -> torch.Tensor | None:
         """x (B, T, n); groups: (slot, row indices) for every non-base slot in the batch; the
-        slot's factors from ``layer.factors(slot)``. With ``out`` (B, T, m), contiguous: add
+        slot's factors from ``layer.factors(slot)`` (or its own factors, see the module). With ``out`` (B, T, m), contiguous: add
         the delta into it in place and return it; without: return the delta. None if no row
         has an adapter and no ``out`` was given."""
 
@@ -61,18 +63,20 @@ def grouped_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, to
     return out.baddbmm_(torch.bmm(x, ga.transpose(1, 2)), gb.transpose(1, 2))
 
 
-def sgmv_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch.Tensor]],
-              out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The native SGMV op (`runtime.native`, ``torch.ops.wara.sgmv``) on the page pool as it is:
-    per-token slot indices, each slot at its own rank, base rows free, no factor copies. One
-    adapter on the whole batch stays on `grouped_lora`'s GEMM pair, which the op does not beat
-    there (benchmarks/results/kernels.json: 0.5-0.8x at 2048 tokens, 2-core VM); mixed batches
-    go to the op (1.2-11x faster than the gather there). `default_kernel` picks it only where
-    the library is loaded, so it calls the op directly (it runs once per adapted layer)."""
+def native_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch.Tensor]],
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The native ops (`runtime.native`) on the page pool as it is: per-token slot indices,
+    each slot at its own rank, base rows free, no factor copies. Folded slots go to
+    ``wara::sgmv``, slots holding own factors to ``wara::wavelet_lowrank`` (one call per
+    (levels, wavelet) in the batch), each call skipping the other form's rows. One folded
+    adapter on the whole batch stays on `grouped_lora`'s GEMM pair, which sgmv does not beat
+    there (benchmarks/results/kernels.json). `default_kernel` picks this only where the library
+    is loaded, so it calls the ops directly (it runs once per adapted layer)."""
     live = [(slot, idx) for slot, idx in groups if layer.rank.get(slot, 0)]
     if not live:
         return out
-    if len(live) == 1 and live[0][1].numel() == x.shape[0]:
+    own = layer.own
+    if len(live) == 1 and live[0][0] not in own and live[0][1].numel() == x.shape[0]:
         return grouped_lora(x, layer, live, out)
     rows, tokens, n = x.shape
     key = ("token_slot", tokens)
@@ -82,13 +86,57 @@ def sgmv_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch
         for g, (_, idx) in enumerate(groups):
             row_slot[idx] = g
         token_slot = layer.routing.cache[key] = row_slot.repeat_interleave(tokens)
-    slot_offset = torch.tensor([layer.offset.get(s, 0) for s, _ in groups], dtype=torch.long, device=x.device)
-    slot_rank = torch.tensor([layer.rank.get(s, 0) for s, _ in groups], dtype=torch.long, device=x.device)
     if out is None:
         out = x.new_zeros(rows, tokens, layer.m)
-    torch.ops.wara.sgmv(x.reshape(rows * tokens, n), out.view(rows * tokens, layer.m), layer.pool, token_slot,
-                        slot_offset, slot_rank)
+    xt, yt = x.reshape(rows * tokens, n), out.view(rows * tokens, layer.m)
+    if xt.stride(-1) != 1:  # a conv's (B, HW, C) view of one image reshapes to a column-major view
+        xt = xt.contiguous()
+    slots = tuple(s for s, _ in groups)
+    forms = {own.get(s) for s, _ in live}
+    if None in forms:
+        torch.ops.wara.sgmv(xt, yt, layer.pool, token_slot, *layer.tables(slots, None))
+        forms.discard(None)
+    for form in forms:
+        levels, wavelet = form
+        torch.ops.wara.wavelet_lowrank(xt, yt, layer.pool, token_slot, *layer.tables(slots, form), levels,
+                                       *wavelet_filters(wavelet, x.device))
     return out
+
+
+native_lora.reads_own_factors = True  # the engine may keep adapters' own factors in its slots
+
+_filters: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def wavelet_filters(wavelet: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dec_lo, dec_hi) of ``wavelet`` as the fused op takes them, made once per device."""
+    got = _filters.get((wavelet, device))
+    if got is None:
+        from runtime.native import wavelet_filters as make
+
+        got = _filters[(wavelet, device)] = tuple(t.to(device) for t in make(wavelet))
+    return got
+
+
+def own_form_wins(*, wavelet: str, levels: int, rank: int, shapes: list[tuple[int, int]]) -> bool:
+    """Whether a WaRA adapter (``wavelet``, ``levels``, ``rank``) on layers of ``shapes`` (m, n)
+    is served faster from its own factors by ``wara::wavelet_lowrank`` than folded by the GEMM
+    pair. The narrowest layer decides. Measured on the 2-core VM (AVX2), one adapter on 64 and
+    on 2048 tokens, own / pair time (``python -m benchmarks.kernels --rule`` ->
+    benchmarks/results/kernels_rule.json; this VM's run-to-run noise is about 10%):
+
+    * haar: 0.55-0.94 from width 256 at J = 1-3 (384: 0.55-0.86, one cell 1.05); width 128:
+      0.82-1.03 at J >= 2 (ties, where the fewer pages decide), 1.01-1.25 at J = 1; width 64:
+      0.87-1.45.
+    * db2 (the generic filter path, not vectorised like haar's): 0.62-1.02 at J >= 2 with rank
+      >= 8 from width 256; 1.1-1.6 at rank 4 or J = 1, and on narrower layers.
+
+    Own factors also take fewer pages ((3 - 2^(1-J)) r instead of (3J + 1) r), so where they
+    tie, they still win the pool."""
+    width = min((min(m, n) for m, n in shapes), default=0)
+    if wavelet == "haar":
+        return width >= 256 or (width >= 128 and levels >= 2)
+    return width >= 256 and levels >= 2 and rank >= 8
 
 
 def default_kernel(device: torch.device) -> tuple[LoraKernel, str]:
@@ -98,5 +146,5 @@ def default_kernel(device: torch.device) -> tuple[LoraKernel, str]:
 
     st = native.load(build=False)
     if native.backend_for(device) == "native":
-        return sgmv_lora, f"native sgmv ({st.info})"
+        return native_lora, f"native sgmv + wavelet_lowrank ({st.info})"
     return grouped_lora, f"pure PyTorch grouped_lora ({st.reason or 'no native kernel for ' + device.type})"

@@ -30,7 +30,8 @@ class OrtEngine(TorchEngine):
 
     def __init__(self, base: BaseSpec | str, *, device_budget_mb: float = DEFAULT_DEVICE_BUDGET_MB, max_rank: int = 128,
                  device: str | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
-        super().__init__(base, device_budget_mb=device_budget_mb, max_rank=max_rank, device="cpu")
+        # The multi graph takes folded factors as inputs: its slots never hold own factors.
+        super().__init__(base, device_budget_mb=device_budget_mb, max_rank=max_rank, device="cpu", slot_form="folded")
         try:
             from exporter.onnx_export import INDEX_INPUT, export_multi_graph, model_io
             from exporter.slots import slot_input_names

@@ -8,7 +8,8 @@
   never; an evicted version is read again from the adapter root on its next request. Adapters a
   client sent (no file to read again) stay, and count against the budget.
 * The **device tier** is the engine's page pool: an adapter is folded when it enters it (or at
-  load, for the request that loaded it), takes as many pages as its folded rank, and leaves it,
+  load, for the request that loaded it), takes as many pages as its folded rank (fewer where
+  the engine keeps its own factors: `runtime.engine.SlotForm`), and leaves it,
   least recently used first, only when no queued or running request holds it.
 * Disk I/O and folds run outside the registry's lock, so other requests keep flowing.
 """
@@ -44,8 +45,9 @@ class Version:
     source: Callable[[], dict[str, bytes]] | None
     adapter: WaraAdapter | None  # the host tier: the adapter's own factors (None: evicted)
     nbytes: int  # bytes of its own tensors (what the host tier holds)
-    pages: int  # its folded rank: pages it takes in the device pool
+    pages: int  # pages it takes in the device pool (its folded rank, or fewer for own factors)
     head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # its task head (small; always kept)
+    own: bool = False  # its slot holds its own WaRA factors (else the folded LoRA)
     pinned: bool = False
     merged: object = None  # a merged copy of the base for this adapter (the fast path), or None
     leases: int = 0
@@ -152,8 +154,8 @@ class Registry:
         del files
         engine = self.bind(name, adapter)
         folded = self._prepare(engine, name, adapter)
-        if folded.rank > engine.pages:
-            raise Overloaded(f"adapter {name!r} has folded rank {folded.rank} and needs {folded.rank} pages of "
+        if folded.pages > engine.pages:
+            raise Overloaded(f"adapter {name!r} ({folded.form} factors) needs {folded.pages} pages of "
                              f"{engine.page_bytes} bytes in the device pool, more than all {engine.pages} "
                              f"(device_budget_mb); raise device_budget_mb to serve it")
         nbytes = own_bytes(adapter)
@@ -161,7 +163,7 @@ class Registry:
             raise Overloaded(f"adapter {name!r} takes {nbytes} bytes, more than the whole host tier "
                              f"({self.host_budget} bytes, host_budget_mb); raise host_budget_mb to serve it")
         version = Version(name, adapter.content_hash, engine.base_model, adapter.labels, reread, adapter, nbytes,
-                          folded.rank, head=folded.head, pinned=pinned or merged,
+                          folded.pages, head=folded.head, own=folded.own is not None, pinned=pinned or merged,
                           fresh=folded if keep_folded else None,
                           head_size=int(folded.head[0].shape[0]) if folded.head is not None else None)
         if merged:

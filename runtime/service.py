@@ -71,7 +71,8 @@ def make_engine(config: ServeConfig, spec: BaseSpec) -> TorchEngine:
                 raise ConfigError(f"base {spec.name!r}: the onnxruntime engine could not be built ({why}); "
                                   "serve it with backend 'torch' or 'auto'") from None
             log.warning("base %s: the onnxruntime engine could not be built (%s); serving it with PyTorch", spec.name, why)
-    return TorchEngine(spec, device_budget_mb=config.device_budget_mb, max_rank=config.max_rank, device=config.device)
+    return TorchEngine(spec, device_budget_mb=config.device_budget_mb, max_rank=config.max_rank, device=config.device,
+                       slot_form=config.slot_form)
 
 
 def resolve_entry(entry: BaseEntry) -> BaseSpec:
@@ -82,7 +83,7 @@ def tier(version: Version) -> str:
     """Where a loaded adapter's data is: on the device (its pages in the pool), in host memory
     (its own factors), or only on disk (read again on its next request)."""
     if version.slot is not None:
-        return f"on device (slot {version.slot}, {version.pages} pages)"
+        return f"on device (slot {version.slot}, {version.pages} pages{', own factors' if version.own else ''})"
     return "in host" if version.adapter is not None else "on disk (read again on its next request)"
 
 

@@ -9,7 +9,7 @@ from helpers import assert_close
 
 from references import reference_lora
 from runtime.engine import PagePool, Routing, SlotLayer
-from runtime.kernels import default_kernel, grouped_lora, sgmv_lora
+from runtime.kernels import default_kernel, grouped_lora, native_lora
 
 
 def test_the_native_op_serves_on_cpu():
@@ -18,10 +18,10 @@ def test_the_native_op_serves_on_cpu():
 
     assert native.load().native, native.load().reason
     kernel, what = default_kernel(torch.device("cpu"))
-    assert kernel is sgmv_lora and what.startswith("native sgmv")
+    assert kernel is native_lora and what.startswith("native sgmv")
 
 
-@pytest.mark.parametrize("kernel", [grouped_lora, sgmv_lora], ids=["grouped_lora", "sgmv"])
+@pytest.mark.parametrize("kernel", [grouped_lora, native_lora], ids=["grouped_lora", "native"])
 def test_kernels_read_each_slots_own_rank_from_the_pool(kernel):
     gen = torch.Generator().manual_seed(0)
     n, m = 24, 40
@@ -70,3 +70,62 @@ def test_page_pool_first_fit_and_compaction_plan():
     assert pool.free == 8
     assert pool.find(2) == 4 and pool.find(3) == 11 and pool.find(4) is None  # runs of 2, 3 and 3 free
     assert pool.compaction() == [(2, 6, 4), (3, 14, 9)]
+
+
+def test_native_kernel_serves_own_and_folded_slots_in_one_batch():
+    """Slots holding an adapter's own WaRA factors (haar and db2, J = 1..3) next to folded slots
+    and base rows in one batch, through the engine's native kernel: each row equals x ΔWᵀ with ΔW
+    from pywt's inverse transform of its blocks (folded rows: x Aᵀ Bᵀ), in float64."""
+    import math
+
+    from references import pywt_delta
+    from runtime.native import own_numel, pack_own
+    from wara_train.wavelets import WaveletSpec, blocks
+
+    gen = torch.Generator().manual_seed(3)
+    n, m = 32, 48
+    own_slots = {2: ("haar", 1, 2), 3: ("db2", 2, 3), 4: ("haar", 3, 1), 6: ("db2", 1, 4)}  # wavelet, J, rank
+    folded_slots = {1: 3, 5: 5}
+    routing = Routing()
+    layer = SlotLayer(torch.nn.Linear(n, m), pages=40, routing=routing, kernel=native_lora)
+    pool = PagePool(40)
+    delta = {}  # slot -> ΔW (m, n), float64
+    for s, r in folded_slots.items():
+        a, b = torch.randn(r, n, generator=gen), torch.randn(m, r, generator=gen)
+        pool.runs[s] = (pool.find(r), r)
+        layer.place(s, pool.runs[s][0], a, b)
+        delta[s] = b.double() @ a.double()
+    for s, (wavelet, levels, r) in own_slots.items():
+        factors = {blk.name: (torch.randn(r, n >> blk.level, generator=gen), torch.randn(m >> blk.level, r, generator=gen))
+                   for blk in blocks(levels)}
+        packed = pack_own(factors, spec=WaveletSpec(wavelet, "periodization", levels), scale=0.5)
+        pages = math.ceil(own_numel(m, n, r, levels) / (n + m))
+        assert packed.numel() == own_numel(m, n, r, levels) <= pages * (n + m)
+        pool.runs[s] = (pool.find(pages), pages)
+        layer.place_own(s, pool.runs[s][0], packed, rank=r, levels=levels, wavelet=wavelet)
+        delta[s] = pywt_delta(factors, shape=(m, n), wavelet=wavelet, levels=levels, scale=0.5)
+    x = torch.randn(10, 5, n, generator=gen)
+
+    def want(row_slots):
+        out = torch.zeros(10, 5, m, dtype=torch.float64)
+        for i, s in enumerate(row_slots.tolist()):
+            if s:
+                out[i] = x[i].double() @ delta[s].T
+        return out.float()
+
+    for row_slots in (torch.tensor([1, 2, 3, 4, 5, 6, 0, 2, 3, 1]),  # both forms, every wavelet, a base row
+                      torch.tensor([3] * 10),  # one own adapter on the whole batch: the fused op alone
+                      torch.tensor([2, 0, 0, 2, 0, 6, 6, 0, 2, 0])):  # own slots of one form and base rows
+        groups = [(s, (row_slots == s).nonzero().flatten()) for s in sorted(set(row_slots.tolist()) - {0})]
+        routing.cache = {}
+        assert_close(native_lora(x, layer, groups), want(row_slots))
+        y = torch.randn(10, 5, m, generator=gen)
+        routing.cache = {}
+        acc = y.clone()
+        assert native_lora(x, layer, groups, out=acc) is acc
+        assert_close(acc, y + want(row_slots))
+    xv = torch.randn(1, n, 7, generator=gen).transpose(1, 2)  # a 1x1 conv's (B, HW, C) view of one image
+    routing.cache = {}
+    assert_close(native_lora(xv, layer, [(3, torch.tensor([0]))]), (xv[0].double() @ delta[3].T).float()[None])
+    with pytest.raises(Exception, match="own WaRA factors"):
+        grouped_lora(x, layer, [(2, torch.arange(10))])  # a kernel that cannot read own factors says so

@@ -276,9 +276,10 @@ def test_a_device_budget_smaller_than_one_adapter_is_a_clear_refusal(served):
     """RESOURCE_EXHAUSTED over gRPC, naming device_budget_mb, at once; the server keeps serving."""
     from runtime.service import Service
 
-    page = served["service"].engines["b"].page_bytes
+    engine = served["service"].engines["b"]
+    need = engine.prepare(load_adapter(served["root"] / "a1")).pages  # rank 4 (a0: rank 2, half as many)
     config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(served["root"]),
-                         device_budget_mb=10 * page / 2**20, auto_merge=False, port=0)  # 10 pages; a1 needs 16
+                         device_budget_mb=(need - 1) * engine.page_bytes / 2**20, auto_merge=False, port=0)
     server, port = create_server(config)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -288,7 +289,7 @@ def test_a_device_budget_smaller_than_one_adapter_is_a_clear_refusal(served):
             stub.ModelInfer(request("a1"), timeout=30)
         assert info.value.code() == C.RESOURCE_EXHAUSTED and "device_budget_mb" in info.value.details()
         assert time.perf_counter() - t0 < 10 and "a1" not in server.service.registry.current
-        assert stub.ModelInfer(request("a0"), timeout=30).model_name == "a0"  # rank 2: 8 pages fit
+        assert stub.ModelInfer(request("a0"), timeout=30).model_name == "a0"  # rank 2: fits
     finally:
         channel.close()
         server.stop(grace=1.0)
@@ -305,10 +306,12 @@ def test_no_eviction_of_a_held_adapter_under_a_pool_of_two(served, tmp_path):
     spec = resolve_base(f"hf:{served['bert']}", name="b")
     names = [f"p{i}" for i in range(10)]
     for k, name in enumerate(names):
-        random_adapter(spec, root / name, rank=2, seed=200 + k)  # 8 pages each
-    page = served["service"].engines["b"].page_bytes
+        random_adapter(spec, root / name, rank=2, seed=200 + k)
+    engine = served["service"].engines["b"]
+    pages = engine.prepare(load_adapter(root / names[0])).pages  # each: all are rank 2 at J = 1
     config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
-                         device_budget_mb=20 * page / 2**20, auto_merge=False, port=0, max_delay_ms=2.0)
+                         device_budget_mb=2.5 * pages * engine.page_bytes / 2**20, auto_merge=False, port=0,
+                         max_delay_ms=2.0)
     server, port = create_server(config)
     registry = server.service.registry
     evicted, held = [], []

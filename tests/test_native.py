@@ -460,3 +460,37 @@ def test_kernel_benchmark_checks_then_times_every_kernel(tmp_path):
     for r in report["results"]:
         assert r["max_rel_error"] <= 1e-4 and 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["gflops"] > 0
 
+
+def test_slot_form_rule_benchmark_checks_then_times_and_compares_with_the_rule(tmp_path):
+    """benchmarks.kernels --rule --quick: the fused op on own factors and the GEMM pair on their
+    fold, both checked against the float64 oracle, timed, and set against `own_form_wins`."""
+    import json
+
+    from runtime.kernels import own_form_wins
+
+    out = tmp_path / "rule.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--rule", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["own_ms"] > 0 and row["pair_ms"] > 0 and row["own_over_pair"] == pytest.approx(row["own_ms"] / row["pair_ms"])
+    assert row["rule_says_own"] == own_form_wins(wavelet="haar", levels=1, rank=4, shapes=[(64, 64)])
+    assert "where the rule and this run disagree" in proc.stdout
+
+
+def test_own_form_rule_follows_the_measured_widths():
+    """The slot-form rule (runtime.kernels.own_form_wins): haar own factors from width 256 (128 at
+    J >= 2), db2 only at J >= 2 and rank >= 8 from width 256; the narrowest layer decides."""
+    from runtime.kernels import own_form_wins
+
+    minilm = [(384, 384), (1536, 384), (384, 1536)]
+    assert own_form_wins(wavelet="haar", levels=1, rank=4, shapes=minilm)
+    assert not own_form_wins(wavelet="haar", levels=1, rank=4, shapes=minilm + [(64, 64)])
+    assert own_form_wins(wavelet="haar", levels=2, rank=4, shapes=[(128, 256)])
+    assert not own_form_wins(wavelet="haar", levels=1, rank=4, shapes=[(128, 256)])
+    assert not own_form_wins(wavelet="db2", levels=1, rank=8, shapes=minilm)
+    assert own_form_wins(wavelet="db2", levels=2, rank=8, shapes=minilm)
+    assert not own_form_wins(wavelet="db2", levels=2, rank=4, shapes=minilm)
+    assert not own_form_wins(wavelet="db2", levels=3, rank=8, shapes=[(128, 128)])

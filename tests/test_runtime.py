@@ -3,6 +3,7 @@ every answer checked against the single-request PyTorch reference of the version
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -25,6 +26,7 @@ from runtime.kserve import inference_pb2_grpc as pb_grpc
 from runtime.server import create_server
 from wara_train.artifact import load_adapter
 from wara_train.bases import MiniLMTokenizer
+from wara_train.errors import ConfigError
 from wara_train.synthetic import random_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -405,6 +407,54 @@ def test_host_tier_budget_pinning_and_slot_eviction(tmp_path):
         service.drain()
 
 
+def test_own_factor_slots_serve_like_the_explicit_model(tmp_path):
+    """slot_form "own": slots hold adapters' own WaRA factors (fewer pages: 2r at J = 1 where the
+    fold takes 4r), served by the fused wavelet op in one batch with a folded-equivalent engine's
+    answers and the explicit model's; compaction moves own slots like folded ones. The
+    onnxruntime engine and the pure kernel always fold; a bad form is refused by name."""
+    import math
+
+    from runtime.engine import TorchEngine
+    from runtime.kernels import grouped_lora
+    from runtime.native import own_numel
+
+    kinds = [dict(rank=4, levels=1), dict(rank=2, levels=2, wavelet="db2"), dict(rank=2, levels=3)]
+    adapters = [random_adapter("minilm", tmp_path / f"a{i}", seed=i, **k) for i, k in enumerate(kinds)]
+    own = TorchEngine("minilm", device="cpu", slot_form="own")
+    assert own.slot_form == "own" and "wavelet_lowrank" in own.kernel_name
+    enc = MiniLMTokenizer(max_length=16)(["hello there", "what is the weather like today", "a third text", "four"])
+    inputs = (enc["input_ids"], enc["attention_mask"])
+    refs = [reference_model(a, base_for(a)) for a in adapters]
+    prepared = [own.prepare(a) for a in adapters]
+    for a, f, k in zip(adapters, prepared, kinds):
+        assert f.form == "own" and f.pages < f.rank
+        assert f.pages == math.ceil(own_numel(384, 384, k["rank"], k["levels"]) / 768)  # every MiniLM shape alike
+    assert [f.pages for f in prepared] == [8, 5, 6] and [f.rank for f in prepared] == [16, 14, 20]
+
+    def check(slots, which):  # row 2 is the base
+        got = own.forward(inputs, slots)
+        with torch.no_grad():
+            for row, k in which.items():
+                assert_close(got[row]["logits"], refs[k](*(t[row : row + 1] for t in inputs))[0])
+        assert set(got[2]) == {"embeddings"}
+
+    own.write_slot(9, prepared[0])  # taken first, freed below: its 8 pages open a gap at the front
+    for slot, f in enumerate(prepared, start=1):
+        own.write_slot(slot, f)
+    check([1, 2, 0, 3], {0: 0, 1: 1, 3: 2})
+    check([2, 2, 0, 2], {0: 1, 1: 1, 3: 1})  # one own adapter on every adapted row
+    own.free_slot(9)
+    free = own.pool.pages - own.pool.used
+    big = dataclasses.replace(prepared[0], pages=free)  # needs every free page: compacts first
+    own.write_slot(4, big)
+    assert own.pool.free == 0
+    check([4, 3, 0, 1], {0: 0, 1: 2, 3: 0})
+    assert TorchEngine("minilm", device="cpu", slot_form="own", kernel=grouped_lora).slot_form == "folded"
+    assert TorchEngine("minilm", device="cpu", slot_form="folded").prepare(adapters[0]).form == "folded"
+    with pytest.raises(ConfigError, match="unknown slot_form 'unfolded': valid forms are auto, folded, own"):
+        ServeConfig(slot_form="unfolded")
+
+
 @pytest.mark.slow
 def test_rank_aware_slots_serve_mixed_ranks_in_one_batch(tmp_path):
     """Ranks 2, 4, 8 and 16 (folded: 8, 16, 32 and 64 pages) share one batch with a base row,
@@ -419,7 +469,7 @@ def test_rank_aware_slots_serve_mixed_ranks_in_one_batch(tmp_path):
     budget = 130 * page / 2**20  # 130 pages: the four take 120
     from runtime.kernels import grouped_lora
 
-    engines = [TorchEngine("minilm", device_budget_mb=budget, device="cpu"),  # the native sgmv op
+    engines = [TorchEngine("minilm", device_budget_mb=budget, device="cpu", slot_form="folded"),  # the native sgmv op
                TorchEngine("minilm", device_budget_mb=budget, device="cpu", kernel=grouped_lora),
                OrtEngine("minilm", device_budget_mb=budget)]
     assert engines[0].kernel_name.startswith("native sgmv")
