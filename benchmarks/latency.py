@@ -7,8 +7,10 @@ Two workloads, each in PyTorch (eager) and onnxruntime:
   ``x (W0 + ΔW)ᵀ``.
 - the base model (``--base SOURCE``, default ``minilm``: the whole MiniLM, 36 adapted linears;
   any spec, e.g. ``hf:DIR[@TASK]``), WaRA r=4 haar J=1 on its default layers, rows labelled with
-  the base's name. PyTorch: the serving engine's base rows, its slot path (unmerged-folded), its
-  merged path, the injected model's explicit path, and peft's LoRA r=8 on the same layers.
+  the base's name. PyTorch: the serving engine's base rows, its slot path on folded factors
+  (unmerged-folded: the GEMM pair), its slot path as served by default (``fused``: own factors
+  and ``wara::wavelet_lowrank`` where `runtime.kernels.own_form_wins` picks them), its merged path,
+  the injected model's explicit path, and peft's LoRA r=8 on the same layers.
   onnxruntime (where the base supports it): the exporter's base, merged, multi
   (unmerged-folded, slot inputs) and unmerged (explicit wavelet ops) graphs. All checked against
   each other before timing. Sequence lengths past the base's position table are skipped (the
@@ -318,9 +320,13 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
 
     adapter = random_adapter(spec, workdir / "adapter", rank=RANK, seed=0)
     targets = list(adapter.config.target_modules)
-    engine = TorchEngine(spec, device=str(device))
+    engine = TorchEngine(spec, device=str(device), slot_form="folded")
     folded = engine.prepare(adapter)
     engine.write_slot(1, folded)
+    # The served default (slot_form auto): own factors and the fused wavelet op where the rule
+    # picks them (MiniLM haar J=1 does), else the same folded path.
+    served = TorchEngine(spec, device=str(device))
+    served.write_slot(1, served.prepare(adapter))
     merged = engine.build_merged(folded)
     explicit = apply_adapter(base_for(adapter, spec), adapter).to(device).eval()
     set_path(explicit, "explicit")
@@ -349,12 +355,13 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                         "base": lambda: engine.forward(inputs, [0] * batch),
                         "merged": lambda: engine.forward_merged(merged, folded.head, inputs),
                         "folded": lambda: engine.forward(inputs, [1] * batch),
+                        "fused": lambda: served.forward(inputs, [1] * batch),
                         "explicit": lambda: explicit(*inputs),
                         "peft_base": lambda: peft_base(*inputs),
                         "peft_lora": lambda: peft(*inputs),
                     }
                     with torch.no_grad():
-                        outs = {f: variants[f]() for f in ("merged", "folded")}
+                        outs = {f: variants[f]() for f in ("merged", "folded", "fused")}
                         outs = {f: torch.stack([r["logits"] for r in o]) for f, o in outs.items()}
                         outs["explicit"] = variants["explicit"]().cpu()
                         with peft.disable_adapter():  # the peer's base is peft's own base
@@ -383,8 +390,10 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                     rows.append({"workload": spec.name, "engine": "torch", "batch": batch, "seq": seq, "form": "peft_lora",
                                  "levels": None, **summary(times["peft_lora"], times["peft_base"]),
                                  "flop_ratio": (base_flops + lora) / base_flops, "peft_base_ms": summary(times["peft_base"])["median_ms"]})
-                for form in FORMS:
-                    extra = sum(adapter_flops(m, n, rank=RANK, levels=1, taps=2, form=form) * tokens[t] for t, (m, n) in shapes.items())
+                for form in FORMS + (("fused",) if "fused" in times else ()):
+                    flop_form = "explicit" if form == "fused" and served.layers[targets[0]].own else form
+                    extra = sum(adapter_flops(m, n, rank=RANK, levels=1, taps=2, form=flop_form) * tokens[t]
+                                for t, (m, n) in shapes.items())
                     row = {"workload": spec.name, "engine": eng, "batch": batch, "seq": seq, "form": form, "levels": 1,
                            **summary(times[form], times["base"]), "flop_ratio": (base_flops + extra) / base_flops}
                     if form == "base":
@@ -393,7 +402,7 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                         row["max_abs_error"] = errors.get(form, 0.0)
                     rows.append(row)
                 log(f"{spec.name} {eng} B={batch} seq={seq}: base {np.median(times['base']):.2f} ms; "
-                    + ", ".join(f"{r['form']} {r['ratio']:.2f}x" for r in rows[-3:]))
+                    + ", ".join(f"{r['form']} {r['ratio']:.2f}x" for r in rows[-4:]))
     return rows
 
 

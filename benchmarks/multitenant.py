@@ -3,8 +3,10 @@
 Compared on the same base (``--base SOURCE``, default MiniLM; any spec, e.g. ``hf:DIR[@TASK]``),
 seq 64 (or the base's largest), at equal trainable parameters:
 
-- ours: the serving engine's heterogeneous forward (WaRA r=4 haar J=1, folded into slots),
-  PyTorch and onnxruntime;
+- ours: the serving engine's heterogeneous forward (WaRA r=4 haar J=1): PyTorch as served by
+  default (``ours_torch``: own factors in the slots, ``wara::wavelet_lowrank``, where the
+  slot-form rule picks them), PyTorch on folded slots (``ours_torch_folded``: ``wara::sgmv``),
+  and onnxruntime (folded slots as graph inputs);
 - peft: LoRA r=8 adapters (the same parameter count) and its mixed-batch inference,
   ``model(..., adapter_names=[...])``;
 - a naive loop: one request at a time, switching peft's active adapter before each.
@@ -53,6 +55,8 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
     for eng in engines:
         if eng == "torch":
             e = TorchEngine(spec, device=str(device))
+        elif eng == "torch_folded":
+            e = TorchEngine(spec, device=str(device), slot_form="folded")
         else:
             from runtime.ort_engine import OrtEngine
 
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     spec = base_spec(args.base)
     notes = []
-    engines = ["torch"]
+    engines = ["torch", "torch_folded"]
     if device.type == "cpu" and not args.quick:
         if "onnxruntime" in spec.backends:
             engines.append("onnxruntime")

@@ -44,7 +44,7 @@ def test_latency_verifies_every_form_and_reports_ratios(quick_results):
     forms = {(x["workload"].split(" ")[0], x["engine"], x["form"]) for x in rows}
     for eng in ("torch", "onnxruntime"):
         assert {("synthetic", eng, f) for f in ("base", "merged", "folded", "explicit")} <= forms
-    assert {("minilm", "torch", f) for f in ("base", "merged", "folded", "explicit", "peft_lora")} <= forms
+    assert {("minilm", "torch", f) for f in ("base", "merged", "folded", "fused", "explicit", "peft_lora")} <= forms
     assert {x["levels"] for x in rows if x["form"] == "explicit"} >= {1, 2}
     for x in rows:
         assert 0 < x["min_ms"] <= x["median_ms"] <= x["max_ms"] and x["ratio"] > 0
@@ -62,7 +62,7 @@ def test_latency_verifies_every_form_and_reports_ratios(quick_results):
 def test_multitenant_compares_ours_peft_and_the_naive_loop(quick_results):
     r = _load(quick_results, "multitenant")
     methods = {x["method"] for x in r["results"]}
-    assert methods == {"ours_torch", "peft_mixed", "naive_loop"}
+    assert methods == {"ours_torch", "ours_torch_folded", "peft_mixed", "naive_loop"}
     for x in r["results"]:
         assert x["median_ms"] > 0 and x["speedup_vs_peft_mixed"] > 0
         if x["adapters"] == 1:
@@ -130,7 +130,7 @@ def test_readme_section_is_generated_from_the_json(quick_results, tmp_path):
     update_readme(readme, render(quick_results))
     first = readme.read_text()
     assert START in first and END in first
-    for heading in ("Against issue 5's targets", "Latency, merged vs unmerged", "Multi-tenant batch", "Hot-swap",
+    for heading in ("Against issue 5's and issue 13's targets", "Latency, merged vs unmerged", "Multi-tenant batch", "Hot-swap",
                     "adapters, torch engine", "gRPC overhead", "Quality at equal parameters"):
         assert heading in first, heading
     r = _load(quick_results, "grpc_overhead_torch")["results"]
@@ -161,7 +161,7 @@ def test_latency_and_multitenant_run_on_a_user_base(tmp_path):
         assert report["base"]["source"] == f"hf:{bert.resolve()}@text-classification" and report["notes"] == []
         assert out.with_suffix(".png").stat().st_size > 0
     rows = [x for x in _load(tmp_path, "latency")["results"] if not x["workload"].startswith("synthetic")]
-    assert {(x["workload"], x["form"]) for x in rows} == {("tiny-bert", f) for f in ("base", "merged", "folded", "explicit", "peft_lora")}
+    assert {(x["workload"], x["form"]) for x in rows} == {("tiny-bert", f) for f in ("base", "merged", "folded", "fused", "explicit", "peft_lora")}
     for x in rows:
         assert 0 < x["min_ms"] <= x["median_ms"] <= x["max_ms"] and x["flop_ratio"] >= 1.0
         assert x.get("max_abs_error", 0.0) <= 1e-3
@@ -172,7 +172,7 @@ def test_latency_and_multitenant_run_on_a_user_base(tmp_path):
     attention = 2 * 2 * (2 * 1 * 8 * 8 * 32)
     assert base["base_gflops"] == pytest.approx((linear + attention) / (base["median_ms"] * 1e6))
     methods = {(x["adapters"], x["method"]) for x in _load(tmp_path, "multitenant")["results"]}
-    assert methods == {(k, m) for k in (1, 2) for m in ("ours_torch", "peft_mixed", "naive_loop")}
+    assert methods == {(k, m) for k in (1, 2) for m in ("ours_torch", "ours_torch_folded", "peft_mixed", "naive_loop")}
 
 
 def test_random_base_is_a_complete_transformers_model(tmp_path):
