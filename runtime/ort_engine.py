@@ -2,10 +2,12 @@
 
 It shares everything but the forward with `TorchEngine` (validation, folding, the page pool,
 per-row heads). The graph takes slot stacks (S, R, n) and (S, m, R) and gathers each row's
-slot itself, so each batch binds stacks of just the adapters it holds, at their largest rank
-(never a fixed max-rank padding). A batch of one adapter binds that adapter's pool views as they
-are, without a copy; a mixed batch copies its adapters' factors once (the graph's own gather
-would copy them per row anyway).
+slot itself. A batch of one adapter binds that adapter's pool views as they are, without a copy.
+Mixed batches bind *resident stacks*: one (rows, R, n) / (m, R) pair per layer, kept up to date
+as slots are written (row s holds slot s, R the largest resident rank), so a batch copies
+nothing. Where that padding would cost too much (the resident ranks differ widely, or the stacks
+would outgrow twice the device pool), a mixed batch copies its own adapters' factors into
+stacks at its largest rank instead.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class OrtEngine(TorchEngine):
         self.input_names = [i.name for i in self.session.get_inputs()]
         # A batch without adapter rows binds one all-zero slot of rank 1.
         self._base_feeds = self._stack_feeds([], 1)
+        self._resident: dict[str, np.ndarray] = {}  # input name -> resident stack (see the module)
+        self._resident_rank = 0
         missing = [n for n in self.input_names if n.startswith("wara.") and n not in self._base_feeds]
         if missing:
             raise ConfigError(f"internal: the multi graph wants unknown slot inputs {missing[:3]}")
@@ -105,11 +109,56 @@ class OrtEngine(TorchEngine):
                     feeds[a_name], feeds[b_name] = f[0].numpy()[None], f[1].numpy()[None]
             return feeds, np.zeros(slot_t.shape[0], dtype=np.int64)
         slots = [s for s, _ in groups]
-        rank = max(1, max(layer.rank.get(s, 0) for layer in self.layers.values() for s in slots))
+        rank = max(1, max(self.pool.runs[s][1] for s in slots))
         index = np.zeros(slot_t.shape[0], dtype=np.int64)
+        if self._resident and rank * 2 >= self._resident_rank:  # the resident stacks, row s = slot s
+            for s, rows in groups:
+                index[rows.numpy()] = s
+            return self._resident, index
         for i, (_, rows) in enumerate(groups, start=1):
             index[rows.numpy()] = i
         return self._stack_feeds(slots, rank), index
+
+    def _slot_written(self, slot: int) -> None:
+        """Keep the resident stacks in step with the pool (under the engine's lock): write the
+        slot's row, or rebuild the stacks (rows doubled, or the rank raised) when it does not
+        fit; drop them while they would take more than twice the pool."""
+        runs = self.pool.runs
+        top = max(runs, default=0) + 1
+        rank = max((n for _, n in runs.values()), default=0)
+        rows = next(iter(self._resident.values())).shape[0] if self._resident else 0
+        if self._resident and top <= rows and rank <= self._resident_rank:
+            self._write_resident(slot)
+            return
+        rows, rank = rows if top <= rows else max(top, 2 * rows), max(rank, self._resident_rank)
+        self._resident, self._resident_rank = {}, 0
+        if not runs or rows * rank > 2 * self.pages:  # mixed batches copy their own adapters instead
+            return
+        self._resident, self._resident_rank = self._stack_feeds_at(rows, rank), rank
+        for s in runs:
+            self._write_resident(s)
+
+    def _stack_feeds_at(self, rows: int, rank: int) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, layer in self.layers.items():
+            a_name, b_name = self._slot_names(name)
+            feeds[a_name] = np.zeros((rows, rank, layer.n), dtype=np.float32)
+            feeds[b_name] = np.zeros((rows, layer.m, rank), dtype=np.float32)
+        return feeds
+
+    def _write_resident(self, slot: int) -> None:
+        """Row ``slot`` of the resident stacks: its factors zero-padded to the stacks' rank."""
+        held = slot in self.pool.runs
+        for name, layer in self.layers.items():
+            a_name, b_name = self._slot_names(name)
+            a, b = self._resident[a_name], self._resident[b_name]
+            if slot >= a.shape[0]:
+                continue
+            a[slot], b[slot] = 0.0, 0.0
+            f = layer.factors(slot) if held else None
+            if f is not None:
+                a[slot, : f[0].shape[0]] = f[0].numpy()
+                b[slot, :, : f[1].shape[1]] = f[1].numpy()
 
     def _pad(self, t: torch.Tensor, dynamic: dict[int, str]) -> torch.Tensor:
         """Token inputs shorter than the graph's smallest length (torch.export specialises a

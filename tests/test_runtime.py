@@ -456,6 +456,61 @@ def test_own_factor_slots_serve_like_the_explicit_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_onnxruntime_mixed_batches_bind_resident_stacks_kept_in_step_with_the_pool(tmp_path):
+    """The onnxruntime engine keeps one stack per layer input with row s = slot s, written as
+    slots are written: a mixed batch binds those arrays as they are (no per-batch copy), and
+    every answer equals the PyTorch engine's; a freed slot's row is zeroed and reused, a new slot
+    past the rows or a higher rank rebuilds the stacks; a batch whose ranks are far below the
+    stacks' rank copies its own adapters instead."""
+    from runtime.engine import TorchEngine
+    from runtime.ort_engine import OrtEngine
+
+    adapters = [random_adapter("minilm", tmp_path / f"s{k}", rank=r, seed=40 + k) for k, r in enumerate((2, 4, 1, 8))]
+    ort = OrtEngine("minilm")
+    ref = TorchEngine("minilm", device="cpu", slot_form="folded")
+    enc = MiniLMTokenizer(max_length=12)(["one text", "another text here", "a base row", "and a fourth"])
+    inputs = (enc["input_ids"], enc["attention_mask"])
+
+    def same(slots):
+        for got, want in zip(ort.forward(inputs, slots), ref.forward(inputs, slots)):
+            assert got.keys() == want.keys()
+            for k in got:
+                assert_close(got[k], want[k])
+
+    def write(slot, k):
+        for e in (ort, ref):
+            e.write_slot(slot, e.prepare(adapters[k]))
+
+    def stack():
+        return next(iter(ort._resident.values()))
+
+    write(1, 0)
+    write(2, 1)
+    assert ort._resident_rank == 16 and stack().shape[0] == 4  # row 0 is the base's zeros; rows double as they grow
+    seen = []
+    run = ort.session.run
+    ort.session.run = lambda out, feeds: (seen.append(feeds), run(out, feeds))[1]
+    same([1, 2, 0, 1])
+    assert all(seen[-1][k] is v for k, v in ort._resident.items())  # bound as they are
+    write(5, 2)  # a slot past the rows: rebuilt with rows doubled
+    assert stack().shape[0] == 8 and ort._resident_rank == 16
+    same([5, 2, 0, 1])
+    ort.free_slot(2)
+    ref.free_slot(2)
+    assert not any(v[2].any() for v in ort._resident.values())  # a freed row is zeroed
+    write(2, 3)  # rank 8 folds to 32: the stacks' rank is raised
+    assert ort._resident_rank == 32
+    same([2, 1, 0, 5])
+    same([1, 5, 0, 1])  # ranks 8 and 4 against stacks of 32: this batch copies its own
+    assert not any(seen[-1][k] is v for k, v in ort._resident.items())
+    assert stack().shape[0] == 8  # a higher rank alone keeps the rows
+    ort.pages = 16  # as if the pool were so small that stacks of 16 rows x rank 32 outgrew twice it
+    write(9, 0)  # past the rows: a rebuild, which finds them too big
+    assert ort._resident == {}  # dropped: every mixed batch copies its own adapters
+    same([9, 2, 0, 1])
+
+
+@pytest.mark.slow
 def test_rank_aware_slots_serve_mixed_ranks_in_one_batch(tmp_path):
     """Ranks 2, 4, 8 and 16 (folded: 8, 16, 32 and 64 pages) share one batch with a base row,
     in both engines (PyTorch with the native op and with the pure kernel; onnxruntime), each row equal to its adapter's explicit model. Then a freed run at the
