@@ -189,6 +189,28 @@ def render_load(r: dict, name: str) -> list[str]:
     return out + [""]
 
 
+def render_rule(r: dict) -> list[str]:
+    """The sweep behind the engine's slot-form rule: own / fold time per (wavelet, width, J, r)."""
+    cells = {}
+    for x in r["results"]:
+        cells.setdefault((x["wavelet"], x["width"]), {}).setdefault((x["levels"], x["rank"]), []).append(x)
+    cols = sorted({c for row in cells.values() for c in row})
+    out = [f"**Slot form** (`kernels_rule.json`, {_src(r, 'kernels_rule').split(', ', 1)[1]}): one adapter, own factors "
+           "(`wara::wavelet_lowrank`) / its fold (the GEMM pair) on a (width, width) layer at 64 / 2048 tokens; "
+           "**bold**: the rule (`runtime.kernels.own_form_wins`) keeps own factors. "
+           f"{r['disagreements']} cells where the rule and this run disagree beyond this VM's 10% noise.", "",
+           "| wavelet | width | " + " | ".join(f"J={j} r={k}" for j, k in cols) + " |",
+           "| --- | --- |" + " --- |" * len(cols)]
+    for (wavelet, width), row in sorted(cells.items()):
+        texts = []
+        for c in cols:
+            xs = sorted(row.get(c, []), key=lambda x: x["tokens"])
+            t = " / ".join(f"{x['own_over_pair']:.2f}" for x in xs) or "-"
+            texts.append(f"**{t}**" if xs and xs[0]["rule_says_own"] else t)
+        out.append(f"| {wavelet} | {width} | " + " | ".join(texts) + " |")
+    return out + [""]
+
+
 def render_kernels(r: dict) -> list[str]:
     """The native ops against today's pure kernel, per layer shape, tokens and adapters."""
     rows = {}
@@ -307,6 +329,9 @@ def render(results: Path) -> str:
     k = _load(results, "kernels")
     if k:
         lines += render_kernels(k)
+    rule = _load(results, "kernels_rule")
+    if rule:
+        lines += render_rule(rule)
     q = _load(results, "quality")
     if q:
         lines += render_quality(q)
