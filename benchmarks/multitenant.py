@@ -103,15 +103,21 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
             peft.set_adapter(f"a{s - 1}")
             peft(*single[i])
 
+    # Every (adapter count, method) in one interleaved run: this VM drifts by 10-25% over a few
+    # minutes, so ratios between counts timed in separate runs would measure the drift.
+    variants = {}
     for k in counts:
-        variants = {f"ours_{eng}": (lambda e=e, k=k: e.forward(inputs, slots_for(k))) for eng, e in ours.items()}
-        variants["peft_mixed"] = lambda k=k: peft(*inputs, adapter_names=[f"a{s - 1}" for s in slots_for(k)])
-        variants["naive_loop"] = lambda k=k: naive(k)
-        with torch.no_grad():
-            times = interleaved(variants, rounds=rounds, iters=1, warmup=1, sync=sync)
-        for method, ms in times.items():
-            results.append({"adapters": k, "method": method, **summary(ms)})
-        log(f"{k:2d} adapters: " + ", ".join(f"{m} {np.median(ms):.1f} ms" for m, ms in times.items()))
+        for eng, e in ours.items():
+            variants[(k, f"ours_{eng}")] = lambda e=e, k=k: e.forward(inputs, slots_for(k))
+        variants[(k, "peft_mixed")] = lambda k=k: peft(*inputs, adapter_names=[f"a{s - 1}" for s in slots_for(k)])
+        variants[(k, "naive_loop")] = lambda k=k: naive(k)
+    with torch.no_grad():
+        times = interleaved(variants, rounds=rounds, iters=1, warmup=1, sync=sync)
+    for k in counts:
+        for (kk, method), ms in times.items():
+            if kk == k:
+                results.append({"adapters": k, "method": method, **summary(ms)})
+        log(f"{k:2d} adapters: " + ", ".join(f"{m} {np.median(ms):.1f} ms" for (kk, m), ms in times.items() if kk == k))
     for r in results:
         one = next(x for x in results if x["method"] == r["method"] and x["adapters"] == counts[0])
         r["ratio_to_one_adapter"] = r["median_ms"] / one["median_ms"]
