@@ -125,11 +125,11 @@ def own_form_wins(*, wavelet: str, levels: int, rank: int, shapes: list[tuple[in
     on 2048 tokens, own / pair time (``python -m benchmarks.kernels --rule`` ->
     benchmarks/results/kernels_rule.json; this VM's run-to-run noise is about 10%):
 
-    * haar: 0.55-0.94 from width 256 at J = 1-3 (384: 0.55-0.86, one cell 1.05); width 128:
-      0.82-1.03 at J >= 2 (ties, where the fewer pages decide), 1.01-1.25 at J = 1; width 64:
-      0.87-1.45.
+    * haar, two runs: 0.48-0.96 from width 256 at J = 1-3 (one cell of 384 at 1.05); width 128:
+      0.72-1.10 at J >= 2 (ties, where the fewer pages decide), 0.86-1.25 at J = 1 (rank 8 won
+      one run, 0.86-0.87, and tied the other: left folded); width 64: 0.87-1.45.
     * db2 (the generic filter path, not vectorised like haar's): 0.62-1.02 at J >= 2 with rank
-      >= 8 from width 256; 1.1-1.6 at rank 4 or J = 1, and on narrower layers.
+      >= 8 from width 256; 0.75-2.7 at rank 4 or J = 1, and on narrower layers.
 
     Own factors also take fewer pages ((3 - 2^(1-J)) r instead of (3J + 1) r), so where they
     tie, they still win the pool."""
