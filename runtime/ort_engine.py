@@ -80,18 +80,32 @@ class OrtEngine(TorchEngine):
 
     def _stack_feeds(self, slots: list[int], rank: int) -> dict[str, np.ndarray]:
         """Slot stacks for a batch: slot 0 zeros, slot i+1 = ``slots[i]``'s factors, at ``rank``."""
+        feeds = self._stacks(len(slots) + 1, rank)
+        for i, s in enumerate(slots, start=1):
+            self._fill_row(feeds, i, s)
+        return feeds
+
+    def _stacks(self, rows: int, rank: int) -> dict[str, np.ndarray]:
+        """All-zero stacks of ``rows`` slots at ``rank``, one (A, B) pair per adapted layer."""
         feeds = {}
         for name, layer in self.layers.items():
-            a = np.zeros((len(slots) + 1, rank, layer.n), dtype=np.float32)
-            b = np.zeros((len(slots) + 1, layer.m, rank), dtype=np.float32)
-            for i, s in enumerate(slots, start=1):
-                f = layer.factors(s)
-                if f is not None:
-                    a[i, : f[0].shape[0]] = f[0].numpy()
-                    b[i, :, : f[1].shape[1]] = f[1].numpy()
             a_name, b_name = self._slot_names(name)
-            feeds[a_name], feeds[b_name] = a, b
+            feeds[a_name] = np.zeros((rows, rank, layer.n), dtype=np.float32)
+            feeds[b_name] = np.zeros((rows, layer.m, rank), dtype=np.float32)
         return feeds
+
+    def _fill_row(self, feeds: dict[str, np.ndarray], row: int, slot: int) -> None:
+        """Row ``row`` of ``feeds``: slot ``slot``'s factors zero-padded to the stacks' rank
+        (all zeros if the slot holds nothing)."""
+        held = slot in self.pool.runs
+        for name, layer in self.layers.items():
+            a_name, b_name = self._slot_names(name)
+            a, b = feeds[a_name], feeds[b_name]
+            a[row], b[row] = 0.0, 0.0
+            f = layer.factors(slot) if held else None
+            if f is not None:
+                a[row, : f[0].shape[0]] = f[0].numpy()
+                b[row, :, : f[1].shape[1]] = f[1].numpy()
 
     def _batch_feeds(self, slot_t: torch.Tensor, groups: list[tuple[int, torch.Tensor]]) -> tuple[dict, np.ndarray]:
         """(slot feeds, per-row index into them) for one batch."""
@@ -128,37 +142,15 @@ class OrtEngine(TorchEngine):
         rank = max((n for _, n in runs.values()), default=0)
         rows = next(iter(self._resident.values())).shape[0] if self._resident else 0
         if self._resident and top <= rows and rank <= self._resident_rank:
-            self._write_resident(slot)
+            self._fill_row(self._resident, slot, slot)  # row s = slot s
             return
         rows, rank = rows if top <= rows else max(top, 2 * rows), max(rank, self._resident_rank)
         self._resident, self._resident_rank = {}, 0
         if not runs or rows * rank > 2 * self.pages:  # mixed batches copy their own adapters instead
             return
-        self._resident, self._resident_rank = self._stack_feeds_at(rows, rank), rank
+        self._resident, self._resident_rank = self._stacks(rows, rank), rank
         for s in runs:
-            self._write_resident(s)
-
-    def _stack_feeds_at(self, rows: int, rank: int) -> dict[str, np.ndarray]:
-        feeds = {}
-        for name, layer in self.layers.items():
-            a_name, b_name = self._slot_names(name)
-            feeds[a_name] = np.zeros((rows, rank, layer.n), dtype=np.float32)
-            feeds[b_name] = np.zeros((rows, layer.m, rank), dtype=np.float32)
-        return feeds
-
-    def _write_resident(self, slot: int) -> None:
-        """Row ``slot`` of the resident stacks: its factors zero-padded to the stacks' rank."""
-        held = slot in self.pool.runs
-        for name, layer in self.layers.items():
-            a_name, b_name = self._slot_names(name)
-            a, b = self._resident[a_name], self._resident[b_name]
-            if slot >= a.shape[0]:
-                continue
-            a[slot], b[slot] = 0.0, 0.0
-            f = layer.factors(slot) if held else None
-            if f is not None:
-                a[slot, : f[0].shape[0]] = f[0].numpy()
-                b[slot, :, : f[1].shape[1]] = f[1].numpy()
+            self._fill_row(self._resident, s, s)
 
     def _pad(self, t: torch.Tensor, dynamic: dict[int, str]) -> torch.Tensor:
         """Token inputs shorter than the graph's smallest length (torch.export specialises a
