@@ -105,7 +105,9 @@ class SlotLayer(nn.Module):
         self.rank: dict[int, int] = {}  # slot -> its rank in this layer (0: the adapter skips it)
         self.size: dict[int, int] = {}  # slot -> pool elements it occupies here
         self.own: dict[int, tuple[int, str]] = {}  # slot -> (levels, wavelet) of a slot holding own factors
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see `tables`
+        # What a kernel derives from the slots' places (index tables, call plans), cleared
+        # whenever a slot here is placed, moved or dropped.
+        self.memo: dict[tuple, Any] = {}
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Views (A (r, n), B (m, r)) of a folded slot's factors in the pool; None for rank 0."""
@@ -123,7 +125,7 @@ class SlotLayer(nn.Module):
         r = 0 if a is None else a.shape[0]
         self.offset[slot], self.rank[slot], self.size[slot] = off, r, r * (self.n + self.m)
         self.own.pop(slot, None)
-        self._tables.clear()
+        self.memo.clear()
         if r:
             n, m = self.n, self.m
             self.pool[off : off + r * n].view(r, n).copy_(a)
@@ -135,7 +137,7 @@ class SlotLayer(nn.Module):
         off = page * (self.n + self.m)
         self.offset[slot], self.rank[slot], self.size[slot] = off, rank, packed.numel()
         self.own[slot] = (levels, wavelet)
-        self._tables.clear()
+        self.memo.clear()
         self.pool[off : off + packed.numel()].copy_(packed)
 
     def move(self, slot: int, page: int) -> None:
@@ -145,27 +147,27 @@ class SlotLayer(nn.Module):
         if size and new != off:
             self.pool[new : new + size].copy_(self.pool[off : off + size].clone())
         self.offset[slot] = new
-        self._tables.clear()
+        self.memo.clear()
 
     def drop(self, slot: int) -> None:
         for table in (self.offset, self.rank, self.size, self.own):
             table.pop(slot, None)
-        self._tables.clear()
+        self.memo.clear()
 
     def tables(self, slots: tuple[int, ...], form: tuple[int, str] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot_offset, slot_rank) for a native op over ``slots`` (a batch's groups, in order):
         the slots of ``form`` (None: folded; else own factors at (levels, wavelet)) at their
         rank, every other slot at rank 0 (skipped). Cached until a slot here changes."""
-        key = (slots, form)
-        got = self._tables.get(key)
+        key = ("tables", slots, form)
+        got = self.memo.get(key)
         if got is None:
-            if len(self._tables) > 256:
-                self._tables.clear()
+            if len(self.memo) > 256:
+                self.memo.clear()
             dev = self.pool.device
             off = torch.tensor([self.offset.get(s, 0) for s in slots], dtype=torch.long, device=dev)
             rank = torch.tensor([self.rank.get(s, 0) if self.own.get(s) == form else 0 for s in slots],
                                 dtype=torch.long, device=dev)
-            got = self._tables[key] = (off, rank)
+            got = self.memo[key] = (off, rank)
         return got
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

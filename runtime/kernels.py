@@ -71,36 +71,86 @@ def native_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, tor
     (levels, wavelet) in the batch), each call skipping the other form's rows. One folded
     adapter on the whole batch stays on `grouped_lora`'s GEMM pair, which sgmv does not beat
     there (benchmarks/results/kernels.json). `default_kernel` picks this only where the library
-    is loaded, so it calls the ops directly (it runs once per adapted layer)."""
-    live = [(slot, idx) for slot, idx in groups if layer.rank.get(slot, 0)]
-    if not live:
-        return out
-    own = layer.own
-    if len(live) == 1 and live[0][0] not in own and live[0][1].numel() == x.shape[0]:
-        return grouped_lora(x, layer, live, out)
+    is loaded.
+
+    It runs once per adapted layer, so the Python is kept to a few lookups: what depends only
+    on the batch (the slots, the per-token slot index) is made once per forward and kept in
+    ``layer.routing.cache``; what depends on the batch's slots and this layer's pool (the calls
+    and their index tables, or the pair's factor views) once per slot set, in ``layer.memo``,
+    which the layer clears when a slot changes. (MiniLM, B=1, seq 64: the per-call Python was
+    ~30 us a layer, a third of the served path's cost over its base.)"""
     rows, tokens, n = x.shape
-    key = ("token_slot", tokens)
-    token_slot = layer.routing.cache.get(key)
-    if token_slot is None:  # the same for every layer of a forward: computed once
-        row_slot = torch.full((rows,), -1, dtype=torch.long, device=x.device)
-        for g, (_, idx) in enumerate(groups):
-            row_slot[idx] = g
-        token_slot = layer.routing.cache[key] = row_slot.repeat_interleave(tokens)
+    cache = layer.routing.cache
+    batch = cache.get(("native", tokens))
+    if batch is None or batch[0] is not groups:  # the first layer of a forward with this many tokens
+        batch = cache[("native", tokens)] = _route(groups, rows, tokens, x.device)
+    plan = layer.memo.get(batch[1])
+    if plan is None:
+        if len(layer.memo) > 256:  # many distinct mixes of adapters: keep it bounded
+            layer.memo.clear()
+        plan = layer.memo[batch[1]] = _plan(layer, *batch[1])
+    if not plan:
+        return out
+    m = layer.m
+    xt = x.reshape(rows * tokens, n)
+    if plan[0] is _PAIR:  # one folded adapter on every row
+        a_t, b_t = plan[1]
+        if out is None:
+            return (xt @ a_t @ b_t).view(rows, tokens, m)
+        out.view(rows * tokens, m).addmm_(xt @ a_t, b_t)
+        return out
     if out is None:
-        out = x.new_zeros(rows, tokens, layer.m)
-    xt, yt = x.reshape(rows * tokens, n), out.view(rows * tokens, layer.m)
+        out = x.new_zeros(rows, tokens, m)
+    yt = out.view(rows * tokens, m)
     if xt.stride(-1) != 1:  # a conv's (B, HW, C) view of one image reshapes to a column-major view
         xt = xt.contiguous()
-    slots = tuple(s for s, _ in groups)
-    forms = {own.get(s) for s, _ in live}
-    if None in forms:
-        torch.ops.wara.sgmv(xt, yt, layer.pool, token_slot, *layer.tables(slots, None))
-        forms.discard(None)
-    for form in forms:
-        levels, wavelet = form
-        torch.ops.wara.wavelet_lowrank(xt, yt, layer.pool, token_slot, *layer.tables(slots, form), levels,
-                                       *wavelet_filters(wavelet, x.device))
+    pool, token_slot = layer.pool, batch[2]
+    for op, args in plan:
+        op(xt, yt, pool, token_slot, *args)
     return out
+
+
+_PAIR = object()  # a plan's marker: the GEMM pair on one folded adapter's (A^T, B^T) views
+
+
+def _route(groups: list[tuple[int, torch.Tensor]], rows: int, tokens: int,
+           device: torch.device) -> tuple[list, tuple, torch.Tensor | None]:
+    """(groups, plan key, per-token slot index) of one forward's batch at ``tokens`` tokens a
+    row: the same for every layer that sees that many tokens."""
+    slots = tuple(s for s, _ in groups)
+    whole = len(groups) == 1 and groups[0][1].numel() == rows
+    token_slot = None
+    if groups and not whole:
+        row_slot = torch.full((rows,), -1, dtype=torch.long, device=device)
+        for g, (_, idx) in enumerate(groups):
+            row_slot[idx] = g
+        token_slot = row_slot.repeat_interleave(tokens)
+    elif groups:
+        token_slot = torch.zeros(rows * tokens, dtype=torch.long, device=device)
+    return groups, ("native", slots, whole), token_slot
+
+
+def _plan(layer: "SlotLayer", _: str, slots: tuple[int, ...], whole: bool) -> tuple:
+    """What `native_lora` runs on ``layer`` for a batch of ``slots`` (``whole``: one slot on
+    every row): () for nothing, (_PAIR, (A^T, B^T)), or the op calls, each (op, its trailing
+    arguments)."""
+    live = [s for s in slots if layer.rank.get(s, 0)]
+    if not live:
+        return ()
+    if whole and live[0] not in layer.own:
+        a, b = layer.factors(live[0])
+        return (_PAIR, (a.T, b.T))
+    ops = torch.ops.wara
+    forms = {layer.own.get(s) for s in live}
+    calls = []
+    if None in forms:
+        calls.append((ops.sgmv.default, layer.tables(slots, None)))
+        forms.discard(None)
+    for form in sorted(forms):
+        levels, wavelet = form
+        calls.append((ops.wavelet_lowrank.default,
+                       (*layer.tables(slots, form), levels, *wavelet_filters(wavelet, layer.pool.device))))
+    return tuple(calls)
 
 
 native_lora.reads_own_factors = True  # the engine may keep adapters' own factors in its slots

@@ -129,3 +129,45 @@ def test_native_kernel_serves_own_and_folded_slots_in_one_batch():
     assert_close(native_lora(xv, layer, [(3, torch.tensor([0]))]), (xv[0].double() @ delta[3].T).float()[None])
     with pytest.raises(Exception, match="own WaRA factors"):
         grouped_lora(x, layer, [(2, torch.arange(10))])  # a kernel that cannot read own factors says so
+
+
+@pytest.mark.parametrize("kernel", [grouped_lora, native_lora], ids=["grouped_lora", "native"])
+def test_kernels_follow_slots_that_change_between_forwards(kernel):
+    """A kernel may keep what it derives from the slots' places (index tables, call plans, the
+    pair's factor views) across forwards; a slot re-placed with new factors, moved by compaction
+    or dropped must be seen by the next forward, whichever path (one adapter on every row, or a
+    mixed batch) ran before."""
+    gen = torch.Generator().manual_seed(5)
+    n, m = 16, 24
+    routing = Routing()
+    layer = SlotLayer(torch.nn.Linear(n, m), pages=16, routing=routing, kernel=kernel)
+    a = torch.zeros(3, 4, n)
+    b = torch.zeros(3, m, 4)
+    x = torch.randn(4, 3, n, generator=gen)
+
+    def put(slot, page, r):
+        fa, fb = torch.randn(r, n, generator=gen), torch.randn(m, r, generator=gen)
+        a[slot].zero_(), b[slot].zero_()
+        a[slot, :r], b[slot, :, :r] = fa, fb
+        layer.place(slot, page, fa, fb)
+
+    whole = [(1, torch.arange(4))]
+    mixed = [(1, torch.tensor([0, 2])), (2, torch.tensor([1]))]
+
+    def check():
+        for groups in (whole, mixed):
+            routing.cache = {}  # a new forward
+            assert_close(kernel(x, layer, groups), reference_lora(x, a, b, groups))
+
+    put(1, 0, 3)
+    put(2, 3, 2)
+    check()
+    put(1, 8, 4)  # the same slot, new factors at another page and rank
+    check()
+    layer.move(1, 5)  # compaction moves it down
+    layer.pool[9 * (n + m):].zero_()  # its old pages past its new run (5-8) no longer hold it
+    check()
+    layer.drop(2)
+    a[2].zero_(), b[2].zero_()
+    routing.cache = {}
+    assert_close(kernel(x, layer, mixed), reference_lora(x, a, b, [mixed[0]]))
