@@ -296,7 +296,7 @@ def render_targets(results: Path) -> list[str]:
                    + (f", onnxruntime {ort['speedup_vs_peft_mixed']:.2f}x" if ort else "") + " | |")
     if hs:
         ip, pf = hs["results"]["in_process"], hs["results"].get("peft", {})
-        out.append(f"| load -> servable (fold + slot write) <= 5 ms p50 | {ip['load_to_servable']['p50_ms']:.1f} ms | "
+        out.append(f"| load -> servable (prepare + slot write) <= 5 ms p50 | {ip['load_to_servable']['p50_ms']:.1f} ms | "
                    + (f"peft load_adapter {pf['load_adapter']['p50_ms']:.1f} ms, hotswap_adapter {pf['hotswap_adapter']['p50_ms']:.1f} ms" if pf else "") + " |")
         g = hs["results"].get("grpc")
         if g:

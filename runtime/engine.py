@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -196,18 +196,56 @@ class HeadTap(nn.Module):
         return x
 
 
+class LazyFold(Mapping):
+    """The folded factors (layer -> (A (R, n), B (m, R))) of an adapter whose slot holds its own
+    factors, folded from those on first use (a merged copy, or a bound that needs the exact
+    delta), not at load: its slot never reads them."""
+
+    def __init__(self, own: dict[str, torch.Tensor], *, rank: int, spec, shapes: dict[str, tuple[int, int]]) -> None:
+        self._own, self._rank, self._spec, self._shapes = own, rank, spec, shapes
+        self._folded: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def folded(self) -> bool:
+        return self._folded is not None
+
+    def _fold(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self._folded is None:
+            from runtime.native import own_layout, unpack
+            from wara_train.delta import fold_many
+
+            layers = {}
+            for t, packed in self._own.items():
+                m, n = self._shapes[t]
+                views = unpack(packed.float(), 0, self._rank, own_layout(m, n, self._spec.levels))
+                layers[t] = (views, (m, n))
+            self._folded = fold_many(layers, spec=self._spec, scale=1.0)  # the scale is in the packed B
+        return self._folded
+
+    def __getitem__(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fold()[key]
+
+    def __iter__(self):
+        return iter(self._own)
+
+    def __len__(self) -> int:
+        return len(self._own)
+
+
 @dataclass
 class Folded:
-    """An adapter prepared for the device tier, float32, CPU: its folded factors (checked at
-    every load, and what a merged copy is built from), its head, and, where the engine serves
-    it unfolded, its own factors packed as a slot holds them."""
+    """An adapter prepared for the device tier, float32, CPU: its folded factors (what a merged
+    copy is built from, and the bound check's exact fallback), its head, and, where the engine
+    serves it unfolded, its own factors packed as a slot holds them (then ``factors`` is a
+    `LazyFold`, folded only if something asks)."""
 
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     head: tuple[torch.Tensor, torch.Tensor | None] | None
     labels: list[str] | None
     own: dict[str, torch.Tensor] | None = None  # layer -> `runtime.native.pack_own` of its blocks
     own_rank: int = 0  # the WaRA rank of each own block
     own_form: tuple[int, str] | None = None  # (levels, wavelet) of the own factors
+    own_bounds: dict[str, float] | None = None  # layer -> bound on max |ΔW| (`own_delta_bounds`)
     pages: int = -1  # pages it takes in the device pool (-1: its folded rank)
 
     def __post_init__(self) -> None:
@@ -216,7 +254,9 @@ class Folded:
 
     @property
     def rank(self) -> int:
-        """Its largest folded rank."""
+        """Its largest folded rank ((3J + 1) r for own factors, without folding them)."""
+        if self.own is not None:
+            return (3 * self.own_form[0] + 1) * self.own_rank if self.own else 0
         return max((a.shape[0] for a, _ in self.factors.values()), default=0)
 
     @property
@@ -325,16 +365,24 @@ class TorchEngine:
 
     # --- adapters -------------------------------------------------------------------------
     def prepare(self, adapter: WaraAdapter) -> Folded:
-        """Validate ``adapter`` against this base and fold it (load time, not per request)."""
+        """Validate ``adapter`` against this base and prepare it for a slot (load time, not per
+        request): folded, or its own factors packed (folded later only if something asks)."""
         why = self.mismatch(adapter)
         if why is not None:
             raise IncompatibleAdapterError(f"the adapter (trained on base {adapter.base_model!r}) does not fit "
                                            f"base {self.base_model!r}: {why}")
-        factors = adapter.folded_all()
-        for la, _ in factors.values():
-            if la.shape[0] > self.max_rank:
-                raise IncompatibleAdapterError(
-                    f"folded rank {la.shape[0]} exceeds the server's max_rank {self.max_rank}; raise max_rank")
+        head = self._head(adapter)
+        if self._serves_own(adapter):
+            folded = self._pack_own(adapter, head)
+        else:
+            folded = Folded(adapter.folded_all(), head, adapter.labels)
+        if folded.rank > self.max_rank:
+            raise IncompatibleAdapterError(
+                f"folded rank {folded.rank} exceeds the server's max_rank {self.max_rank}; raise max_rank")
+        return folded
+
+    def _head(self, adapter: WaraAdapter) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The adapter's task head (float32), checked against this base and its labels."""
         head_name = self.spec.head
         extra = sorted(set(adapter.saved_modules) - {head_name})
         if extra:
@@ -354,10 +402,7 @@ class TorchEngine:
                 raise IncompatibleAdapterError("the adapter names labels but saves no task head")
             if len(adapter.labels) != head[0].shape[0]:
                 raise IncompatibleAdapterError(f"{len(adapter.labels)} labels for a head of {head[0].shape[0]} outputs")
-        folded = Folded(factors, head, adapter.labels)
-        if self._serves_own(adapter):
-            self._pack_own(adapter, folded)
-        return folded
+        return head
 
     def _serves_own(self, adapter: WaraAdapter) -> bool:
         """Whether ``adapter``'s slot holds its own factors: under slot_form "own" whenever the
@@ -370,15 +415,20 @@ class TorchEngine:
         return self.slot_form == "own" or own_form_wins(wavelet=spec.wavelet, levels=spec.levels,
                                                         rank=adapter.config.rank, shapes=shapes)
 
-    def _pack_own(self, adapter: WaraAdapter, folded: Folded) -> None:
-        from runtime.native import own_numel, pack_own
+    def _pack_own(self, adapter: WaraAdapter, head) -> Folded:
+        """The adapter with its own factors packed as its slots hold them (one flat tensor, a few
+        ops for all layers), their bounds on max |ΔW|, and a fold made only on demand."""
+        from runtime.native import own_delta_bounds, own_numel, pack_own_many
 
-        spec, dtype = adapter.config.spec, next(self.model.parameters()).dtype
-        folded.own = {t: pack_own(adapter.factors[t], spec=spec, scale=adapter.config.scale, dtype=dtype)
-                      for t in adapter.config.target_modules}
-        folded.own_rank, folded.own_form = adapter.config.rank, (spec.levels, spec.wavelet)
-        folded.pages = max(math.ceil(own_numel(*adapter.shape(t), adapter.config.rank, spec.levels) / sum(adapter.shape(t)))
-                           for t in adapter.config.target_modules)
+        spec, dtype, rank = adapter.config.spec, next(self.model.parameters()).dtype, adapter.config.rank
+        targets = adapter.config.target_modules
+        pack = pack_own_many({t: adapter.factors[t] for t in targets}, spec=spec, scale=adapter.config.scale,
+                             dtype=dtype)
+        shapes = {t: adapter.shape(t) for t in targets}
+        pages = max((math.ceil(own_numel(*shapes[t], rank, spec.levels) / sum(shapes[t])) for t in targets), default=0)
+        return Folded(LazyFold(pack.views, rank=rank, spec=spec, shapes=shapes), head, adapter.labels,
+                      own=pack.views, own_rank=rank, own_form=(spec.levels, spec.wavelet),
+                      own_bounds=own_delta_bounds(pack), pages=pages)
 
     def write_slot(self, slot: int, folded: Folded) -> None:
         """Device tier: put an adapter into slot ``slot`` (>= 1; one already there is replaced),

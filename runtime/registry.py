@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import math
+
 import threading
 import time
 from collections import OrderedDict
@@ -92,16 +94,25 @@ def read_dir(root: Path, name: str) -> dict[str, bytes]:
 
 
 def check_folded(name: str, folded: Folded) -> None:
-    """Refuse a folded adapter whose factors, delta or head are non-finite or beyond
-    `MAX_FOLDED_ABS` (values or alpha that overflow in the fold): checked after the fold and
-    before anything serves it."""
+    """Refuse a prepared adapter whose factors, delta or head are non-finite or beyond
+    `MAX_FOLDED_ABS` (values or alpha that overflow in the fold): checked after `prepare` and
+    before anything serves it. Each layer's delta is bounded from its factors first (own
+    factors: `runtime.native.own_delta_bounds`, from the peaks `prepare` measured; folded:
+    max|B A| <= sum_k max_i|B_ik| max_j|A_kj|); the exact delta, from the fold, is computed only
+    where that bound is not small enough (for a trained adapter it is)."""
     with torch.no_grad():
-        for mod, (a, b) in folded.factors.items():
+        for mod in folded.factors:
+            if folded.own_bounds is not None:
+                bound = folded.own_bounds[mod]
+                if not math.isfinite(bound):
+                    raise AdapterError(f"adapter {name!r}: the factors of {mod} are not finite "
+                                       "(alpha or factor values too large)")
+                if bound <= MAX_FOLDED_ABS:
+                    continue
+            a, b = folded.factors[mod]
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise AdapterError(f"adapter {name!r}: the folded factors of {mod} are not finite "
                                    "(alpha or factor values too large)")
-            # max|B A| <= sum_k max_i|B_ik| max_j|A_kj|: O((m + n) R); the exact product only when
-            # that bound is not already small enough (for a trained adapter it is)
             bound = float((b.abs().amax(dim=0) * a.abs().amax(dim=1)).sum()) if a.numel() else 0.0  # inf: exact check
             if bound <= MAX_FOLDED_ABS:
                 continue

@@ -11,6 +11,8 @@ slot's blocks for the wavelet form.
 
 from __future__ import annotations
 
+import math
+
 import os
 import subprocess
 import sys
@@ -255,6 +257,34 @@ def test_packers_follow_the_core_delta_and_fold():
     ops.sgmv(x, y_fold, folded, token_slot, offsets, torch.tensor([la.shape[0]]))
     assert_close(y_own, x.double() @ core.T)
     assert_close(y_fold, x.double() @ core.T)
+
+
+def test_packing_many_layers_at_once_and_the_delta_bound():
+    """pack_own_many: every layer's slot as a hand-built flat (A, then scale · B in float32, per
+    block) would hold it, all views of one tensor; own_delta_bounds is an upper bound on each
+    layer's max |ΔW| (pywt's inverse transform, float64) and turns nan or inf for a non-finite
+    factor value."""
+    from runtime.native import own_delta_bounds, pack_own_many
+
+    gen = torch.Generator().manual_seed(12)
+    rank, scale = 3, 0.6
+    for wavelet, levels in (("haar", 1), ("db2", 2), ("haar", 3)):
+        spec = WaveletSpec(wavelet, "periodization", levels)
+        shapes = {"q": (48, 32), "up": (64, 32), "down": (32, 64)}
+        layers = {t: wara_factors(gen, rank, m, n, levels) for t, (m, n) in shapes.items()}
+        pack = pack_own_many(layers, spec=spec, scale=scale)
+        assert pack.flat.numel() == sum(native.own_numel(m, n, rank, levels) for m, n in shapes.values())
+        bounds = own_delta_bounds(pack)
+        for t, (m, n) in shapes.items():
+            want = torch.cat([torch.cat([layers[t][blk.name][0].reshape(-1), (layers[t][blk.name][1] * scale).reshape(-1)])
+                              for blk in own_layout(m, n, levels)])
+            assert torch.equal(pack.views[t], want) and pack.views[t].data_ptr() >= pack.flat.data_ptr()
+            peak = float(pywt_delta(layers[t], shape=(m, n), wavelet=wavelet, levels=levels, scale=scale).abs().max())
+            assert peak <= bounds[t] < 1e3 * peak
+    layers["up"][next(iter(layers["up"]))][0][0, 0] = float("nan")
+    layers["down"][next(iter(layers["down"]))][1][1, 1] = float("inf")
+    bounds = own_delta_bounds(pack_own_many(layers, spec=spec, scale=scale))
+    assert math.isnan(bounds["up"]) and math.isinf(bounds["down"]) and math.isfinite(bounds["q"])
 
 
 def _bad_calls(m: int, n: int):

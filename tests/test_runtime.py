@@ -449,10 +449,50 @@ def test_own_factor_slots_serve_like_the_explicit_model(tmp_path):
     own.write_slot(4, big)
     assert own.pool.free == 0
     check([4, 3, 0, 1], {0: 0, 1: 2, 3: 0})
+    # Serving own slots never folded them; a merged copy folds on demand (from the packed own
+    # factors), equal to the artifact's own fold and answering like the explicit model.
+    assert not any(f.factors.folded for f in prepared)
+    for a, f in zip(adapters[:2], prepared[:2]):
+        want = a.folded_all()
+        assert sorted(f.factors) == sorted(want)
+        for t, (la, lb) in want.items():
+            assert_close(f.factors[t][1] @ f.factors[t][0], lb @ la)
+    merged = own.build_merged(prepared[1])
+    got = own.forward_merged(merged, prepared[1].head, inputs)
+    with torch.no_grad():
+        assert_close(got[0]["logits"], refs[1](*(t[0:1] for t in inputs))[0])
     assert TorchEngine("minilm", device="cpu", slot_form="own", kernel=grouped_lora).slot_form == "folded"
     assert TorchEngine("minilm", device="cpu", slot_form="folded").prepare(adapters[0]).form == "folded"
     with pytest.raises(ConfigError, match="unknown slot_form 'unfolded': valid forms are auto, folded, own"):
         ServeConfig(slot_form="unfolded")
+
+
+def test_the_bound_check_reads_own_factors_and_folds_only_past_the_bound(tmp_path):
+    """An adapter served from its own factors is checked from them (their bound on max |ΔW|),
+    not from a fold: a sound adapter passes without one; one whose delta is past what a layer
+    can hold is folded, checked exactly and refused by layer; a non-finite factor is refused
+    by layer before any fold."""
+    from runtime.engine import TorchEngine
+    from runtime.registry import check_folded
+    from wara_train.errors import AdapterError
+
+    eng = TorchEngine("minilm", device="cpu", slot_form="own")
+    a = random_adapter("minilm", tmp_path / "a", seed=0, rank=4, levels=1)
+    sound = eng.prepare(a)
+    check_folded("sound", sound)
+    assert not sound.factors.folded
+    t = a.config.target_modules[3]
+    block = next(iter(a.factors[t]))
+    a.factors[t][block][1].mul_(1e8)
+    big = eng.prepare(a)
+    with pytest.raises(AdapterError, match=f"adapter 'big': the delta of {t} reaches"):
+        check_folded("big", big)
+    assert big.factors.folded
+    a.factors[t][block][1].view(-1)[0] = float("nan")
+    broken = eng.prepare(a)
+    with pytest.raises(AdapterError, match=f"adapter 'nan': the factors of {t} are not finite"):
+        check_folded("nan", broken)
+    assert not broken.factors.folded
 
 
 @pytest.mark.slow

@@ -37,14 +37,14 @@ from typing import Literal
 import torch
 
 from . import reference
-from .packing import (folded_numel, own_layout, own_numel, pack_folded, pack_own, stack_slots, unpack,
-                      wavelet_filters)
+from .packing import (OwnPack, folded_numel, own_delta_bounds, own_layout, own_numel, pack_folded, pack_own,
+                      pack_own_many, stack_slots, unpack, wavelet_filters)
 
 Backend = Literal["native", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("native", "triton", "torch")
 
 __all__ = ["Status", "load", "status", "backend_for", "triton_available", "sgmv", "wavelet_lowrank", "pack_own",
-           "pack_folded", "own_numel", "folded_numel", "own_layout", "wavelet_filters", "stack_slots", "unpack",
+           "pack_own_many", "own_delta_bounds", "OwnPack", "pack_folded", "own_numel", "folded_numel", "own_layout", "wavelet_filters", "stack_slots", "unpack",
            "BACKENDS"]
 
 
