@@ -471,9 +471,10 @@ def test_the_bound_check_reads_own_factors_and_folds_only_past_the_bound(tmp_pat
     """An adapter served from its own factors is checked from them (their bound on max |ΔW|),
     not from a fold: a sound adapter passes without one; one whose delta is past what a layer
     can hold is folded, checked exactly and refused by layer; a non-finite factor is refused
-    by layer before any fold."""
+    by layer before any fold. A folded adapter's bound is taken per layer shape, equal to the
+    per-layer formula."""
     from runtime.engine import TorchEngine
-    from runtime.registry import check_folded
+    from runtime.registry import check_folded, folded_bounds
     from wara_train.errors import AdapterError
 
     eng = TorchEngine("minilm", device="cpu", slot_form="own")
@@ -493,6 +494,16 @@ def test_the_bound_check_reads_own_factors_and_folds_only_past_the_bound(tmp_pat
     with pytest.raises(AdapterError, match=f"adapter 'nan': the factors of {t} are not finite"):
         check_folded("nan", broken)
     assert not broken.factors.folded
+    # Folded slots: the per-shape bound equals the per-layer formula and bounds max |B A|.
+    folded = TorchEngine("minilm", device="cpu", slot_form="folded")
+    sound = folded.prepare(random_adapter("minilm", tmp_path / "b", seed=1, rank=4, levels=1))
+    bounds = folded_bounds(sound.factors)
+    for mod, (la, lb) in sound.factors.items():
+        want = float((lb.double().abs().amax(dim=0) * la.double().abs().amax(dim=1)).sum())
+        assert bounds[mod] == pytest.approx(want, rel=1e-5) and float((lb.double() @ la.double()).abs().max()) <= want
+    check_folded("sound", sound)
+    with pytest.raises(AdapterError, match=f"adapter 'nan': the folded factors of {t} are not finite"):
+        check_folded("nan", folded.prepare(a))
 
 
 @pytest.mark.slow
