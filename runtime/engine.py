@@ -199,7 +199,8 @@ class HeadTap(nn.Module):
 class LazyFold(Mapping):
     """The folded factors (layer -> (A (R, n), B (m, R))) of an adapter whose slot holds its own
     factors, folded from those on first use (a merged copy, or a bound that needs the exact
-    delta), not at load: its slot never reads them."""
+    delta), not at load: its slot never reads them. They are folded from the values the slot
+    holds (in the model's dtype, the scale in B), so a merged copy matches the served path."""
 
     def __init__(self, own: dict[str, torch.Tensor], *, rank: int, spec, shapes: dict[str, tuple[int, int]]) -> None:
         self._own, self._rank, self._spec, self._shapes = own, rank, spec, shapes

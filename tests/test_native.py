@@ -278,13 +278,26 @@ def test_packing_many_layers_at_once_and_the_delta_bound():
         for t, (m, n) in shapes.items():
             want = torch.cat([torch.cat([layers[t][blk.name][0].reshape(-1), (layers[t][blk.name][1] * scale).reshape(-1)])
                               for blk in own_layout(m, n, levels)])
-            assert torch.equal(pack.views[t], want) and pack.views[t].data_ptr() >= pack.flat.data_ptr()
+            assert torch.equal(pack.views[t], want)
+            assert pack.views[t].untyped_storage().data_ptr() == pack.flat.untyped_storage().data_ptr()
             peak = float(pywt_delta(layers[t], shape=(m, n), wavelet=wavelet, levels=levels, scale=scale).abs().max())
             assert peak <= bounds[t] < 1e3 * peak
     layers["up"][next(iter(layers["up"]))][0][0, 0] = float("nan")
     layers["down"][next(iter(layers["down"]))][1][1, 1] = float("inf")
     bounds = own_delta_bounds(pack_own_many(layers, spec=spec, scale=scale))
     assert math.isnan(bounds["up"]) and math.isinf(bounds["down"]) and math.isfinite(bounds["q"])
+    # float64 factors: B scaled in float64 and cast once; a value past float32's range is inf in
+    # a float32 slot, so its bound is not finite even where B is zero (an untrained adapter).
+    f64 = {b.name: (0.3 * torch.randn(rank, 32 >> b.level, generator=gen, dtype=torch.float64),
+                    torch.zeros(48 >> b.level, rank, dtype=torch.float64)) for b in blocks(levels)}
+    f64[next(iter(f64))][0][0, 0] = 1e39
+    pack = pack_own_many({"x": f64}, spec=spec, scale=scale)
+    assert pack.flat.dtype == torch.float32 and not math.isfinite(own_delta_bounds(pack)["x"])
+    # bfloat16 slots: every value equals the float32 pack rounded once.
+    layers = {"q": wara_factors(gen, rank, 48, 32, levels)}
+    want = pack_own_many(layers, spec=spec, scale=scale).flat.to(torch.bfloat16)
+    assert torch.equal(pack_own_many(layers, spec=spec, scale=scale, dtype=torch.bfloat16).flat, want)
+    assert pack_own_many({}, spec=spec, scale=scale).flat.numel() == 0
 
 
 def _bad_calls(m: int, n: int):

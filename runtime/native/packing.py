@@ -125,23 +125,44 @@ def pack_own_many(layers: Mapping[str, Factors], *, spec: WaveletSpec, scale: fl
             sizes += [a.numel(), b.numel()]
             parts.append((layer, blk, rank))
         spans[layer] = (start, sum(sizes))
+    if not tensors:
+        return OwnPack(torch.zeros(0, dtype=dtype), {layer: torch.zeros(0, dtype=dtype) for layer in layers},
+                       torch.zeros(0, dtype=torch.float64), [])
     work = torch.float64 if any(t.dtype == torch.float64 for t in tensors[1::2]) else torch.float32
     # A keeps its values (cast once to dtype); B is multiplied in `work`, as pack_own did per block.
-    flat = torch.cat([t if t.dtype == work else t.to(work) for t in tensors])
+    flat = torch.cat([t.detach() if t.dtype == work else t.detach().to(work) for t in tensors])
     if scale != 1.0:
-        flat.mul_(_scale_vector(tuple(sizes), float(scale), work))
-    starts = np.cumsum([0] + sizes[:-1])
-    peaks = np.maximum.reduceat(np.abs(flat.numpy()), starts) if flat.numel() else np.zeros(0)  # nan stays nan
+        flat.mul_(_scale_vector(tuple(sizes), float(scale), work, flat.device))
     flat = flat.to(dtype)
+    # Peaks of the values the slot holds (after the cast: a float64 value past float32's range
+    # is inf there); nan stays nan.
+    held = flat.float().cpu().numpy()
+    starts, nonempty = np.cumsum([0] + sizes[:-1]), np.asarray(sizes) > 0
+    peaks = np.zeros(len(sizes))  # an empty part (rank 0) has peak 0
+    if nonempty.any():
+        peaks[nonempty] = np.maximum.reduceat(np.abs(held), starts[nonempty])
     return OwnPack(flat, {layer: flat[i:j] for layer, (i, j) in spans.items()},
                    torch.from_numpy(peaks.astype(np.float64)), parts)
 
 
-@functools.lru_cache(maxsize=4)
-def _scale_vector(sizes: tuple[int, ...], scale: float, work: torch.dtype) -> torch.Tensor:
-    """1 over every A part, ``scale`` over every B part (parts alternate A, B): the adapters of
-    one base share their sizes, so this is built once per base and scale."""
-    return torch.tensor([1.0, scale] * (len(sizes) // 2), dtype=work).repeat_interleave(torch.tensor(sizes))
+_SCALE_VECTORS: dict[tuple, torch.Tensor] = {}
+_SCALE_CACHE_ELEMENTS = 1 << 23  # cache vectors up to 32 MB (MiniLM's: 0.5 M elements)
+
+
+def _scale_vector(sizes: tuple[int, ...], scale: float, work: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1 over every A part, ``scale`` over every B part (parts alternate A, B). The adapters of
+    one base share their sizes, so a small base's vector is kept (the last two); a large
+    base's is built per call rather than held outside the host budget."""
+    key = (sizes, scale, work, device)
+    got = _SCALE_VECTORS.get(key)
+    if got is None:
+        got = torch.tensor([1.0, scale] * (len(sizes) // 2), dtype=work, device=device).repeat_interleave(
+            torch.tensor(sizes, device=device))
+        if got.numel() <= _SCALE_CACHE_ELEMENTS:
+            if len(_SCALE_VECTORS) >= 2:
+                _SCALE_VECTORS.pop(next(iter(_SCALE_VECTORS)))
+            _SCALE_VECTORS[key] = got
+    return got
 
 
 def own_delta_bounds(pack: OwnPack) -> dict[str, float]:
