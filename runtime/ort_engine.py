@@ -82,7 +82,7 @@ class OrtEngine(TorchEngine):
         """Slot stacks for a batch: slot 0 zeros, slot i+1 = ``slots[i]``'s factors, at ``rank``."""
         feeds = self._stacks(len(slots) + 1, rank)
         for i, s in enumerate(slots, start=1):
-            self._fill_row(feeds, i, s)
+            self._fill_row(feeds, i, s, zeroed=True)
         return feeds
 
     def _stacks(self, rows: int, rank: int) -> dict[str, np.ndarray]:
@@ -94,14 +94,15 @@ class OrtEngine(TorchEngine):
             feeds[b_name] = np.zeros((rows, layer.m, rank), dtype=np.float32)
         return feeds
 
-    def _fill_row(self, feeds: dict[str, np.ndarray], row: int, slot: int) -> None:
+    def _fill_row(self, feeds: dict[str, np.ndarray], row: int, slot: int, *, zeroed: bool = False) -> None:
         """Row ``row`` of ``feeds``: slot ``slot``'s factors zero-padded to the stacks' rank
-        (all zeros if the slot holds nothing)."""
+        (all zeros if the slot holds nothing; ``zeroed``: the row is all zeros already)."""
         held = slot in self.pool.runs
         for name, layer in self.layers.items():
             a_name, b_name = self._slot_names(name)
             a, b = feeds[a_name], feeds[b_name]
-            a[row], b[row] = 0.0, 0.0
+            if not zeroed:
+                a[row], b[row] = 0.0, 0.0
             f = layer.factors(slot) if held else None
             if f is not None:
                 a[row, : f[0].shape[0]] = f[0].numpy()
@@ -150,7 +151,7 @@ class OrtEngine(TorchEngine):
             return
         self._resident, self._resident_rank = self._stacks(rows, rank), rank
         for s in runs:
-            self._fill_row(self._resident, s, s)
+            self._fill_row(self._resident, s, s, zeroed=True)
 
     def _pad(self, t: torch.Tensor, dynamic: dict[int, str]) -> torch.Tensor:
         """Token inputs shorter than the graph's smallest length (torch.export specialises a
