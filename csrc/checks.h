@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -102,6 +103,20 @@ inline Filters check_wavelet(const char* op, int64_t levels, int64_t n, int64_t 
     f.hi.push_back(static_cast<float>(hi.data_ptr<double>()[i]));
   }
   return f;
+}
+
+// The optional bias of a *_set op: 1-D, one value per output feature, float32 or bfloat16, on
+// y's device. Returns it as float32 on the host (zeros without one).
+inline std::vector<float> check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& y) {
+  const int64_t m = y.size(1);
+  if (!bias.has_value()) return std::vector<float>(static_cast<size_t>(m), 0.f);
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == m, op, ": bias must be 1-D with one value per output feature (", m,
+              "), got shape ", b.sizes());
+  TORCH_CHECK(supported_float(b.scalar_type()), op, ": bias must be float32 or bfloat16, got ", b.scalar_type());
+  TORCH_CHECK(b.device() == y.device(), op, ": bias is on ", b.device(), ", y on ", y.device());
+  const at::Tensor f = b.to(at::kCPU, at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + m);
 }
 
 }  // namespace wara

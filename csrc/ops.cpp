@@ -11,6 +11,16 @@
 //     along the output features. pywt periodization, J = levels, analysis filters dec_lo /
 //     dec_hi of an orthogonal wavelet (the synthesis is their adjoint): 2 r (m + n) multiply-adds
 //     per token for J = 1, half the folded LoRA's.
+//   wavelet_lowrank_set(x, y, bias, pool, token_slot, slot_offset, slot_rank, levels, dec_lo, dec_hi):
+//     y[t] = bias + dW_s x[t] for every token (the bias alone for base rows and empty slots; no
+//     bias: 0), y written and never read. What an adapted Linear runs before its base GEMM
+//     accumulates into y (y += x W0^T), in place of the bias copy that GEMM would make: y is
+//     passed over once, not twice. CPU only.
+//   wavelet_lowrank_set_shared(x, ys, biases, pools, token_slot, slot_offsets, slot_ranks, levels, dec_lo,
+//                              dec_hi):
+//     the same for several layers that share the input x (a query, key and value): one DWT of
+//     x and one shrink per band for all of them; layer k's slot tables, pool, bias and output
+//     at index k of the lists, every layer's tables over the same slots.
 //
 // x: (T, n), y: (T, m), each float32 or bfloat16 (independently; unit stride along features);
 // pool: 1-D contiguous, float32 or bfloat16; token_slot: (T,) int64, -1 = base row (no work);
@@ -41,6 +51,12 @@ TORCH_LIBRARY(wara, m) {
   m.def(
       "wavelet_lowrank(Tensor x, Tensor(a!) y, Tensor pool, Tensor token_slot, Tensor slot_offset, "
       "Tensor slot_rank, int levels, Tensor dec_lo, Tensor dec_hi) -> ()");
+  m.def(
+      "wavelet_lowrank_set(Tensor x, Tensor(a!) y, Tensor? bias, Tensor pool, Tensor token_slot, "
+      "Tensor slot_offset, Tensor slot_rank, int levels, Tensor dec_lo, Tensor dec_hi) -> ()");
+  m.def(
+      "wavelet_lowrank_set_shared(Tensor x, Tensor(a!)[] ys, Tensor?[] biases, Tensor[] pools, Tensor token_slot, "
+      "Tensor[] slot_offsets, Tensor[] slot_ranks, int levels, Tensor dec_lo, Tensor dec_hi) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 

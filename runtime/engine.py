@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from wara_train.artifact import WaraAdapter, fingerprint
 from wara_train.basespec import BaseSpec, resolve_base
 from wara_train.errors import ConfigError, IncompatibleAdapterError
-from wara_train.layer import is_pointwise_conv, layer_shape, merged_weight, weight_matrix
+from wara_train.layer import is_conv1d, is_pointwise_conv, layer_shape, merged_weight, weight_matrix
 from wara_train.model import adaptable_layers, find_targets, set_submodule
 
 from .config import SLOT_FORMS, SlotForm
@@ -96,6 +96,7 @@ class SlotLayer(nn.Module):
         super().__init__()
         self.base = base
         self.conv = is_pointwise_conv(base)
+        self.conv1d = is_conv1d(base)
         self.m, self.n = layer_shape(base)
         dev, dt = base.weight.device, base.weight.dtype
         self.register_buffer("pool", torch.zeros(pages * (self.n + self.m), device=dev, dtype=dt), persistent=False)
@@ -106,8 +107,39 @@ class SlotLayer(nn.Module):
         self.size: dict[int, int] = {}  # slot -> pool elements it occupies here
         self.own: dict[int, tuple[int, str]] = {}  # slot -> (levels, wavelet) of a slot holding own factors
         # What a kernel derives from the slots' places (index tables, call plans), cleared
-        # whenever a slot here is placed, moved or dropped.
+        # whenever a slot here (or in a layer it computes with, ``shared``) is placed, moved or
+        # dropped.
         self.memo: dict[tuple, Any] = {}
+        # A kernel's entry for the whole layer (base GEMM included: `runtime.kernels.native_linear`),
+        # where the base is a plain Linear or Conv1D whose forward it can stand in for.
+        self.linear = getattr(kernel, "linear", None) if _plain_gemm(base) else None
+        # Layers a forward feeds this layer's input right after it (the key and value of a query;
+        # `TorchEngine._share_inputs`): ``linear`` computes their outputs with this one's, from one
+        # transform of the input, and they pick them up (``leader``: the layer that computes yours).
+        self.shared: list[SlotLayer] = []
+        self.leader: SlotLayer | None = None
+
+    def memoized(self, key: tuple, make) -> Any:
+        """``memo[key]``, made by ``make()`` on first use (the memo is bounded: many distinct
+        mixes of adapters start it afresh)."""
+        got = self.memo.get(key, _MISSING)
+        if got is _MISSING:
+            if len(self.memo) > 256:
+                self.memo.clear()
+            got = self.memo[key] = make()
+        return got
+
+    def _changed(self) -> None:
+        """A slot's place changed: forget what was derived from the places, here and in the
+        layer that computes this one's output."""
+        self.memo.clear()
+        if self.leader is not None:
+            self.leader.memo.clear()
+
+    def _gemm(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W0^T (n, m), bias) of the base: ``base(x) = x W0^T + bias``."""
+        w = self.base.weight
+        return (w if self.conv1d else w.T), self.base.bias
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Views (A (r, n), B (m, r)) of a folded slot's factors in the pool; None for rank 0."""
@@ -125,7 +157,7 @@ class SlotLayer(nn.Module):
         r = 0 if a is None else a.shape[0]
         self.offset[slot], self.rank[slot], self.size[slot] = off, r, r * (self.n + self.m)
         self.own.pop(slot, None)
-        self.memo.clear()
+        self._changed()
         if r:
             n, m = self.n, self.m
             self.pool[off : off + r * n].view(r, n).copy_(a)
@@ -137,7 +169,7 @@ class SlotLayer(nn.Module):
         off = page * (self.n + self.m)
         self.offset[slot], self.rank[slot], self.size[slot] = off, rank, packed.numel()
         self.own[slot] = (levels, wavelet)
-        self.memo.clear()
+        self._changed()
         self.pool[off : off + packed.numel()].copy_(packed)
 
     def move(self, slot: int, page: int) -> None:
@@ -147,36 +179,48 @@ class SlotLayer(nn.Module):
         if size and new != off:
             self.pool[new : new + size].copy_(self.pool[off : off + size].clone())
         self.offset[slot] = new
-        self.memo.clear()
+        self._changed()
 
     def drop(self, slot: int) -> None:
         for table in (self.offset, self.rank, self.size, self.own):
             table.pop(slot, None)
-        self.memo.clear()
+        self._changed()
 
     def tables(self, slots: tuple[int, ...], form: tuple[int, str] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot_offset, slot_rank) for a native op over ``slots`` (a batch's groups, in order):
         the slots of ``form`` (None: folded; else own factors at (levels, wavelet)) at their
         rank, every other slot at rank 0 (skipped). Cached until a slot here changes."""
-        key = ("tables", slots, form)
-        got = self.memo.get(key)
-        if got is None:
-            if len(self.memo) > 256:
-                self.memo.clear()
+        def make():
             dev = self.pool.device
             off = torch.tensor([self.offset.get(s, 0) for s in slots], dtype=torch.long, device=dev)
             rank = torch.tensor([self.rank.get(s, 0) if self.own.get(s) == form else 0 for s in slots],
                                 dtype=torch.long, device=dev)
-            got = self.memo[key] = (off, rank)
-        return got
+            return off, rank
+
+        return self.memoized(("tables", slots, form), make)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if not self.routing.groups:
-            return y
-        if x.shape[0] != self.routing.rows:
+        routing = self.routing
+        if not routing.groups:
+            return self.base(x)
+        if self.leader is not None:  # computed with the leader's output, if it saw this very input
+            got = routing.cache.pop(("shared", id(self)), None)
+            if got is not None and got[0] is x and got[1] == x._version:
+                return got[2]
+        if x.shape[0] != routing.rows:
             raise ConfigError(f"an adapted layer sees inputs of shape {list(x.shape)} whose first axis is not the "
-                              f"batch of {self.routing.rows}: this model cannot be served with per-row adapters")
+                              f"batch of {routing.rows}: this model cannot be served with per-row adapters")
+        if self.linear is not None:
+            xs = x.reshape(x.shape[0], -1, x.shape[-1])
+            ys = self.linear(xs, [self, *self.shared], routing.groups) if self.shared else None
+            if ys is None:
+                ys = self.linear(xs, [self], routing.groups)
+            if ys is not None:
+                lead = x.shape[:-1]
+                for layer, y in zip(self.shared, ys[1:]):
+                    routing.cache[("shared", id(layer))] = (x, x._version, y.view(*lead, layer.m))
+                return ys[0].view(*lead, self.m)
+        y = self.base(x)
         if self.conv:  # (B, C, H, W) -> (B, HW, C) rows of features
             xs = x.flatten(2).transpose(1, 2)
             d = self.kernel(xs, self, self.routing.groups)
@@ -187,6 +231,16 @@ class SlotLayer(nn.Module):
             return y
         d = self.kernel(xs, self, self.routing.groups)
         return y if d is None else y + d.reshape(y.shape)
+
+
+_MISSING = object()
+
+
+def _plain_gemm(base: nn.Module) -> bool:
+    """Whether ``base``'s forward is exactly ``x W0^T + bias`` on its parameters: an nn.Linear (not
+    a subclass, which may compute otherwise) or a Conv1D, with no hooks."""
+    plain = type(base) is nn.Linear or is_conv1d(base)
+    return plain and not (base._forward_hooks or base._forward_pre_hooks)
 
 
 class HeadTap(nn.Module):
@@ -325,12 +379,48 @@ class TorchEngine:
         if self.base_head is not None:
             self.base_head = self.base_head.to(self.device).eval()
         self.layers: dict[str, SlotLayer] = {n: model.get_submodule(n) for n in self.targets}
+        self._share_inputs()
         self.max_rank = max_rank
         self.feature_dim = self._feature_dim()
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> its task head (weight, bias)
         self.lock = threading.Lock()  # one forward or slot write at a time
         self._hash_lock = threading.Lock()
         self.fingerprint(tuple(self.targets))  # the usual target set, hashed once at start-up
+
+    def _share_inputs(self) -> None:
+        """Find the adapted layers a forward feeds one input tensor (the query, key and value of
+        an attention; the gate and up projections of a gated MLP), from one sample forward, and
+        let the first of each compute the others' outputs with its own (`SlotLayer.shared`):
+        one transform of the input and one shrink per band serve them all. A follower takes the
+        output only if it gets the very tensor the leader got, unchanged, in the same forward,
+        so a model whose calls differ from the sample's is still served exactly."""
+        fed: list[tuple[torch.Tensor, list[SlotLayer]]] = []
+
+        def note(layer: SlotLayer, args: tuple) -> None:
+            x = args[0] if args else None
+            for seen, members in fed:
+                if seen is x:
+                    if layer not in members:
+                        members.append(layer)
+                    return
+            fed.append((x, [layer]))
+
+        fusable = [layer for layer in self.layers.values() if layer.linear is not None]
+        if len(fusable) < 2 or self.device.type != "cpu":  # `native_linear` runs on the CPU
+            return
+        hooks = [layer.register_forward_pre_hook(note) for layer in fusable]
+        try:
+            with torch.no_grad():
+                self.model(*[t.to(self.device) for t in self.spec.sample(1, 4)])
+        finally:
+            for h in hooks:
+                h.remove()
+        for _, members in fed:
+            free = [m for m in members if m.leader is None and not m.shared]
+            if len(free) > 1 and len({m.n for m in free}) == 1:
+                free[0].shared = free[1:]
+                for m in free[1:]:
+                    m.leader = free[0]
 
     def _feature_dim(self) -> int:
         """What the head sees: the base head's input, or (no head) the model's output on a sample."""

@@ -84,11 +84,7 @@ def native_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, tor
     batch = cache.get(("native", tokens))
     if batch is None or batch[0] is not groups:  # the first layer of a forward with this many tokens
         batch = cache[("native", tokens)] = _route(groups, rows, tokens, x.device)
-    plan = layer.memo.get(batch[1])
-    if plan is None:
-        if len(layer.memo) > 256:  # many distinct mixes of adapters: keep it bounded
-            layer.memo.clear()
-        plan = layer.memo[batch[1]] = _plan(layer, *batch[1])
+    plan = layer.memoized(batch[1], lambda: _plan(layer, *batch[1][1:]))
     if not plan:
         return out
     m = layer.m
@@ -130,7 +126,7 @@ def _route(groups: list[tuple[int, torch.Tensor]], rows: int, tokens: int,
     return groups, ("native", slots, whole), token_slot
 
 
-def _plan(layer: "SlotLayer", _: str, slots: tuple[int, ...], whole: bool) -> tuple:
+def _plan(layer: "SlotLayer", slots: tuple[int, ...], whole: bool) -> tuple:
     """What `native_lora` runs on ``layer`` for a batch of ``slots`` (``whole``: one slot on
     every row): () for nothing, (_PAIR, (A^T, B^T)), or the op calls, each (op, its trailing
     arguments)."""
@@ -154,6 +150,76 @@ def _plan(layer: "SlotLayer", _: str, slots: tuple[int, ...], whole: bool) -> tu
 
 
 native_lora.reads_own_factors = True  # the engine may keep adapters' own factors in its slots
+
+
+def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
+                  groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor] | None:
+    """Whole adapted layers that share the input x, ``y_k = x W_k^T + b_k + ΔW_s,k x`` for each,
+    for a batch with slots holding own factors, on the CPU: ``wara::wavelet_lowrank_set`` writes
+    ``b_k + ΔW_s,k x`` (the bias alone on other rows) for all of them from one DWT of x, any
+    folded slots' sgmv adds, then each base GEMM accumulates into its y (``y += x W^T``). The bias
+    copy that `torch.addmm` makes before its GEMM is replaced by the op's write, so an update
+    costs no pass over y of its own (the unfused op reads y and writes it back after the GEMM
+    has written it). Returns the outputs (tokens, m_k), or None where this does not apply (the
+    caller runs the base and `native_lora`): no own-factor slot in the batch, layers whose own
+    slots differ in form, a base of another dtype, another device."""
+    rows, tokens, n = x.shape
+    cache = layers[0].routing.cache
+    batch = cache.get(("native", tokens))
+    if batch is None or batch[0] is not groups:
+        batch = cache[("native", tokens)] = _route(groups, rows, tokens, x.device)
+    plan = layers[0].memoized(("linear", len(layers), batch[1]), lambda: _linear_plan(layers, batch[1], x.device))
+    if plan is None:
+        return None
+    gemms = [layer._gemm() for layer in layers]
+    if any(w_t.dtype != x.dtype for w_t, _ in gemms):
+        return None
+    xt = x.reshape(rows * tokens, n)
+    if xt.stride(-1) != 1:
+        xt = xt.contiguous()
+    ys = [x.new_empty(rows * tokens, layer.m) for layer in layers]
+    token_slot = batch[2]
+    offs, ranks, levels, lo, hi, rests = plan
+    if len(layers) == 1:
+        torch.ops.wara.wavelet_lowrank_set.default(xt, ys[0], gemms[0][1], layers[0].pool, token_slot, offs[0],
+                                                   ranks[0], levels, lo, hi)
+    else:
+        torch.ops.wara.wavelet_lowrank_set_shared.default(xt, ys, [b for _, b in gemms], [layer.pool for layer in layers],
+                                                          token_slot, offs, ranks, levels, lo, hi)
+    for layer, y, rest, (w_t, _) in zip(layers, ys, rests, gemms):
+        for op, args in rest:
+            op(xt, y, layer.pool, token_slot, *args)
+        y.addmm_(xt, w_t)
+    return ys
+
+
+def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) -> tuple | None:
+    """`native_linear`'s plan for a batch of plan ``key``: (the set op's per-layer offsets and
+    ranks for the batch's first own-factor form, its levels and filters, each layer's other
+    calls from its `native_lora` plan), or None where no slot of the batch holds own factors in
+    these layers, or the set op has no kernel here. A layer the batch's adapters skip still
+    runs in the set op (rank 0 everywhere: it writes the bias)."""
+    if device.type != "cpu":
+        return None
+    _, slots, whole = key
+    forms = sorted({layer.own[s] for layer in layers for s in slots if layer.rank.get(s, 0) and s in layer.own})
+    if not forms:
+        return None
+    levels, wavelet = forms[0]
+    lo, hi = wavelet_filters(wavelet, layers[0].pool.device)
+    op = torch.ops.wara.wavelet_lowrank.default
+    offs, ranks, rests = [], [], []
+    for layer in layers:
+        plan = layer.memoized(key, lambda layer=layer: _plan(layer, slots, whole))
+        if plan and plan[0] is _PAIR:
+            return None
+        off, rank = layer.tables(slots, forms[0])
+        offs.append(off), ranks.append(rank)
+        rests.append(tuple(c for c in plan if not (c[0] is op and c[1][0] is off)))
+    return offs, ranks, levels, lo, hi, rests
+
+
+native_lora.linear = native_linear  # SlotLayer runs the whole layer through it where it applies
 
 _filters: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -171,3 +171,180 @@ def test_kernels_follow_slots_that_change_between_forwards(kernel):
     a[2].zero_(), b[2].zero_()
     routing.cache = {}
     assert_close(kernel(x, layer, mixed), reference_lora(x, a, b, [mixed[0]]))
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "linear_no_bias", "conv1d"])
+def test_an_adapted_layer_runs_its_update_before_its_base_gemm(base_kind):
+    """Where a batch has slots holding own factors, an adapted Linear or Conv1D runs as a whole on
+    the CPU (`runtime.kernels.native_linear`): the set op writes bias + ΔW_s x, folded slots' sgmv
+    adds, the base GEMM accumulates. The layer's output equals x W0ᵀ + b + ΔW_s x (float64), for
+    mixed batches with base rows and folded slots; a batch of folded slots alone keeps the
+    unfused path (base, then the kernel) and answers the same."""
+    import math
+
+    from references import pywt_delta
+    from runtime.native import own_numel, pack_own
+    from transformers.pytorch_utils import Conv1D
+    from wara_train.wavelets import WaveletSpec, blocks
+
+    gen = torch.Generator().manual_seed(9)
+    n, m = 32, 48
+    torch.manual_seed(9)
+    base = {"linear": torch.nn.Linear(n, m), "linear_no_bias": torch.nn.Linear(n, m, bias=False),
+            "conv1d": Conv1D(m, n)}[base_kind]
+    if base_kind == "conv1d":
+        torch.nn.init.normal_(base.weight), torch.nn.init.normal_(base.bias)
+    w0 = (base.weight.T if base_kind == "conv1d" else base.weight).double()  # (m, n)
+    b0 = torch.zeros(m, dtype=torch.float64) if base.bias is None else base.bias.double()
+    routing = Routing()
+    layer = SlotLayer(base, pages=24, routing=routing, kernel=native_lora)
+    assert layer.linear is not None
+    pool = PagePool(24)
+    delta = {}
+    a, b = torch.randn(3, n, generator=gen), torch.randn(m, 3, generator=gen)
+    pool.runs[1] = (pool.find(3), 3)
+    layer.place(1, pool.runs[1][0], a, b)
+    delta[1] = b.double() @ a.double()
+    for s, (wavelet, levels, r) in {2: ("haar", 1, 2), 3: ("db2", 2, 3)}.items():
+        factors = {blk.name: (torch.randn(r, n >> blk.level, generator=gen), torch.randn(m >> blk.level, r, generator=gen))
+                   for blk in blocks(levels)}
+        pages = math.ceil(own_numel(m, n, r, levels) / (n + m))
+        pool.runs[s] = (pool.find(pages), pages)
+        layer.place_own(s, pool.runs[s][0], pack_own(factors, spec=WaveletSpec(wavelet, "periodization", levels),
+                                                     scale=0.5), rank=r, levels=levels, wavelet=wavelet)
+        delta[s] = pywt_delta(factors, shape=(m, n), wavelet=wavelet, levels=levels, scale=0.5)
+    x = torch.randn(6, 5, n, generator=gen)
+    for row_slots, fused in ((torch.tensor([1, 2, 0, 3, 2, 1]), True),  # both forms, two wavelets, a base row
+                             (torch.tensor([2] * 6), True),  # one own adapter on every row
+                             (torch.tensor([1, 0, 1, 1, 0, 0]), False)):  # folded only: base, then the kernel
+        routing.groups = [(s, (row_slots == s).nonzero().flatten()) for s in sorted(set(row_slots.tolist()) - {0})]
+        routing.rows, routing.cache = 6, {}
+        with torch.no_grad():
+            got = layer(x)
+        want = x.double() @ w0.T + b0
+        for i, s in enumerate(row_slots.tolist()):
+            if s:
+                want[i] += x[i].double() @ delta[s].T
+        assert_close(got, want)
+        plans = [v for k, v in layer.memo.items() if k[0] == "linear"]
+        assert len(plans) == 1 and (plans[0] is not None) == fused
+        layer.memo.clear()
+
+
+def _own_factors(gen, r: int, m: int, n: int, levels: int) -> dict:
+    from wara_train.wavelets import blocks
+
+    return {blk.name: (torch.randn(r, n >> blk.level, generator=gen), torch.randn(m >> blk.level, r, generator=gen))
+            for blk in blocks(levels)}
+
+
+def test_layers_fed_one_input_are_computed_by_the_first_and_checked_by_the_rest():
+    """A leader (the query) computes its followers' outputs (key, value) with its own from one
+    transform of x; a follower takes its output only for the very tensor the leader saw,
+    unchanged, in the same forward; otherwise it computes its own. The layers' outputs equal
+    x W0ᵀ + b + ΔW_s x (float64) in every case, including a follower the adapter skips (rank 0)
+    and a narrower value layer; a slot change in a follower is seen by the leader's plan."""
+    import math
+
+    from references import pywt_delta
+    from runtime.native import own_numel, pack_own
+    from wara_train.wavelets import WaveletSpec
+
+    gen = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    n, widths = 32, {"q": 48, "k": 48, "v": 16}
+    routing = Routing()
+    layers = {name: SlotLayer(torch.nn.Linear(n, m), pages=40, routing=routing, kernel=native_lora)
+              for name, m in widths.items()}
+    q, k, v = layers["q"], layers["k"], layers["v"]
+    q.shared, k.leader, v.leader = [k, v], q, q
+    spec = WaveletSpec("haar", "periodization", 2)
+    delta = {}
+
+    def put(layer, slot, r, page):
+        m = layer.m
+        factors = _own_factors(gen, r, m, n, 2)
+        assert math.ceil(own_numel(m, n, r, 2) / (n + m)) <= 12
+        layer.place_own(slot, page, pack_own(factors, spec=spec, scale=0.5), rank=r, levels=2, wavelet="haar")
+        delta[(layer.m, id(layer), slot)] = pywt_delta(factors, shape=(m, n), wavelet="haar", levels=2, scale=0.5)
+
+    for slot, page in ((1, 0), (2, 12)):
+        put(q, slot, 2, page), put(v, slot, 3, page)
+        k.place(slot, page, None, None) if slot == 2 else put(k, slot, 1, page)  # slot 2 skips the key
+    row_slots = torch.tensor([1, 0, 2, 1])
+    x = torch.randn(4, 5, n, generator=gen)
+
+    def want(layer, xs):
+        out = xs.double() @ layer.base.weight.double().T + layer.base.bias.double()
+        for i, s in enumerate(row_slots.tolist()):
+            d = delta.get((layer.m, id(layer), s))
+            if d is not None:
+                out[i] += xs[i].double() @ d.T
+        return out
+
+    calls = []
+    real = q.linear
+
+    def spy(xs, members, groups):
+        calls.append([layers_by_id[id(m)] for m in members])
+        return real(xs, members, groups)
+
+    layers_by_id = {id(layer): name for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.linear = spy
+
+    def forward(xq, xk, xv, touch=None):
+        routing.groups = [(s, (row_slots == s).nonzero().flatten()) for s in (1, 2)]
+        routing.rows, routing.cache = 4, {}
+        calls.clear()
+        with torch.no_grad():
+            yq = q(xq)
+            if touch is not None:
+                touch()
+            return yq, k(xk), v(xv)
+
+    ys = forward(x, x, x)
+    assert calls == [["q", "k", "v"]]  # the followers took theirs
+    for layer, y in zip((q, k, v), ys):
+        assert_close(y, want(layer, x))
+    x2 = x + 1
+    ys = forward(x, x2, x)  # the key gets another tensor: it computes its own
+    assert calls == [["q", "k", "v"], ["k"]]
+    assert_close(ys[1], want(k, x2)) and assert_close(ys[2], want(v, x))
+    xc = x.clone()
+    ys = forward(xc, xc, xc, touch=lambda: xc.mul_(2))  # changed in place after the leader ran
+    assert calls == [["q", "k", "v"], ["k"], ["v"]]
+    assert_close(ys[1], want(k, xc)) and assert_close(ys[2], want(v, xc))
+    put(v, 1, 4, 24)  # a follower's slot re-placed: the leader's plan is made afresh
+    assert not q.memo
+    ys = forward(x, x, x)
+    assert calls == [["q", "k", "v"]]
+    assert_close(ys[2], want(v, x))
+
+
+def test_the_engine_finds_layers_fed_one_input(tmp_path):
+    """`TorchEngine` finds, from a sample forward, the query, key and value of each attention
+    (fed one tensor) and lets the query compute all three; served answers equal the explicit
+    model's."""
+    import tiny_models as tm
+    from exporter.common import base_for
+    from exporter.verify import reference_model
+    from runtime.engine import TorchEngine
+    from wara_train.synthetic import random_adapter
+
+    source = f"hf:{tm.make_bert_classifier(tmp_path / 'bert')}"
+    engine = TorchEngine(source, device="cpu", slot_form="own")
+    leaders = {name: [f for f, layer in engine.layers.items() if layer in lead.shared]
+               for name, lead in engine.layers.items() if lead.shared}
+    assert leaders and all(name.endswith("query") and [f.rsplit(".", 1)[1] for f in fol] == ["key", "value"]
+                           for name, fol in leaders.items()), leaders
+    assert len(leaders) == 2  # two layers
+    adapter = random_adapter(source, tmp_path / "a", rank=2, levels=1, seed=1)
+    engine.write_slot(1, engine.prepare(adapter))
+    ids = torch.randint(5, 60, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    got = engine.forward((ids, mask), [1, 0, 1])
+    ref = reference_model(adapter, base_for(adapter))
+    with torch.no_grad():
+        for row in (0, 2):
+            assert_close(got[row]["logits"], ref(ids[row : row + 1], mask[row : row + 1])[0])

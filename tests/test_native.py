@@ -231,6 +231,89 @@ def test_bfloat16(name, x_dtype, pool_dtype, y_dtype):
     assert_close(y, y0.double() + delta, dtype=torch.bfloat16)
 
 
+def _set_layers(gen, spec, n, shapes_ranks, dtype=torch.float32):
+    """Pools of several layers that share an input (out features, per-slot ranks), one slot
+    table shape: (pools, offsets, ranks) lists."""
+    pools, offs, ranks = [], [], []
+    for m, rs in shapes_ranks:
+        pool, off, rank = wara_pool(gen, rs, m, n, spec)
+        pools.append(pool.to(dtype)), offs.append(off), ranks.append(rank)
+    return pools, offs, ranks
+
+
+@pytest.mark.parametrize("wavelet,levels", [("haar", 1), ("db2", 2), ("haar", 3)])
+def test_wavelet_lowrank_set_writes_bias_plus_update_for_layers_sharing_an_input(wavelet, levels):
+    """``wara::wavelet_lowrank_set`` (the CPU op an adapted Linear runs before its base GEMM) and
+    ``_set_shared``: for each of several layers that share x (one DWT, one stacked shrink per band), y = bias + ΔW_s x
+    on adapted rows, the bias alone on base rows and where a slot is empty in that layer (rank 0:
+    the adapter skips the layer), 0 without a bias; y is never read (it starts as NaN); ranks
+    differ per slot and per layer; the layers' widths differ (a narrower value projection)."""
+    ops = impl("native")
+    gen = torch.Generator().manual_seed(levels * 7 + len(wavelet))
+    n = 64
+    spec = WaveletSpec(wavelet, "periodization", levels)
+    layers = [(48, [3, 1, 4, 0, 2]), (48, [5, 0, 2, 0, 1]), (24, [3, 2, 0, 0, 6])]  # slot 3: empty everywhere
+    pools, offs, ranks = _set_layers(gen, spec, n, layers)
+    token_slot = tokens_of([0, -1, 1, 2, 3, 0, 2, -1, 4, 1])
+    x = torch.randn(len(token_slot), n, generator=gen)
+    biases = [torch.randn(48, generator=gen), None, torch.randn(24, generator=gen)]
+    lo, hi = wavelet_filters(wavelet)
+    for k in ([0], [0, 1, 2], [2, 1]):  # one layer, all three, a subset in another order
+        ys = [torch.full((len(token_slot), layers[i][0]), float("nan")) for i in k]
+        ops.wavelet_lowrank_set_shared(x, ys, [biases[i] for i in k], [pools[i] for i in k], token_slot,
+                                       [offs[i] for i in k], [ranks[i] for i in k], levels, lo, hi)
+        if len(k) == 1:  # the one-layer op: the same
+            y1 = torch.full_like(ys[0], float("nan"))
+            ops.wavelet_lowrank_set(x, y1, biases[k[0]], pools[k[0]], token_slot, offs[k[0]], ranks[k[0]], levels, lo, hi)
+            assert torch.equal(y1, ys[0])
+        for y, i in zip(ys, k):
+            m = layers[i][0]
+            delta = reference.wavelet_delta_f64(x, pools[i], token_slot, offs[i], ranks[i], out_features=m,
+                                                levels=levels, wavelet=wavelet)
+            bias = torch.zeros(m) if biases[i] is None else biases[i]
+            assert_close(y, bias.double() + delta)
+            idle = [t for t, s in enumerate(token_slot.tolist()) if s < 0 or layers[i][1][s] == 0]
+            assert torch.equal(y[idle], bias.expand(len(idle), m))
+
+
+def test_wavelet_lowrank_set_in_bfloat16_and_its_bad_arguments():
+    ops = impl("native")
+    gen = torch.Generator().manual_seed(11)
+    n, spec = 32, WaveletSpec("db2", "periodization", 1)
+    layers = [(40, [3, 8, 0]), (40, [2, 0, 5])]
+    pools, offs, ranks = _set_layers(gen, spec, n, layers, dtype=torch.bfloat16)
+    token_slot = tokens_of([0, -1, 1, 2, 0, 1])
+    x = torch.randn(len(token_slot), n, generator=gen).to(torch.bfloat16)
+    biases = [torch.randn(40, generator=gen).to(torch.bfloat16), None]
+    ys = [torch.empty(len(token_slot), 40, dtype=torch.bfloat16) for _ in layers]
+    lo, hi = wavelet_filters("db2")
+    ops.wavelet_lowrank_set_shared(x, ys, biases, pools, token_slot, offs, ranks, 1, lo, hi)
+    for y, bias, pool, off, rank in zip(ys, biases, pools, offs, ranks):
+        delta = reference.wavelet_delta_f64(x, pool, token_slot, off, rank, out_features=40, levels=1, wavelet="db2")
+        assert_close(y, (0 if bias is None else bias.double()) + delta, dtype=torch.bfloat16)
+    good = {"ys": [torch.zeros(len(token_slot), 40) for _ in layers], "biases": [None, None], "pools":
+            [p.float() for p in pools], "offs": offs, "ranks": ranks}
+    xf = x.float()
+    for change, message in [({"biases": [None]}, "one entry per layer"),
+                            ({"pools": pools[:1]}, "one entry per layer"),
+                            ({"biases": [torch.zeros(39), None]}, "bias must be 1-D with one value per output"),
+                            ({"biases": [None, torch.zeros(40, dtype=torch.float64)]}, "bias must be float32"),
+                            ({"ys": [torch.zeros(len(token_slot), 40), torch.zeros(len(token_slot), 40,
+                                                                                   dtype=torch.bfloat16)]}, "one dtype"),
+                            ({"ranks": [ranks[0], torch.tensor([1, 1])]}, "same length|same slots"),
+                            ({"ys": [torch.zeros(len(token_slot), 40), torch.zeros(len(token_slot), 41)]},
+                             "divisible by 2\\^levels"),
+                            ({"ys": []}, "one entry per layer")]:
+        args = {**good, **change}
+        ys = [y.clone() for y in args["ys"]]
+        with pytest.raises(RuntimeError, match=message):
+            ops.wavelet_lowrank_set_shared(xf, ys, args["biases"], args["pools"], token_slot, args["offs"],
+                                           args["ranks"], 1, lo, hi)
+    with pytest.raises(RuntimeError, match="bias must be 1-D"):
+        ops.wavelet_lowrank_set(xf, good["ys"][0], torch.zeros(3), good["pools"][0], token_slot, offs[0], ranks[0], 1,
+                                lo, hi)
+
+
 def test_packers_follow_the_core_delta_and_fold():
     """pack_own (scale folded into B) reproduces the core's ΔW (pywt, via tests/references), and
     the folded LoRA of the same adapter through sgmv equals the fused op on its own factors."""

@@ -67,10 +67,12 @@ inline void dwt_row_f(const TX* x, int64_t half, const float* lo, const float* h
 }
 
 // out[p] += synthesis of (a, d) at p, p in [0, 2 * half): out[2q + e] takes tap i from
-// coefficient q + (e - h + i) / 2 for the e in {0, 1} that makes e - h + i even.
-template <int F, typename TO>
-inline void idwt_row_add_f(const float* a, const float* d, int64_t half, const float* lo, const float* hi, int taps,
-                         TO* out) {
+// coefficient q + (e - h + i) / 2 for the e in {0, 1} that makes e - h + i even. With `init`
+// (kSet): out[p] = init[p] + synthesis, out written and not read.
+template <int F, bool kSet, typename TO>
+inline void idwt_row_f(const float* a, const float* d, int64_t half, const float* lo, const float* hi, int taps,
+                       const float* init, TO* out) {
+  auto start = [&](int64_t p) { return kSet ? init[p] : to_float(out[p]); };
   const int f = F ? F : taps, h = f / 2;
   // the shifts c = (e - h + i) / 2 span [lo_c, hi_c]; the interior q keeps q + c inside [0, half)
   int64_t lo_c = 0, hi_c = 0;
@@ -91,8 +93,8 @@ inline void idwt_row_add_f(const float* a, const float* d, int64_t half, const f
       if (e) so += v;
       else se += v;
     }
-    assign(out[2 * q], to_float(out[2 * q]) + se);
-    assign(out[2 * q + 1], to_float(out[2 * q + 1]) + so);
+    assign(out[2 * q], start(2 * q) + se);
+    assign(out[2 * q + 1], start(2 * q + 1) + so);
   };
   for (int64_t q = 0; q < q0; ++q) edge(q);
   int64_t q = q0;
@@ -102,8 +104,13 @@ inline void idwt_row_add_f(const float* a, const float* d, int64_t half, const f
       const vf av = load(a + q), dv = load(d + q);
       vf first, second;
       interleave(l1 * av + h1 * dv, l0 * av + h0 * dv, first, second);
-      store(out + 2 * q, load(out + 2 * q) + first);
-      store(out + 2 * q + kW, load(out + 2 * q + kW) + second);
+      if constexpr (kSet) {
+        store(out + 2 * q, load(init + 2 * q) + first);
+        store(out + 2 * q + kW, load(init + 2 * q + kW) + second);
+      } else {
+        store(out + 2 * q, load(out + 2 * q) + first);
+        store(out + 2 * q + kW, load(out + 2 * q + kW) + second);
+      }
     }
   }
   for (; q < q1; ++q) {
@@ -116,8 +123,8 @@ inline void idwt_row_add_f(const float* a, const float* d, int64_t half, const f
       if (e) so += v;
       else se += v;
     }
-    assign(out[2 * q], to_float(out[2 * q]) + se);
-    assign(out[2 * q + 1], to_float(out[2 * q + 1]) + so);
+    assign(out[2 * q], start(2 * q) + se);
+    assign(out[2 * q + 1], start(2 * q + 1) + so);
   }
   for (int64_t q = q1; q < half; ++q) edge(q);
 }
@@ -153,7 +160,14 @@ inline void dwt_row(const TX* x, int64_t half, const float* lo, const float* hi,
 template <typename TO>
 inline void idwt_row_add(const float* a, const float* d, int64_t half, const float* lo, const float* hi, int taps,
                          TO* out) {
-  dispatch_taps(taps, [&](auto f) { idwt_row_add_f<decltype(f)::value>(a, d, half, lo, hi, taps, out); });
+  dispatch_taps(taps, [&](auto f) { idwt_row_f<decltype(f)::value, false>(a, d, half, lo, hi, taps, nullptr, out); });
+}
+
+// out = init + the synthesis of (a, d): out written, not read.
+template <typename TO>
+inline void idwt_row_set(const float* a, const float* d, int64_t half, const float* lo, const float* hi, int taps,
+                         const float* init, TO* out) {
+  dispatch_taps(taps, [&](auto f) { idwt_row_f<decltype(f)::value, true>(a, d, half, lo, hi, taps, init, out); });
 }
 
 }  // namespace wara::cpu

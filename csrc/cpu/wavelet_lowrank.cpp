@@ -33,95 +33,144 @@ inline std::vector<Group> group_blocks(const Layout& layout, bool by_row) {
   return groups;
 }
 
-// A thread's float32 copy of one slot's factors, kept while its tiles stay on that slot: per
-// input group the stacked A (R_g, n_g) rows; per output group the stacked B^T packed in panels.
+// One layer of a call: its y, pool, checked tables, layout and output groups, and (set mode) the
+// row every y row starts from. Layers of one call share x, the token slots and the wavelet, so
+// their input groups are the same (the block order depends only on J).
+struct Member {
+  const at::Tensor* y;
+  const at::Tensor* pool;
+  Tables tab;
+  Layout layout;
+  std::vector<Group> rows;
+  std::vector<float> init;
+  bool written[2][17] = {};
+};
+
+// A thread's float32 copy of one slot's factors in every layer, kept while its tiles stay on that
+// slot: per input group the stacked A (R_g, n_g) rows of every layer's blocks (one shrink serves
+// all the layers); per layer and output group its stacked B^T packed in panels.
 struct PackedWavelet {
   int64_t slot = -1;
   AlignedFloats data;
-  std::vector<int64_t> a_at, bt_at;
+  std::vector<int64_t> a_at, a_rank;          // per input group: offset, stacked rank R_g
+  std::vector<std::vector<int64_t>> bt_at;    // per layer, per output group
+  std::vector<std::vector<int64_t>> ucol;     // per layer, per block: its first column of U
+  int64_t ldu = 0;
 
   template <typename TP>
-  void ensure(int64_t s, const TP* pool, int64_t offset, int64_t r, const Layout& layout,
-              const std::vector<Group>& cols, const std::vector<Group>& rows) {
+  void ensure(int64_t s, const std::vector<Member>& members, const std::vector<Group>& cols) {
     if (s == slot) return;
-    a_at.clear();
-    bt_at.clear();
+    const size_t layers = members.size();
+    a_at.assign(cols.size(), 0);
+    a_rank.assign(cols.size(), 0);
+    bt_at.assign(layers, {});
+    ucol.assign(layers, std::vector<int64_t>(members[0].layout.blocks.size(), 0));
     int64_t total = 0;
-    for (const Group& g : cols) {
-      a_at.push_back(total);
-      total += round_up(r * static_cast<int64_t>(g.blocks.size()) * g.len);
-    }
-    for (const Group& g : rows) {
-      bt_at.push_back(total);
-      total += round_up(r * static_cast<int64_t>(g.blocks.size()) * g.len);
-    }
-    data.resize(total);
+    ldu = 0;
     for (size_t gi = 0; gi < cols.size(); ++gi) {
-      float* dst = data.data() + a_at[gi];
-      for (int b : cols[gi].blocks) {
-        const Block& blk = layout.blocks[b];
-        const TP* src = pool + offset + r * blk.prefix;
-        for (int64_t i = 0; i < r * blk.n; ++i) dst[i] = to_float(src[i]);
-        dst += r * blk.n;
+      a_at[gi] = total;
+      for (const Member& mb : members) a_rank[gi] += mb.tab.rank[s] * static_cast<int64_t>(cols[gi].blocks.size());
+      total += round_up(a_rank[gi] * cols[gi].len);
+      ldu += a_rank[gi];
+    }
+    for (size_t k = 0; k < layers; ++k) {
+      const int64_t r = members[k].tab.rank[s];
+      for (const Group& g : members[k].rows) {
+        bt_at[k].push_back(total);
+        total += round_up(r * static_cast<int64_t>(g.blocks.size()) * g.len);
       }
     }
-    for (size_t gi = 0; gi < rows.size(); ++gi) {
-      const Group& g = rows[gi];
-      const int64_t rg = r * static_cast<int64_t>(g.blocks.size());
-      for (size_t i = 0; i < g.blocks.size(); ++i) {
-        const Block& blk = layout.blocks[g.blocks[i]];
-        pack_bt(pool + offset + r * blk.prefix + r * blk.n, blk.m, r, data.data() + bt_at[gi], r, rg,
-                static_cast<int64_t>(i) * r);
+    data.resize(total);
+    int64_t c = 0;
+    for (size_t gi = 0; gi < cols.size(); ++gi) {
+      float* dst = data.data() + a_at[gi];
+      for (size_t k = 0; k < layers; ++k) {
+        const Member& mb = members[k];
+        const int64_t r = mb.tab.rank[s], off = mb.tab.off[s];
+        const TP* pool = reinterpret_cast<const TP*>(mb.pool->data_ptr());
+        for (int b : cols[gi].blocks) {
+          const Block& blk = mb.layout.blocks[b];
+          const TP* src = pool + off + r * blk.prefix;
+          for (int64_t i = 0; i < r * blk.n; ++i) dst[i] = to_float(src[i]);
+          dst += r * blk.n;
+          ucol[k][b] = c;
+          c += r;
+        }
+      }
+    }
+    for (size_t k = 0; k < layers; ++k) {
+      const Member& mb = members[k];
+      const int64_t r = mb.tab.rank[s], off = mb.tab.off[s];
+      if (r == 0) continue;
+      const TP* pool = reinterpret_cast<const TP*>(mb.pool->data_ptr());
+      for (size_t gi = 0; gi < mb.rows.size(); ++gi) {
+        const Group& g = mb.rows[gi];
+        const int64_t rg = r * static_cast<int64_t>(g.blocks.size());
+        for (size_t i = 0; i < g.blocks.size(); ++i) {
+          const Block& blk = mb.layout.blocks[g.blocks[i]];
+          pack_bt(pool + off + r * blk.prefix + r * blk.n, blk.m, r, data.data() + bt_at[k][gi], r, rg,
+                  static_cast<int64_t>(i) * r);
+        }
       }
     }
     slot = s;
   }
 };
 
-// The wavelet update of one tile: DWT of its rows along the input features; per input group one
-// shrink into U (the group's blocks' ranks side by side); per output group its blocks' columns
-// of U gathered, one expand storing its row band; then the inverse cascade of the row bands:
-// level j's synthesis adds into the approximation band of level j - 1, the last into y.
+// dst[0:r] = src[0:r] for the few floats of one block's ranks, inline: a library memmove call
+// per (token, block) was a tenth of the op's time at rank 4.
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void copy_ranks(const float* src, int64_t r,
+                                                                                      float* dst) {
+  int64_t j = 0;
+  for (; j + kW <= r; j += kW) store(dst + j, load(src + j));
+  for (; j < r; ++j) dst[j] = src[j];
+}
+
+// y[0:m] = row, rounded to y's dtype once.
+template <typename TY>
+inline void store_row(const float* row, int64_t m, TY* y) {
+  if constexpr (std::is_same_v<TY, float>) {
+    std::copy_n(row, m, y);
+  } else {
+    for (int64_t i = 0; i < m; ++i) assign(y[i], row[i]);
+  }
+}
+
+// The wavelet update of one tile in every layer: DWT of its rows along the input features (once
+// for all the layers); per input group one shrink into U (every layer's blocks' ranks side by
+// side); per layer, per output group its blocks' columns of U gathered and one expand storing its
+// row band, then the inverse cascade of the row bands: level j's synthesis adds into the
+// approximation band of level j - 1, the last into y.
+//
+// Set mode (`set`: wavelet_lowrank_set): y is written, not read: each adapted token's row is
+// init + its update, summed in float32 and rounded once; every other row is init.
 template <typename TX, typename TP, typename TY>
-void wavelet_typed(const at::Tensor& x, const at::Tensor& y, const at::Tensor& pool, const Tables& tab,
-                   const std::vector<Tile>& tiles, const Layout& layout, const Filters& f) {
+void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, const int64_t* token_slot,
+                   const int64_t* slot_rank, const std::vector<Tile>& tiles, const Filters& f, bool set) {
   const TX* xp = reinterpret_cast<const TX*>(x.data_ptr());
-  TY* yp = reinterpret_cast<TY*>(y.data_ptr());
-  const TP* pp = reinterpret_cast<const TP*>(pool.data_ptr());
-  const int64_t ldx = x.stride(0), ldy = y.stride(0), n = layout.n, m = layout.m;
-  const int levels = layout.levels, taps = f.taps;
+  const int64_t ldx = x.stride(0), n = x.size(1);
+  const int levels = members[0].layout.levels, taps = f.taps;
   const float* lo = f.lo.data();
   const float* hi = f.hi.data();
-  const std::vector<Group> cols = group_blocks(layout, false), rows = group_blocks(layout, true);
-  const int64_t nblocks = static_cast<int64_t>(layout.blocks.size());
-  // Bands written by no expand (none for wavelet_layout) are zeroed per tile.
-  bool written[2][17] = {};
-  for (const Group& g : rows) written[g.band.detail][g.band.level] = true;
+  const std::vector<Group> cols = group_blocks(members[0].layout, false);
+  int64_t max_m = 0;
+  for (const Member& mb : members) max_m = std::max(max_m, mb.layout.m);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     int64_t max_nt = 0;
     for (int64_t i = begin; i < end; ++i) max_nt = std::max(max_nt, tiles[i].t1 - tiles[i].t0);
     // Bands of the tile, per level j = 1..J: in_a[j], in_d[j] (nt, n_j); out_a[j], out_d[j] (nt, m_j).
-    AlignedFloats in_bands(2 * max_nt * n + 2 * levels * kW), out_bands(2 * max_nt * m + 2 * levels * kW), u, ug;
-    std::vector<int64_t> ucol(nblocks);
+    AlignedFloats in_bands(2 * max_nt * n + 2 * levels * kW), out_bands(2 * max_nt * max_m + 2 * levels * kW), u, ug;
     PackedWavelet packed;
     for (int64_t i = begin; i < end; ++i) {
       const Tile& tile = tiles[i];
-      const int64_t r = tab.rank[tile.slot], off = tab.off[tile.slot], nt = tile.t1 - tile.t0;
+      const int64_t nt = tile.t1 - tile.t0;
       float* in_b[2][17];
-      float* out_b[2][17];
       float* p = in_bands.data();
-      float* q = out_bands.data();
       for (int j = 1; j <= levels; ++j) {
         in_b[0][j] = p;
         p += round_up(nt * (n >> j));
         in_b[1][j] = p;
         p += round_up(nt * (n >> j));
-        out_b[0][j] = q;
-        q += round_up(nt * (m >> j));
-        out_b[1][j] = q;
-        q += round_up(nt * (m >> j));
-        for (int e = 0; e < 2; ++e)
-          if (!written[e][j]) std::fill(out_b[e][j], out_b[e][j] + nt * (m >> j), 0.f);
       }
       for (int64_t t = 0; t < nt; ++t) {
         dwt_row(xp + (tile.t0 + t) * ldx, n >> 1, lo, hi, taps, in_b[0][1] + t * (n >> 1), in_b[1][1] + t * (n >> 1));
@@ -130,57 +179,152 @@ void wavelet_typed(const at::Tensor& x, const at::Tensor& y, const at::Tensor& p
           dwt_row(in_b[0][j - 1] + t * (2 * nj), nj, lo, hi, taps, in_b[0][j] + t * nj, in_b[1][j] + t * nj);
         }
       }
-      packed.ensure(tile.slot, pp, off, r, layout, cols, rows);
-      const int64_t ldu = r * nblocks;
+      packed.ensure<TP>(tile.slot, members, cols);
+      const int64_t ldu = packed.ldu;
       u.resize(nt * ldu);
       int64_t c = 0;
       for (size_t gi = 0; gi < cols.size(); ++gi) {
         const Group& g = cols[gi];
-        const int64_t rg = r * static_cast<int64_t>(g.blocks.size());
-        shrink(in_b[g.band.detail][g.band.level], g.len, nt, packed.data.data() + packed.a_at[gi], g.len, rg, g.len,
-               u.data() + c, ldu);
-        for (size_t k = 0; k < g.blocks.size(); ++k) ucol[g.blocks[k]] = c + static_cast<int64_t>(k) * r;
+        const int64_t rg = packed.a_rank[gi];
+        if (rg > 0)
+          shrink(in_b[g.band.detail][g.band.level], g.len, nt, packed.data.data() + packed.a_at[gi], g.len, rg, g.len,
+                 u.data() + c, ldu);
         c += rg;
       }
-      for (size_t gi = 0; gi < rows.size(); ++gi) {
-        const Group& g = rows[gi];
-        const int64_t rg = r * static_cast<int64_t>(g.blocks.size());
-        ug.resize(nt * rg);
-        for (int64_t t = 0; t < nt; ++t)
-          for (size_t k = 0; k < g.blocks.size(); ++k)
-            std::copy_n(u.data() + t * ldu + ucol[g.blocks[k]], r, ug.data() + t * rg + static_cast<int64_t>(k) * r);
-        expand<false>(ug.data(), rg, nt, packed.data.data() + packed.bt_at[gi], rg, g.len,
-                      out_b[g.band.detail][g.band.level], g.len);
-      }
-      for (int64_t t = 0; t < nt; ++t) {
-        for (int j = levels; j >= 2; --j) {
-          const int64_t mj = m >> j;
-          idwt_row_add(out_b[0][j] + t * mj, out_b[1][j] + t * mj, mj, lo, hi, taps, out_b[0][j - 1] + t * (2 * mj));
+      for (size_t k = 0; k < members.size(); ++k) {
+        const Member& mb = members[k];
+        const int64_t r = mb.tab.rank[tile.slot], m = mb.layout.m, ldy = mb.y->stride(0);
+        TY* yp = reinterpret_cast<TY*>(mb.y->data_ptr()) + tile.t0 * ldy;
+        if (r == 0) {  // this layer's slot is empty (the adapter skips it): y unchanged, or init
+          if (set)
+            for (int64_t t = 0; t < nt; ++t) store_row(mb.init.data(), m, yp + t * ldy);
+          continue;
         }
-        idwt_row_add(out_b[0][1] + t * (m >> 1), out_b[1][1] + t * (m >> 1), m >> 1, lo, hi, taps,
-                     yp + (tile.t0 + t) * ldy);
+        float* out_b[2][17];
+        float* q = out_bands.data();
+        for (int j = 1; j <= levels; ++j) {
+          out_b[0][j] = q;
+          q += round_up(nt * (m >> j));
+          out_b[1][j] = q;
+          q += round_up(nt * (m >> j));
+          for (int e = 0; e < 2; ++e)  // bands written by no expand (none for wavelet_layout) start at 0
+            if (!mb.written[e][j]) std::fill(out_b[e][j], out_b[e][j] + nt * (m >> j), 0.f);
+        }
+        for (size_t gi = 0; gi < mb.rows.size(); ++gi) {
+          const Group& g = mb.rows[gi];
+          const int64_t rg = r * static_cast<int64_t>(g.blocks.size());
+          ug.resize(nt * rg);
+          for (int64_t t = 0; t < nt; ++t)
+            for (size_t b = 0; b < g.blocks.size(); ++b)
+              copy_ranks(u.data() + t * ldu + packed.ucol[k][g.blocks[b]], r,
+                         ug.data() + t * rg + static_cast<int64_t>(b) * r);
+          expand<false>(ug.data(), rg, nt, packed.data.data() + packed.bt_at[k][gi], rg, g.len,
+                        out_b[g.band.detail][g.band.level], g.len);
+        }
+        for (int64_t t = 0; t < nt; ++t) {
+          for (int j = levels; j >= 2; --j) {
+            const int64_t mj = m >> j;
+            idwt_row_add(out_b[0][j] + t * mj, out_b[1][j] + t * mj, mj, lo, hi, taps, out_b[0][j - 1] + t * (2 * mj));
+          }
+          const float* a1 = out_b[0][1] + t * (m >> 1);
+          const float* d1 = out_b[1][1] + t * (m >> 1);
+          if (set) {
+            idwt_row_set(a1, d1, m >> 1, lo, hi, taps, mb.init.data(), yp + t * ldy);
+          } else {
+            idwt_row_add(a1, d1, m >> 1, lo, hi, taps, yp + t * ldy);
+          }
+        }
       }
     }
+  });
+  if (!set) return;
+  at::parallel_for(0, x.size(0), 64, [&](int64_t begin, int64_t end) {  // rows in no tile: init
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = token_slot[t];
+      if (s >= 0 && slot_rank[s] > 0) continue;
+      for (const Member& mb : members)
+        store_row(mb.init.data(), mb.layout.m, reinterpret_cast<TY*>(mb.y->data_ptr()) + t * mb.y->stride(0));
+    }
+  });
+}
+
+// The checks and the run of one call over `ys.size()` layers that share x (set mode: `biases`
+// holds one optional bias per layer).
+void run_wavelet(const char* op, const at::Tensor& x, at::TensorList ys, at::TensorList pools,
+                 const at::Tensor& token_slot, at::TensorList slot_offsets, at::TensorList slot_ranks, int64_t levels,
+                 const at::Tensor& dec_lo, const at::Tensor& dec_hi, bool set,
+                 const std::vector<std::optional<at::Tensor>>* biases) {
+  const size_t layers = ys.size();
+  TORCH_CHECK(layers >= 1 && pools.size() == layers && slot_offsets.size() == layers && slot_ranks.size() == layers &&
+                  (!biases || biases->size() == layers),
+              op, ": ys, pools, slot_offsets, slot_ranks", biases ? " and biases" : "",
+              " need one entry per layer, got ", layers, ", ", pools.size(), ", ", slot_offsets.size(), ", ",
+              slot_ranks.size(), biases ? ", " + std::to_string(biases->size()) : std::string());
+  std::vector<Member> members(layers);
+  for (size_t k = 0; k < layers; ++k) {
+    check_cpu(op, x, ys[k], pools[k], token_slot, slot_offsets[k], slot_ranks[k]);
+    TORCH_CHECK(ys[k].scalar_type() == ys[0].scalar_type() && pools[k].scalar_type() == pools[0].scalar_type(), op,
+                ": every layer's y and pool need one dtype each, got y ", ys[k].scalar_type(), " and ",
+                ys[0].scalar_type(), ", pool ", pools[k].scalar_type(), " and ", pools[0].scalar_type());
+    TORCH_CHECK(slot_ranks[k].size(0) == slot_ranks[0].size(0), op, ": every layer needs the same slots, got ",
+                slot_ranks[k].size(0), " and ", slot_ranks[0].size(0));
+    Member& mb = members[k];
+    mb.y = &ys[k];
+    mb.pool = &pools[k];
+    check_wavelet(op, levels, x.size(1), ys[k].size(1), dec_lo, dec_hi);
+    mb.layout = wavelet_layout(x.size(1), ys[k].size(1), static_cast<int>(levels));
+    mb.tab = read_tables(op, x, pools[k], token_slot, slot_offsets[k], slot_ranks[k], mb.layout);
+    mb.rows = group_blocks(mb.layout, true);
+    for (const Group& g : mb.rows) mb.written[g.band.detail][g.band.level] = true;
+    if (set) mb.init = check_bias(op, (*biases)[k], ys[k]);
+  }
+  const Filters f = check_wavelet(op, levels, x.size(1), ys[0].size(1), dec_lo, dec_hi);
+  // A token is in a tile where its slot has rank in any layer.
+  const int64_t slots = slot_ranks[0].size(0);
+  std::vector<int64_t> any_rank(static_cast<size_t>(slots), 0);
+  for (const Member& mb : members)
+    for (int64_t s = 0; s < slots; ++s) any_rank[s] = std::max(any_rank[s], mb.tab.rank[s]);
+  const int64_t* ts = members[0].tab.ts;
+  const std::vector<Tile> tiles = make_tiles(ts, x.size(0), any_rank.data());
+  if (tiles.empty() && !set) return;
+  dispatch3(x.scalar_type(), pools[0].scalar_type(), ys[0].scalar_type(), [&](auto tx, auto tp, auto ty) {
+    wavelet_typed<decltype(tx), decltype(tp), decltype(ty)>(x, members, ts, any_rank.data(), tiles, f, set);
   });
 }
 
 void wavelet_lowrank_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& pool,
                          const at::Tensor& token_slot, const at::Tensor& slot_offset, const at::Tensor& slot_rank,
                          int64_t levels, const at::Tensor& dec_lo, const at::Tensor& dec_hi) {
-  constexpr const char* op = "wara::wavelet_lowrank";
-  check_cpu(op, x, y, pool, token_slot, slot_offset, slot_rank);
-  const Filters f = check_wavelet(op, levels, x.size(1), y.size(1), dec_lo, dec_hi);
-  const Layout layout = wavelet_layout(x.size(1), y.size(1), static_cast<int>(levels));
-  const Tables tab = read_tables(op, x, pool, token_slot, slot_offset, slot_rank, layout);
-  const std::vector<Tile> tiles = make_tiles(tab.ts, x.size(0), tab.rank);
-  if (tiles.empty()) return;
-  dispatch3(x.scalar_type(), pool.scalar_type(), y.scalar_type(), [&](auto tx, auto tp, auto ty) {
-    wavelet_typed<decltype(tx), decltype(tp), decltype(ty)>(x, y, pool, tab, tiles, layout, f);
-  });
+  run_wavelet("wara::wavelet_lowrank", x, y, pool, token_slot, slot_offset, slot_rank, levels, dec_lo, dec_hi, false,
+              nullptr);
+}
+
+void wavelet_lowrank_set_cpu(const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& pool, const at::Tensor& token_slot, const at::Tensor& slot_offset,
+                             const at::Tensor& slot_rank, int64_t levels, const at::Tensor& dec_lo,
+                             const at::Tensor& dec_hi) {
+  const std::vector<std::optional<at::Tensor>> biases{bias};
+  run_wavelet("wara::wavelet_lowrank_set", x, y, pool, token_slot, slot_offset, slot_rank, levels, dec_lo, dec_hi, true,
+              &biases);
+}
+
+void wavelet_lowrank_set_shared_cpu(const at::Tensor& x, at::TensorList ys,
+                                    const c10::List<std::optional<at::Tensor>>& biases, at::TensorList pools,
+                                    const at::Tensor& token_slot, at::TensorList slot_offsets,
+                                    at::TensorList slot_ranks, int64_t levels, const at::Tensor& dec_lo,
+                                    const at::Tensor& dec_hi) {
+  std::vector<std::optional<at::Tensor>> b;
+  for (size_t k = 0; k < biases.size(); ++k) b.push_back(biases.get(k));
+  run_wavelet("wara::wavelet_lowrank_set_shared", x, ys, pools, token_slot, slot_offsets, slot_ranks, levels, dec_lo,
+              dec_hi, true, &b);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(wara, CPU, m) { m.impl("wavelet_lowrank", &wavelet_lowrank_cpu); }
+TORCH_LIBRARY_IMPL(wara, CPU, m) {
+  m.impl("wavelet_lowrank", &wavelet_lowrank_cpu);
+  m.impl("wavelet_lowrank_set", &wavelet_lowrank_set_cpu);
+  m.impl("wavelet_lowrank_set_shared", &wavelet_lowrank_set_shared_cpu);
+}
 
 }  // namespace wara::cpu
