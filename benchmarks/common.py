@@ -41,23 +41,29 @@ def environment() -> dict:
 
 
 def interleaved(variants: dict[str, Callable[[], object]], *, rounds: int, iters: int, warmup: int = 2,
-                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+                sync: Callable[[], None] = lambda: None, alternate: bool = False) -> dict[str, list[float]]:
     """Time every variant in turn, ``rounds`` times (A, B, C, A, B, C, ...), so drift on the
-    machine hits all alike. Returns each variant's per-round medians in ms."""
+    machine hits all alike; a turn is ``iters`` calls of one variant (a hot loop, for kernels),
+    or with ``alternate`` one call, ``iters`` turns a round (whole models: a slow second on this
+    VM then falls on every variant, not on one variant's whole turn). Returns each variant's
+    per-round medians in ms."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     sync()
     per_round: dict[str, list[float]] = {k: [] for k in variants}
+    calls, turns = (1, iters) if alternate else (iters, 1)
     for _ in range(rounds):
-        for name, fn in variants.items():
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - t0)
-            per_round[name].append(statistics.median(times) * 1e3)
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(turns):
+            for name, fn in variants.items():
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+        for name in variants:
+            per_round[name].append(statistics.median(times[name]) * 1e3)
     return per_round
 
 

@@ -9,7 +9,7 @@ Two workloads, each in PyTorch (eager) and onnxruntime:
   any spec, e.g. ``hf:DIR[@TASK]``), WaRA r=4 haar J=1 on its default layers, rows labelled with
   the base's name. PyTorch: the serving engine's base rows, its slot path on folded factors
   (unmerged-folded: the GEMM pair), its slot path as served by default (``fused``: own factors
-  and ``wara::wavelet_lowrank`` where `runtime.kernels.own_form_wins` picks them), its merged path,
+  where `runtime.kernels.own_form_wins` picks them, run by `runtime.kernels.native_linear`), its merged path,
   the injected model's explicit path, and peft's LoRA r=8 on the same layers.
   onnxruntime (where the base supports it): the exporter's base, merged, multi
   (unmerged-folded, slot inputs) and unmerged (explicit wavelet ops) graphs. All checked against
@@ -20,8 +20,8 @@ onnxruntime sessions run without spinning worker threads, as the server runs the
 several sessions timed in turn, one session's spinning pool otherwise steals the cores from the
 next (B=1 merged/base swung between 0.67 and 1.18 in such a run).
 
-Forms are timed interleaved (base, merged, folded, explicit, base, ...): median and min-max of
-the per-round medians, and each median's ratio to base. Next to each ratio: the FLOP ratio (what
+Forms are timed interleaved one call at a time (base, merged, folded, explicit, base, ...; a
+round is a few such turns): median and min-max of the per-round medians, and each median's ratio to base. Next to each ratio: the FLOP ratio (what
 the overhead would be if time followed matmul FLOPs) and the base's achieved GFLOP/s as a
 fraction of a plain matmul's measured in the same run. A model's FLOPs are counted from the model:
 2·m·n per token for each adapted (m, n) layer (tokens counted by forward hooks), plus attention's
@@ -266,7 +266,7 @@ def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], lev
                         raise SystemExit(f"synthetic d={d} {engine}: a form disagrees with float64 by {worst:.2e}: {errors}")
                     iters = max(1, min(max_iters, int(2e8 / (2 * batch * seq * d * d) + 1)))
                     with torch.no_grad():
-                        times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device))
+                        times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device), alternate=True)
                     base_ms = times.pop("base:0")
                     base_flops = 2 * batch * seq * d * d
                     rows.append({"workload": f"synthetic d={d}", "engine": engine, "batch": batch, "seq": seq,
@@ -384,7 +384,7 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                 base_flops = model_base_flops(shapes, tokens, batch=batch, attention=attention)
                 iters = max(1, min(max_iters, int(3e9 / base_flops) + 1))
                 with torch.no_grad():
-                    times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device))
+                    times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device), alternate=True)
                 if "peft_lora" in times:  # the peer: peft's unmerged LoRA r=8 over its own base
                     lora = sum(2 * 2 * RANK * (m + n) * tokens[t] for t, (m, n) in shapes.items())
                     rows.append({"workload": spec.name, "engine": "torch", "batch": batch, "seq": seq, "form": "peft_lora",
