@@ -203,16 +203,17 @@ class SlotLayer(nn.Module):
         routing = self.routing
         if not routing.groups:
             return self.base(x)
-        if self.leader is not None:  # computed with the leader's output, if it saw this very input
+        inference = x.is_inference()  # no version counter to check: no sharing
+        if self.leader is not None and not inference:  # computed with the leader's, if it saw this very input
             got = routing.cache.pop(("shared", id(self)), None)
             if got is not None and got[0] is x and got[1] == x._version:
                 return got[2]
         if x.shape[0] != routing.rows:
             raise ConfigError(f"an adapted layer sees inputs of shape {list(x.shape)} whose first axis is not the "
                               f"batch of {routing.rows}: this model cannot be served with per-row adapters")
-        if self.linear is not None:
+        if self.linear is not None and not _hooked(self.base):
             xs = x.reshape(x.shape[0], -1, x.shape[-1])
-            ys = self.linear(xs, [self, *self.shared], routing.groups) if self.shared else None
+            ys = self.linear(xs, [self, *self.shared], routing.groups) if self.shared and not inference else None
             if ys is None:
                 ys = self.linear(xs, [self], routing.groups)
             if ys is not None:
@@ -238,9 +239,16 @@ _MISSING = object()
 
 def _plain_gemm(base: nn.Module) -> bool:
     """Whether ``base``'s forward is exactly ``x W0^T + bias`` on its parameters: an nn.Linear (not
-    a subclass, which may compute otherwise) or a Conv1D, with no hooks."""
-    plain = type(base) is nn.Linear or is_conv1d(base)
-    return plain and not (base._forward_hooks or base._forward_pre_hooks)
+    a subclass, which may compute otherwise) or a Conv1D."""
+    return type(base) is nn.Linear or is_conv1d(base)
+
+
+def _hooked(base: nn.Module) -> bool:
+    """Whether a forward hook (its own, or a global one) would see ``base`` run: then it runs."""
+    from torch.nn.modules import module
+
+    return bool(base._forward_hooks or base._forward_pre_hooks or module._global_forward_hooks
+                or module._global_forward_pre_hooks)
 
 
 class HeadTap(nn.Module):
@@ -398,6 +406,8 @@ class TorchEngine:
 
         def note(layer: SlotLayer, args: tuple) -> None:
             x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):  # called by keyword: not grouped
+                return
             for seen, members in fed:
                 if seen is x:
                     if layer not in members:

@@ -172,7 +172,7 @@ def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
     if plan is None:
         return None
     gemms = [layer._gemm() for layer in layers]
-    if any(w_t.dtype != x.dtype for w_t, _ in gemms):
+    if x.dtype not in _SET_DTYPES or any(w_t.dtype != x.dtype for w_t, _ in gemms):
         return None
     xt = x.reshape(rows * tokens, n)
     if xt.stride(-1) != 1:
@@ -193,6 +193,9 @@ def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
     return ys
 
 
+_SET_DTYPES = (torch.float32, torch.bfloat16)  # what the native ops take
+
+
 def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) -> tuple | None:
     """`native_linear`'s plan for a batch of plan ``key``: (the set op's per-layer offsets and
     ranks for the batch's first own-factor form, its levels and filters, each layer's other
@@ -206,6 +209,8 @@ def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) ->
     if not forms:
         return None
     levels, wavelet = forms[0]
+    if any(layer.m % (1 << levels) or layer.n % (1 << levels) for layer in layers):  # a layer no adapter here
+        return None  # could hold at these levels (skipped by all of them): computed one by one
     lo, hi = wavelet_filters(wavelet, layers[0].pool.device)
     op = torch.ops.wara.wavelet_lowrank.default
     offs, ranks, rests = [], [], []
@@ -215,7 +220,9 @@ def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) ->
             return None
         off, rank = layer.tables(slots, forms[0])
         offs.append(off), ranks.append(rank)
-        rests.append(tuple(c for c in plan if not (c[0] is op and c[1][0] is off)))
+        # The set op runs this form: the rest are the other calls (a wavelet call is known by
+        # its levels and filters, which `wavelet_filters` makes once per wavelet and device).
+        rests.append(tuple(c for c in plan if not (c[0] is op and c[1][2] == levels and c[1][3] is lo)))
     return offs, ranks, levels, lo, hi, rests
 
 

@@ -12,6 +12,16 @@ from runtime.engine import PagePool, Routing, SlotLayer
 from runtime.kernels import default_kernel, grouped_lora, native_lora
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _native_loaded():
+    """`native_lora` calls torch.ops.wara: the library is loaded whichever test runs first (`make
+    test` builds it; a failed build fails here, naming why)."""
+    from runtime import native
+
+    st = native.load()
+    assert st.native, st.reason
+
+
 def test_the_native_op_serves_on_cpu():
     """`make test` builds the native library: the engine's default CPU kernel is its op."""
     from runtime import native
@@ -229,6 +239,14 @@ def test_an_adapted_layer_runs_its_update_before_its_base_gemm(base_kind):
         plans = [v for k, v in layer.memo.items() if k[0] == "linear"]
         assert len(plans) == 1 and (plans[0] is not None) == fused
         layer.memo.clear()
+    seen = []  # a hook on the base must see it run: the layer then takes the unfused path
+    handle = base.register_forward_hook(lambda *_: seen.append(1))
+    routing.groups, routing.cache = [(2, torch.arange(6))], {}
+    with torch.no_grad():
+        got = layer(x)
+    handle.remove()
+    assert seen == [1] and not [k for k in layer.memo if k[0] == "linear"]
+    assert_close(got, x.double() @ w0.T + b0 + x.double() @ delta[2].T)
 
 
 def _own_factors(gen, r: int, m: int, n: int, levels: int) -> dict:
@@ -310,11 +328,13 @@ def test_layers_fed_one_input_are_computed_by_the_first_and_checked_by_the_rest(
     x2 = x + 1
     ys = forward(x, x2, x)  # the key gets another tensor: it computes its own
     assert calls == [["q", "k", "v"], ["k"]]
-    assert_close(ys[1], want(k, x2)) and assert_close(ys[2], want(v, x))
+    assert_close(ys[1], want(k, x2))
+    assert_close(ys[2], want(v, x))
     xc = x.clone()
     ys = forward(xc, xc, xc, touch=lambda: xc.mul_(2))  # changed in place after the leader ran
     assert calls == [["q", "k", "v"], ["k"], ["v"]]
-    assert_close(ys[1], want(k, xc)) and assert_close(ys[2], want(v, xc))
+    assert_close(ys[1], want(k, xc))
+    assert_close(ys[2], want(v, xc))
     put(v, 1, 4, 24)  # a follower's slot re-placed: the leader's plan is made afresh
     assert not q.memo
     ys = forward(x, x, x)
@@ -344,7 +364,19 @@ def test_the_engine_finds_layers_fed_one_input(tmp_path):
     ids = torch.randint(5, 60, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     got = engine.forward((ids, mask), [1, 0, 1])
+    for name in leaders:  # the query ran its key and value with it (no silent fallback)
+        plans = [v for key, v in engine.layers[name].memo.items() if key[:2] == ("linear", 3)]
+        assert len(plans) == 1 and plans[0] is not None
     ref = reference_model(adapter, base_for(adapter))
     with torch.no_grad():
         for row in (0, 2):
             assert_close(got[row]["logits"], ref(ids[row : row + 1], mask[row : row + 1])[0])
+    alone = engine.forward((ids[1:2], mask[1:2]), [0])[0]  # the base row answers as it does alone
+    assert got[1].keys() == alone.keys()
+    for key in alone:
+        assert_close(got[1][key], alone[key])
+    with torch.inference_mode():  # no version counters: the layers run one by one, still exact
+        again = engine.forward((ids, mask), [1, 0, 1])
+    for a, b in zip(got, again):
+        for key in a:
+            assert_close(a[key], b[key])

@@ -276,6 +276,30 @@ def test_wavelet_lowrank_set_writes_bias_plus_update_for_layers_sharing_an_input
             assert torch.equal(y[idle], bias.expand(len(idle), m))
 
 
+def test_narrow_layers_at_three_levels_and_one_token_tiles():
+    """Bands narrower than a vector and a cache line (width 16 at J = 3: bands of 8, 4, 2), one
+    token per tile (the slot changes every token): the per-thread band buffers hold every band
+    as laid out (each rounded up to a cache line), in both modes and with several layers."""
+    ops = impl("native")
+    gen = torch.Generator().manual_seed(21)
+    n, spec = 16, WaveletSpec("db2", "periodization", 3)
+    layers = [(16, [2, 3, 1]), (8, [1, 0, 2])]
+    pools, offs, ranks = _set_layers(gen, spec, n, layers)
+    token_slot = torch.tensor([0, 1, 2, -1, 0, 2, 1, 0, 1, 2, 0])
+    x = torch.randn(len(token_slot), n, generator=gen)
+    lo, hi = wavelet_filters("db2")
+    y0 = torch.randn(len(token_slot), 16, generator=gen)
+    y = y0.clone()
+    ops.wavelet_lowrank(x, y, pools[0], token_slot, offs[0], ranks[0], 3, lo, hi)
+    deltas = [reference.wavelet_delta_f64(x, p, token_slot, o, r, out_features=m, levels=3, wavelet="db2")
+              for (m, _), p, o, r in zip(layers, pools, offs, ranks)]
+    check_update(y0, y, deltas[0], token_slot, layers[0][1])
+    ys = [torch.full((len(token_slot), m), float("nan")) for m, _ in layers]
+    ops.wavelet_lowrank_set_shared(x, ys, [None, None], pools, token_slot, offs, ranks, 3, lo, hi)
+    for y, delta in zip(ys, deltas):
+        assert_close(y, delta)
+
+
 def test_wavelet_lowrank_set_in_bfloat16_and_its_bad_arguments():
     ops = impl("native")
     gen = torch.Generator().manual_seed(11)
@@ -300,7 +324,10 @@ def test_wavelet_lowrank_set_in_bfloat16_and_its_bad_arguments():
                             ({"biases": [None, torch.zeros(40, dtype=torch.float64)]}, "bias must be float32"),
                             ({"ys": [torch.zeros(len(token_slot), 40), torch.zeros(len(token_slot), 40,
                                                                                    dtype=torch.bfloat16)]}, "one dtype"),
-                            ({"ranks": [ranks[0], torch.tensor([1, 1])]}, "same length|same slots"),
+                            ({"offs": [offs[0], offs[1][:2]], "ranks": [ranks[0], ranks[1][:2]]},
+                             r"\(layer 1\): every layer needs the same slots"),
+                            ({"ys": [torch.zeros(len(token_slot), 40), torch.zeros(3, 40)]},
+                             r"\(layer 1\): x has \d+ tokens but y has 3"),
                             ({"ys": [torch.zeros(len(token_slot), 40), torch.zeros(len(token_slot), 41)]},
                              "divisible by 2\\^levels"),
                             ({"ys": []}, "one entry per layer")]:

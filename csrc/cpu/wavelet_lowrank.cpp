@@ -1,6 +1,8 @@
 // CPU implementation of wara::wavelet_lowrank (schema and semantics: ops.cpp), tiled as
 // wara::sgmv is (cpu/sgmv.cpp): per tile, the rows' DWT into float32 bands, each block's
 // shrink and expand between bands (cpu/lowrank.h), the inverse cascade into y.
+#include <string>
+
 #include "cpu/common.h"
 #include "cpu/wavelet.h"
 
@@ -155,11 +157,18 @@ void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, cons
   const std::vector<Group> cols = group_blocks(members[0].layout, false);
   int64_t max_m = 0;
   for (const Member& mb : members) max_m = std::max(max_m, mb.layout.m);
+  // Floats of a tile's bands of a width-`len` signal, per level j = 1..J two bands (nt, len_j),
+  // each rounded up to whole cache lines, as the pointers below are laid out.
+  auto band_floats = [levels](int64_t nt, int64_t len) {
+    int64_t total = 0;
+    for (int j = 1; j <= levels; ++j) total += 2 * round_up(nt * (len >> j));
+    return total;
+  };
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     int64_t max_nt = 0;
     for (int64_t i = begin; i < end; ++i) max_nt = std::max(max_nt, tiles[i].t1 - tiles[i].t0);
     // Bands of the tile, per level j = 1..J: in_a[j], in_d[j] (nt, n_j); out_a[j], out_d[j] (nt, m_j).
-    AlignedFloats in_bands(2 * max_nt * n + 2 * levels * kW), out_bands(2 * max_nt * max_m + 2 * levels * kW), u, ug;
+    AlignedFloats in_bands(band_floats(max_nt, n)), out_bands(band_floats(max_nt, max_m)), u, ug;
     PackedWavelet packed;
     for (int64_t i = begin; i < end; ++i) {
       const Tile& tile = tiles[i];
@@ -261,22 +270,25 @@ void run_wavelet(const char* op, const at::Tensor& x, at::TensorList ys, at::Ten
               " need one entry per layer, got ", layers, ", ", pools.size(), ", ", slot_offsets.size(), ", ",
               slot_ranks.size(), biases ? ", " + std::to_string(biases->size()) : std::string());
   std::vector<Member> members(layers);
+  std::vector<std::string> names;  // "op (layer k)" where a call has several layers
+  for (size_t k = 0; k < layers; ++k) names.push_back(layers > 1 ? std::string(op) + " (layer " + std::to_string(k) + ")" : op);
   for (size_t k = 0; k < layers; ++k) {
-    check_cpu(op, x, ys[k], pools[k], token_slot, slot_offsets[k], slot_ranks[k]);
-    TORCH_CHECK(ys[k].scalar_type() == ys[0].scalar_type() && pools[k].scalar_type() == pools[0].scalar_type(), op,
+    const char* opk = names[k].c_str();
+    check_cpu(opk, x, ys[k], pools[k], token_slot, slot_offsets[k], slot_ranks[k]);
+    TORCH_CHECK(ys[k].scalar_type() == ys[0].scalar_type() && pools[k].scalar_type() == pools[0].scalar_type(), opk,
                 ": every layer's y and pool need one dtype each, got y ", ys[k].scalar_type(), " and ",
                 ys[0].scalar_type(), ", pool ", pools[k].scalar_type(), " and ", pools[0].scalar_type());
-    TORCH_CHECK(slot_ranks[k].size(0) == slot_ranks[0].size(0), op, ": every layer needs the same slots, got ",
+    TORCH_CHECK(slot_ranks[k].size(0) == slot_ranks[0].size(0), opk, ": every layer needs the same slots, got ",
                 slot_ranks[k].size(0), " and ", slot_ranks[0].size(0));
     Member& mb = members[k];
     mb.y = &ys[k];
     mb.pool = &pools[k];
-    check_wavelet(op, levels, x.size(1), ys[k].size(1), dec_lo, dec_hi);
+    check_wavelet(opk, levels, x.size(1), ys[k].size(1), dec_lo, dec_hi);
     mb.layout = wavelet_layout(x.size(1), ys[k].size(1), static_cast<int>(levels));
-    mb.tab = read_tables(op, x, pools[k], token_slot, slot_offsets[k], slot_ranks[k], mb.layout);
+    mb.tab = read_tables(opk, x, pools[k], token_slot, slot_offsets[k], slot_ranks[k], mb.layout);
     mb.rows = group_blocks(mb.layout, true);
     for (const Group& g : mb.rows) mb.written[g.band.detail][g.band.level] = true;
-    if (set) mb.init = check_bias(op, (*biases)[k], ys[k]);
+    if (set) mb.init = check_bias(opk, (*biases)[k], ys[k]);
   }
   const Filters f = check_wavelet(op, levels, x.size(1), ys[0].size(1), dec_lo, dec_hi);
   // A token is in a tile where its slot has rank in any layer.
