@@ -29,6 +29,8 @@ Q Kᵀ and softmax·V where a transformers config gives its depth and width.
 
     .venv/bin/python -m benchmarks.latency            # full grid, 7 rounds (about 14 min on 2 cores)
     .venv/bin/python -m benchmarks.latency --quick    # tiny sizes (used by the tests)
+    .venv/bin/python -m benchmarks.latency --model-only --batches 1,32 --seqs 64 --rounds 21 \
+        --out benchmarks/results/latency_seq64.json   # the issue-13 cells alone, more rounds
     .venv/bin/python -m benchmarks.latency --base hf:DIR --device cuda   # another base, on a GPU
 """
 
@@ -425,12 +427,25 @@ def plot(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     environment()  # read at the start: the commit and machine this run measures
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a test that it runs)")
     p.add_argument("--device", default="cpu", help="torch device (onnxruntime runs only on cpu here)")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--model-only", action="store_true", help="skip the synthetic layers (the whole model only)")
+    p.add_argument("--batches", type=_ints, help="the model's batch sizes, comma-separated (default 1,8,32)")
+    p.add_argument("--seqs", type=_ints, help="the model's sequence lengths, comma-separated (default 16,64,128)")
     add_base_option(p)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = p.parse_args(argv)
@@ -443,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         grid = dict(widths=[64], batches=[2], seqs=[4], levels=[1, 2], model_batches=[1], model_seqs=[8], rounds=1, max_iters=1)
     else:
-        grid = dict(widths=[1024, 4096], batches=[1, 8, 32], seqs=[16, 128], levels=[1, 2, 3],
-                    model_batches=[1, 8, 32], model_seqs=[16, 64, 128], rounds=args.rounds, max_iters=10)
+        grid = dict(widths=[] if args.model_only else [1024, 4096], batches=[1, 8, 32], seqs=[16, 128],
+                    levels=[1, 2, 3], model_batches=args.batches or [1, 8, 32], model_seqs=args.seqs or [16, 64, 128],
+                    rounds=args.rounds, max_iters=10)
     model_seqs, notes = seq_grid(spec, grid["model_seqs"])
     if len(model_engines) < len(engines) and not args.quick:
         notes.append(f"onnxruntime skipped: base {spec.name!r} is served by {', '.join(spec.backends)} only")
