@@ -128,6 +128,19 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void copy_r
   for (; j < r; ++j) dst[j] = src[j];
 }
 
+// The bands of a tile of nt rows of a width-`len` signal: per level j = 1..J the approximation
+// and the detail (nt, len >> j), each rounded up to whole cache lines, from `base`; with
+// `bands`, bands[d][j] is set to each. Returns the floats they take (what a buffer needs).
+inline int64_t lay_bands(float* base, int64_t nt, int64_t len, int levels, float* (*bands)[17]) {
+  int64_t at = 0;
+  for (int j = 1; j <= levels; ++j)
+    for (int d = 0; d < 2; ++d) {
+      if (bands) bands[d][j] = base + at;
+      at += round_up(nt * (len >> j));
+    }
+  return at;
+}
+
 // y[0:m] = row, rounded to y's dtype once.
 template <typename TY>
 inline void store_row(const float* row, int64_t m, TY* y) {
@@ -157,30 +170,18 @@ void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, cons
   const std::vector<Group> cols = group_blocks(members[0].layout, false);
   int64_t max_m = 0;
   for (const Member& mb : members) max_m = std::max(max_m, mb.layout.m);
-  // Floats of a tile's bands of a width-`len` signal, per level j = 1..J two bands (nt, len_j),
-  // each rounded up to whole cache lines, as the pointers below are laid out.
-  auto band_floats = [levels](int64_t nt, int64_t len) {
-    int64_t total = 0;
-    for (int j = 1; j <= levels; ++j) total += 2 * round_up(nt * (len >> j));
-    return total;
-  };
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     int64_t max_nt = 0;
     for (int64_t i = begin; i < end; ++i) max_nt = std::max(max_nt, tiles[i].t1 - tiles[i].t0);
     // Bands of the tile, per level j = 1..J: in_a[j], in_d[j] (nt, n_j); out_a[j], out_d[j] (nt, m_j).
-    AlignedFloats in_bands(band_floats(max_nt, n)), out_bands(band_floats(max_nt, max_m)), u, ug;
+    AlignedFloats in_bands(lay_bands(nullptr, max_nt, n, levels, nullptr)),
+        out_bands(lay_bands(nullptr, max_nt, max_m, levels, nullptr)), u, ug;
     PackedWavelet packed;
     for (int64_t i = begin; i < end; ++i) {
       const Tile& tile = tiles[i];
       const int64_t nt = tile.t1 - tile.t0;
       float* in_b[2][17];
-      float* p = in_bands.data();
-      for (int j = 1; j <= levels; ++j) {
-        in_b[0][j] = p;
-        p += round_up(nt * (n >> j));
-        in_b[1][j] = p;
-        p += round_up(nt * (n >> j));
-      }
+      lay_bands(in_bands.data(), nt, n, levels, in_b);
       for (int64_t t = 0; t < nt; ++t) {
         dwt_row(xp + (tile.t0 + t) * ldx, n >> 1, lo, hi, taps, in_b[0][1] + t * (n >> 1), in_b[1][1] + t * (n >> 1));
         for (int j = 2; j <= levels; ++j) {
@@ -210,15 +211,10 @@ void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, cons
           continue;
         }
         float* out_b[2][17];
-        float* q = out_bands.data();
-        for (int j = 1; j <= levels; ++j) {
-          out_b[0][j] = q;
-          q += round_up(nt * (m >> j));
-          out_b[1][j] = q;
-          q += round_up(nt * (m >> j));
+        lay_bands(out_bands.data(), nt, m, levels, out_b);
+        for (int j = 1; j <= levels; ++j)
           for (int e = 0; e < 2; ++e)  // bands written by no expand (none for wavelet_layout) start at 0
             if (!mb.written[e][j]) std::fill(out_b[e][j], out_b[e][j] + nt * (m >> j), 0.f);
-        }
         for (size_t gi = 0; gi < mb.rows.size(); ++gi) {
           const Group& g = mb.rows[gi];
           const int64_t rg = r * static_cast<int64_t>(g.blocks.size());
