@@ -21,6 +21,14 @@
 //     the same for several layers that share the input x (a query, key and value): one DWT of
 //     x and one shrink per band for all of them; layer k's slot tables, pool, bias and output
 //     at index k of the lists, every layer's tables over the same slots.
+//   wavelet_linear(x, weight, bias, pool, token_slot, slot_offset, slot_rank, levels, dec_lo, dec_hi,
+//                  weight_transposed=False) -> y:
+//     the whole adapted layer, y = x W0^T + bias + dW_s x in a new y: wavelet_lowrank_set, then the
+//     base GEMM accumulating into y. weight: W0 (m, n) as nn.Linear holds it, or W0^T (n, m) with
+//     weight_transposed (a Conv1D's); of x's dtype. One call in place of three from Python.
+//   wavelet_linear_shared(x, weights, biases, pools, token_slot, slot_offsets, slot_ranks, levels, dec_lo,
+//                         dec_hi, weights_transposed=False) -> ys:
+//     the same for layers that share x, from one DWT of x (wavelet_lowrank_set_shared's lists).
 //
 // x: (T, n), y: (T, m), each float32 or bfloat16 (independently; unit stride along features);
 // pool: 1-D contiguous, float32 or bfloat16; token_slot: (T,) int64, -1 = base row (no work);
@@ -57,6 +65,13 @@ TORCH_LIBRARY(wara, m) {
   m.def(
       "wavelet_lowrank_set_shared(Tensor x, Tensor(a!)[] ys, Tensor?[] biases, Tensor[] pools, Tensor token_slot, "
       "Tensor[] slot_offsets, Tensor[] slot_ranks, int levels, Tensor dec_lo, Tensor dec_hi) -> ()");
+  m.def(
+      "wavelet_linear(Tensor x, Tensor weight, Tensor? bias, Tensor pool, Tensor token_slot, Tensor slot_offset, "
+      "Tensor slot_rank, int levels, Tensor dec_lo, Tensor dec_hi, bool weight_transposed=False) -> Tensor");
+  m.def(
+      "wavelet_linear_shared(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] pools, Tensor token_slot, "
+      "Tensor[] slot_offsets, Tensor[] slot_ranks, int levels, Tensor dec_lo, Tensor dec_hi, "
+      "bool weights_transposed=False) -> Tensor[]");
   m.def("build_info() -> str", &build_info);
 }
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _nn_module
 
 from wara_train.artifact import WaraAdapter, fingerprint
 from wara_train.basespec import BaseSpec, resolve_base
@@ -245,10 +246,8 @@ def _plain_gemm(base: nn.Module) -> bool:
 
 def _hooked(base: nn.Module) -> bool:
     """Whether a forward hook (its own, or a global one) would see ``base`` run: then it runs."""
-    from torch.nn.modules import module
-
-    return bool(base._forward_hooks or base._forward_pre_hooks or module._global_forward_hooks
-                or module._global_forward_pre_hooks)
+    return bool(base._forward_hooks or base._forward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks)
 
 
 class HeadTap(nn.Module):

@@ -155,53 +155,53 @@ native_lora.reads_own_factors = True  # the engine may keep adapters' own factor
 def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
                   groups: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor] | None:
     """Whole adapted layers that share the input x, ``y_k = x W_k^T + b_k + ΔW_s,k x`` for each,
-    for a batch with slots holding own factors, on the CPU: ``wara::wavelet_lowrank_set`` writes
-    ``b_k + ΔW_s,k x`` (the bias alone on other rows) for all of them from one DWT of x, any
-    folded slots' sgmv adds, then each base GEMM accumulates into its y (``y += x W^T``). The bias
-    copy that `torch.addmm` makes before its GEMM is replaced by the op's write, so an update
-    costs no pass over y of its own (the unfused op reads y and writes it back after the GEMM
-    has written it). Returns the outputs (tokens, m_k), or None where this does not apply (the
-    caller runs the base and `native_lora`): no own-factor slot in the batch, layers whose own
-    slots differ in form, a base of another dtype, another device."""
+    for a batch with slots holding own factors, on the CPU, in one native call:
+    ``wara::wavelet_linear`` (``_shared`` for several layers, from one DWT of x) writes
+    ``b_k + ΔW_s,k x`` (the bias alone on other rows) into a new y_k and runs each base GEMM
+    accumulating into it (``y += x W^T``); then any folded slots' sgmv adds. The bias copy that
+    `torch.addmm` makes before its GEMM is replaced by the op's write, so an update costs no pass
+    over y of its own (the unfused op reads y and writes it back after the GEMM has written it),
+    and the layer costs one Python -> C++ crossing. Returns the outputs (tokens, m_k), or None
+    where this does not apply (the caller runs the base and `native_lora`): no own-factor slot
+    in the batch, layers whose own slots differ in form, a base of another dtype, another device.
+
+    What the call needs besides x and the batch's token slots is fixed per (layers, batch
+    slots) and kept in the leader's ``memo``: the base's parameters are read there, so they are
+    changed in place (``copy_``, ``.data``), as every PyTorch optimiser does, never replaced."""
     rows, tokens, n = x.shape
-    cache = layers[0].routing.cache
+    layer = layers[0]
+    cache = layer.routing.cache
     batch = cache.get(("native", tokens))
     if batch is None or batch[0] is not groups:
         batch = cache[("native", tokens)] = _route(groups, rows, tokens, x.device)
-    plan = layers[0].memoized(("linear", len(layers), batch[1]), lambda: _linear_plan(layers, batch[1], x.device))
-    if plan is None:
+    key = ("linear", len(layers), batch[1])
+    plan = layer.memo.get(key, _NONE)
+    if plan is _NONE:
+        plan = layer.memoized(key, lambda: _linear_plan(layers, batch[1], x.device))
+    if plan is None or x.dtype is not plan[0]:
         return None
-    gemms = [layer._gemm() for layer in layers]
-    if x.dtype not in _SET_DTYPES or any(w_t.dtype != x.dtype for w_t, _ in gemms):
-        return None
-    xt = x.reshape(rows * tokens, n)
-    if xt.stride(-1) != 1:
-        xt = xt.contiguous()
-    ys = [x.new_empty(rows * tokens, layer.m) for layer in layers]
+    _, op, head, tail, rests = plan
+    xt = x.view(rows * tokens, n) if x.is_contiguous() else x.reshape(rows * tokens, n).contiguous()
     token_slot = batch[2]
-    offs, ranks, levels, lo, hi, rests = plan
+    ys = op(xt, *head, token_slot, *tail)
     if len(layers) == 1:
-        torch.ops.wara.wavelet_lowrank_set.default(xt, ys[0], gemms[0][1], layers[0].pool, token_slot, offs[0],
-                                                   ranks[0], levels, lo, hi)
-    else:
-        torch.ops.wara.wavelet_lowrank_set_shared.default(xt, ys, [b for _, b in gemms], [layer.pool for layer in layers],
-                                                          token_slot, offs, ranks, levels, lo, hi)
-    for layer, y, rest, (w_t, _) in zip(layers, ys, rests, gemms):
-        for op, args in rest:
-            op(xt, y, layer.pool, token_slot, *args)
-        y.addmm_(xt, w_t)
+        ys = [ys]
+    for k, pool, calls in rests:
+        for call, args in calls:
+            call(xt, ys[k], pool, token_slot, *args)
     return ys
 
 
+_NONE = object()
 _SET_DTYPES = (torch.float32, torch.bfloat16)  # what the native ops take
 
 
 def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) -> tuple | None:
-    """`native_linear`'s plan for a batch of plan ``key``: (the set op's per-layer offsets and
-    ranks for the batch's first own-factor form, its levels and filters, each layer's other
-    calls from its `native_lora` plan), or None where no slot of the batch holds own factors in
-    these layers, or the set op has no kernel here. A layer the batch's adapters skip still
-    runs in the set op (rank 0 everywhere: it writes the bias)."""
+    """`native_linear`'s plan for a batch of plan ``key``: (the dtype x must have, the op, its
+    arguments before and after the token slots, (index, pool, calls) of each layer with other
+    calls in its `native_lora` plan, run after the op: sgmv adds), or None where no slot of the batch holds own factors in these layers,
+    the set op has no kernel here, or the bases' dtypes are not one the op takes. A layer the
+    batch's adapters skip still runs in the op (rank 0 everywhere: its y is bias + x W^T)."""
     if device.type != "cpu":
         return None
     _, slots, whole = key
@@ -211,6 +211,13 @@ def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) ->
     levels, wavelet = forms[0]
     if any(layer.m % (1 << levels) or layer.n % (1 << levels) for layer in layers):  # a layer no adapter here
         return None  # could hold at these levels (skipped by all of them): computed one by one
+    bases = [layer.base for layer in layers]
+    dtype = bases[0].weight.dtype
+    if dtype not in _SET_DTYPES or any(b.weight.dtype != dtype or layer.pool.dtype != dtype
+                                       for b, layer in zip(bases, layers)):
+        return None
+    if len({layer.conv1d for layer in layers}) > 1:
+        return None
     lo, hi = wavelet_filters(wavelet, layers[0].pool.device)
     op = torch.ops.wara.wavelet_lowrank.default
     offs, ranks, rests = [], [], []
@@ -220,10 +227,18 @@ def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) ->
             return None
         off, rank = layer.tables(slots, forms[0])
         offs.append(off), ranks.append(rank)
-        # The set op runs this form: the rest are the other calls (a wavelet call is known by
+        # The op runs this form: the rest are the other calls (a wavelet call is known by
         # its levels and filters, which `wavelet_filters` makes once per wavelet and device).
-        rests.append(tuple(c for c in plan if not (c[0] is op and c[1][2] == levels and c[1][3] is lo)))
-    return offs, ranks, levels, lo, hi, rests
+        rest = tuple(c for c in plan if not (c[0] is op and c[1][2] == levels and c[1][3] is lo))
+        if rest:
+            rests.append((len(offs) - 1, layer.pool, rest))
+    transposed = layers[0].conv1d
+    weights, biases, pools = [b.weight for b in bases], [b.bias for b in bases], [layer.pool for layer in layers]
+    if len(layers) == 1:
+        return (dtype, torch.ops.wara.wavelet_linear.default, (weights[0], biases[0], pools[0]),
+                (offs[0], ranks[0], levels, lo, hi, transposed), rests)
+    return (dtype, torch.ops.wara.wavelet_linear_shared.default, (weights, biases, pools),
+            (offs, ranks, levels, lo, hi, transposed), rests)
 
 
 native_lora.linear = native_linear  # SlotLayer runs the whole layer through it where it applies

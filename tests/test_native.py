@@ -341,6 +341,55 @@ def test_wavelet_lowrank_set_in_bfloat16_and_its_bad_arguments():
                                 lo, hi)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wavelet_linear_is_the_whole_layer(dtype):
+    """``wara::wavelet_linear`` (``_shared`` for layers fed one input): y = x W^T + bias + ΔW_s x
+    in a new y per layer, for nn.Linear weights (m, n) and Conv1D's transposed (n, m), against
+    float64 on the same weights and pywt's delta; base rows and empty slots get the base layer."""
+    ops = impl("native")
+    gen = torch.Generator().manual_seed(5)
+    n, spec = 32, WaveletSpec("haar", "periodization", 2)
+    layers = [(40, [3, 0, 2]), (24, [1, 4, 0])]
+    pools, offs, ranks = _set_layers(gen, spec, n, layers, dtype=dtype)
+    token_slot = tokens_of([0, -1, 1, 2, 0])
+    x = torch.randn(len(token_slot), n, generator=gen).to(dtype)
+    weights = [torch.randn(m, n, generator=gen).to(dtype) for m, _ in layers]
+    biases = [torch.randn(40, generator=gen).to(dtype), None]
+    lo, hi = wavelet_filters("haar")
+    want = []
+    for (m, _), w, b, pool, off, rank in zip(layers, weights, biases, pools, offs, ranks):
+        delta = reference.wavelet_delta_f64(x, pool, token_slot, off, rank, out_features=m, levels=2, wavelet="haar")
+        want.append(x.double() @ w.double().T + (0 if b is None else b.double()) + delta)
+    tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2)
+    for transposed in (False, True):
+        ws = [w.T.contiguous() if transposed else w for w in weights]
+        ys = ops.wavelet_linear_shared(x, ws, biases, pools, token_slot, offs, ranks, 2, lo, hi, transposed)
+        y0 = ops.wavelet_linear(x, ws[0], biases[0], pools[0], token_slot, offs[0], ranks[0], 2, lo, hi, transposed)
+        assert [y.dtype for y in ys] == [dtype, dtype]
+        for y, w in zip([y0, *ys], want[:1] + want):
+            torch.testing.assert_close(y.double(), w, **tol)
+    xf, wf = x.float(), [w.float() for w in weights]
+    pf = [p.float() for p in pools]
+    for call, message in [
+        (lambda: ops.wavelet_linear(xf, wf[0][:, :30], None, pf[0], token_slot, offs[0], ranks[0], 2, lo, hi),
+         r"weight of shape \[40, 30\] \(out_features, in_features\) does not fit x"),
+        (lambda: ops.wavelet_linear(xf, wf[0], None, pf[0], token_slot, offs[0], ranks[0], 2, lo, hi, True),
+         r"\(in_features, out_features\) does not fit"),
+        (lambda: ops.wavelet_linear(xf, wf[0].double(), None, pf[0], token_slot, offs[0], ranks[0], 2, lo, hi),
+         "weight is Double but x is Float"),
+        (lambda: ops.wavelet_linear(xf, wf[0][0], None, pf[0], token_slot, offs[0], ranks[0], 2, lo, hi),
+         "weight must be 2-D"),
+        (lambda: ops.wavelet_linear_shared(xf, wf, [None], pf, token_slot, offs, ranks, 2, lo, hi),
+         "weights and biases need one entry per layer"),
+        (lambda: ops.wavelet_linear_shared(xf, [wf[0], wf[1][:, :8]], [None, None], pf, token_slot, offs, ranks, 2,
+                                           lo, hi), r"\(layer 1\): weight of shape"),
+        (lambda: ops.wavelet_linear_shared(xf, wf, [None, None], pf[:1], token_slot, offs, ranks, 2, lo, hi),
+         "one entry per layer"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
 def test_packers_follow_the_core_delta_and_fold():
     """pack_own (scale folded into B) reproduces the core's ΔW (pywt, via tests/references), and
     the folded LoRA of the same adapter through sgmv equals the fused op on its own factors."""

@@ -327,9 +327,68 @@ void wavelet_lowrank_set_shared_cpu(const at::Tensor& x, at::TensorList ys,
               dec_hi, true, &b);
 }
 
+// W0^T of a 2-D base weight for y += x W0^T: a Linear's (m, n) weight transposed, a Conv1D's
+// (n, m) as it is (`transposed`), checked against x and y.
+at::Tensor base_weight_t(const char* op, const at::Tensor& weight, bool transposed, const at::Tensor& x,
+                         const at::Tensor& y) {
+  const at::Tensor w_t = transposed ? weight : weight.t();
+  TORCH_CHECK(w_t.size(0) == x.size(1) && w_t.size(1) == y.size(1), op, ": weight of shape ", weight.sizes(),
+              transposed ? " (in_features, out_features)" : " (out_features, in_features)", " does not fit x ",
+              x.sizes(), " and ", y.size(1), " outputs");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight is ", weight.scalar_type(), " but x is ",
+              x.scalar_type(), " (the base GEMM takes one dtype)");
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), ", x on ", x.device());
+  return w_t;
+}
+
+// The whole adapted layers, y_k = x W_k^T + b_k + dW_s,k x: the set op into a new y_k, then each
+// base GEMM accumulating into it. One call from Python in place of three (an allocation, the set
+// op, addmm_): at one token that Python was ~25 us a layer, more than the op and the GEMM.
+std::vector<at::Tensor> run_linear(const char* op, const at::Tensor& x, at::TensorList weights, bool transposed,
+                                   const std::vector<std::optional<at::Tensor>>& biases, at::TensorList pools,
+                                   const at::Tensor& token_slot, at::TensorList slot_offsets,
+                                   at::TensorList slot_ranks, int64_t levels, const at::Tensor& dec_lo,
+                                   const at::Tensor& dec_hi) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", x.sizes());
+  TORCH_CHECK(weights.size() == biases.size(), op, ": weights and biases need one entry per layer, got ",
+              weights.size(), " and ", biases.size());
+  std::vector<at::Tensor> ys, w_ts;
+  for (size_t k = 0; k < weights.size(); ++k) {
+    const std::string name = weights.size() > 1 ? std::string(op) + " (layer " + std::to_string(k) + ")" : op;
+    TORCH_CHECK(weights[k].dim() == 2, name, ": weight must be 2-D, got shape ", weights[k].sizes());
+    ys.push_back(at::empty({x.size(0), weights[k].size(transposed ? 1 : 0)}, x.options()));
+    w_ts.push_back(base_weight_t(name.c_str(), weights[k], transposed, x, ys.back()));
+  }
+  run_wavelet(op, x, ys, pools, token_slot, slot_offsets, slot_ranks, levels, dec_lo, dec_hi, true, &biases);
+  for (size_t k = 0; k < ys.size(); ++k) ys[k].addmm_(x, w_ts[k]);
+  return ys;
+}
+
+at::Tensor wavelet_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& pool, const at::Tensor& token_slot, const at::Tensor& slot_offset,
+                              const at::Tensor& slot_rank, int64_t levels, const at::Tensor& dec_lo,
+                              const at::Tensor& dec_hi, bool weight_transposed) {
+  return run_linear("wara::wavelet_linear", x, weight, weight_transposed, {bias}, pool, token_slot, slot_offset,
+                    slot_rank, levels, dec_lo, dec_hi)[0];
+}
+
+std::vector<at::Tensor> wavelet_linear_shared_cpu(const at::Tensor& x, at::TensorList weights,
+                                                  const c10::List<std::optional<at::Tensor>>& biases,
+                                                  at::TensorList pools, const at::Tensor& token_slot,
+                                                  at::TensorList slot_offsets, at::TensorList slot_ranks,
+                                                  int64_t levels, const at::Tensor& dec_lo, const at::Tensor& dec_hi,
+                                                  bool weights_transposed) {
+  std::vector<std::optional<at::Tensor>> b;
+  for (size_t k = 0; k < biases.size(); ++k) b.push_back(biases.get(k));
+  return run_linear("wara::wavelet_linear_shared", x, weights, weights_transposed, b, pools, token_slot,
+                    slot_offsets, slot_ranks, levels, dec_lo, dec_hi);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(wara, CPU, m) {
+  m.impl("wavelet_linear", &wavelet_linear_cpu);
+  m.impl("wavelet_linear_shared", &wavelet_linear_shared_cpu);
   m.impl("wavelet_lowrank", &wavelet_lowrank_cpu);
   m.impl("wavelet_lowrank_set", &wavelet_lowrank_set_cpu);
   m.impl("wavelet_lowrank_set_shared", &wavelet_lowrank_set_shared_cpu);
