@@ -390,6 +390,44 @@ def test_wavelet_linear_is_the_whole_layer(dtype):
             call()
 
 
+def test_packed_factors_kept_between_calls_follow_every_write_to_the_pool():
+    """The CPU op keeps each slot's packed float32 factors between calls (WARA_PACK_CACHE_MB):
+    new factors written in place into a slot (same offset and rank), through a view as the
+    engine writes them, are what the next call uses; so are those of a pool allocated where a
+    freed one was, and of a pool made under inference mode (no version counter: packed per call)."""
+    ops = impl("native")
+    gen = torch.Generator().manual_seed(8)
+    n, m, spec = 32, 48, WaveletSpec("haar", "periodization", 1)
+    token_slot = tokens_of([0, 1, -1, 1])
+    x = torch.randn(len(token_slot), n, generator=gen)
+    lo, hi = wavelet_filters("haar")
+
+    def check(pool, offs, ranks):
+        y = torch.full((len(token_slot), m), float("nan"))
+        ops.wavelet_lowrank_set(x, y, None, pool, token_slot, offs, ranks, 1, lo, hi)
+        assert_close(y, reference.wavelet_delta_f64(x, pool, token_slot, offs, ranks, out_features=m, levels=1,
+                                                    wavelet="haar"))
+
+    pool, offs, ranks = wara_pool(gen, [2, 3], m, n, spec)
+    check(pool, offs, ranks)
+    for _ in range(2):  # slot 1 rewritten in place, as SlotLayer.place_own does
+        fresh, _, _ = wara_pool(gen, [2, 3], m, n, spec)
+        start, end = int(offs[1]), pool.numel()
+        with torch.inference_mode():
+            pool[start:end].copy_(fresh[start:end])
+        check(pool, offs, ranks)
+    for _ in range(4):  # pools freed and made again, of one size (the allocator may reuse the address)
+        del pool
+        pool, offs, ranks = wara_pool(gen, [2, 3], m, n, spec)
+        check(pool, offs, ranks)
+    with torch.inference_mode():
+        frozen = pool.clone()
+    check(frozen, offs, ranks)
+    with torch.inference_mode():
+        frozen.mul_(2)
+    check(frozen, offs, ranks)
+
+
 def test_packers_follow_the_core_delta_and_fold():
     """pack_own (scale folded into B) reproduces the core's ΔW (pywt, via tests/references), and
     the folded LoRA of the same adapter through sgmv equals the fused op on its own factors."""

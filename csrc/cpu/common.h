@@ -35,6 +35,7 @@ class AlignedFloats {
   }
   float* data() { return p_; }
   const float* data() const { return p_; }
+  int64_t capacity() const { return cap_; }
 
   // n rounded up to whole cache lines of floats
   static int64_t round_up(int64_t n) { return (n + 15) / 16 * 16; }

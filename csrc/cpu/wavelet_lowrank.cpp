@@ -1,7 +1,12 @@
 // CPU implementation of wara::wavelet_lowrank (schema and semantics: ops.cpp), tiled as
 // wara::sgmv is (cpu/sgmv.cpp): per tile, the rows' DWT into float32 bands, each block's
 // shrink and expand between bands (cpu/lowrank.h), the inverse cascade into y.
+#include <cstdlib>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "cpu/common.h"
 #include "cpu/wavelet.h"
@@ -46,6 +51,7 @@ struct Member {
   std::vector<Group> rows;
   std::vector<float> init;
   bool written[2][17] = {};
+  int64_t version = -1;  // the pool's version counter at the call (-1: an inference tensor, which has none)
 };
 
 // A thread's float32 copy of one slot's factors in every layer, kept while its tiles stay on that
@@ -119,6 +125,110 @@ struct PackedWavelet {
   }
 };
 
+// Packed factors kept between calls, so a call reads a slot's float32 panels instead of packing
+// them again per thread (at 64 tokens the packing was a quarter of the op's time). An entry is
+// known by what its packing read: per layer the pool (its storage, data pointer and version
+// counter, which every in-place write through the tensor or a view of it bumps), the slot's
+// offset and rank and the layer's width; and the levels, input width and pool dtype. A write to a
+// pool changes its version, so entries packed before it are never found again (LRU evicts them).
+// The cache holds weak references to the pools' storages: a storage's address is not reused while
+// one is held, so a freed pool's entries cannot be taken for a new pool's. Bounded by
+// WARA_PACK_CACHE_MB (default 64; 0 turns it off).
+class PackCache {
+ public:
+  using Key = std::vector<int64_t>;
+
+  static PackCache& get() {
+    static PackCache cache;
+    return cache;
+  }
+  bool enabled() const { return cap_ > 0; }
+
+  std::shared_ptr<const PackedWavelet> find(const Key& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = map_.find(key);
+    if (it == map_.end()) return nullptr;
+    for (const auto& w : it->second.pools)
+      if (w.expired()) {  // a pool of this key was freed: the entry can never be right again
+        drop(it);
+        return nullptr;
+      }
+    lru_.splice(lru_.begin(), lru_, it->second.lru);
+    return it->second.packed;
+  }
+
+  void put(Key key, std::shared_ptr<const PackedWavelet> packed,
+           std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> pools) {
+    const size_t bytes = static_cast<size_t>(packed->data.capacity()) * sizeof(float);
+    if (bytes > cap_) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (map_.count(key)) return;  // another thread packed it meanwhile
+    lru_.push_front(key);
+    map_.emplace(std::move(key), Entry{std::move(packed), std::move(pools), lru_.begin(), bytes});
+    bytes_ += bytes;
+    while (bytes_ > cap_) drop(map_.find(lru_.back()));
+  }
+
+ private:
+  struct Entry {
+    std::shared_ptr<const PackedWavelet> packed;
+    std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> pools;
+    std::list<Key>::iterator lru;
+    size_t bytes;
+  };
+  struct Hash {
+    size_t operator()(const Key& k) const {
+      size_t h = 1469598103934665603ull;
+      for (int64_t v : k) h = (h ^ static_cast<size_t>(v)) * 1099511628211ull;
+      return h;
+    }
+  };
+
+  PackCache() {
+    const char* mb = std::getenv("WARA_PACK_CACHE_MB");
+    cap_ = static_cast<size_t>(std::max(0.0, mb ? std::atof(mb) : 64.0) * (1 << 20));
+  }
+  void drop(std::unordered_map<Key, Entry, Hash>::iterator it) {
+    bytes_ -= it->second.bytes;
+    lru_.erase(it->second.lru);
+    map_.erase(it);
+  }
+
+  std::mutex mu_;
+  std::unordered_map<Key, Entry, Hash> map_;
+  std::list<Key> lru_;
+  size_t bytes_ = 0, cap_ = 0;
+};
+
+// A call's source of packed factors for slot s: the cache where every pool has a version counter,
+// else the thread's own packing (`own`, re-packed when its slot changes).
+template <typename TP>
+const PackedWavelet* packed_for(int64_t s, const std::vector<Member>& members, const std::vector<Group>& cols,
+                                bool cached, PackedWavelet& own, std::shared_ptr<const PackedWavelet>& held) {
+  if (!cached) {
+    own.ensure<TP>(s, members, cols);
+    return &own;
+  }
+  PackCache::Key key{members[0].layout.levels, members[0].layout.n, static_cast<int64_t>(members[0].pool->scalar_type())};
+  for (const Member& mb : members) {
+    const at::Tensor& pool = *mb.pool;
+    key.insert(key.end(), {reinterpret_cast<int64_t>(pool.storage().unsafeGetStorageImpl()),
+                           reinterpret_cast<int64_t>(pool.data_ptr()), mb.version, mb.tab.off[s], mb.tab.rank[s],
+                           mb.layout.m});
+  }
+  PackCache& cache = PackCache::get();
+  held = cache.find(key);
+  if (!held) {
+    auto p = std::make_shared<PackedWavelet>();
+    p->ensure<TP>(s, members, cols);
+    std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> pools;
+    for (const Member& mb : members) pools.push_back(mb.pool->storage().getWeakStorageImpl());
+    held = p;
+    cache.put(std::move(key), std::move(p), std::move(pools));
+  }
+  return held.get();
+}
+
 // dst[0:r] = src[0:r] for the few floats of one block's ranks, inline: a library memmove call
 // per (token, block) was a tenth of the op's time at rank 4.
 __attribute__((optimize("no-tree-loop-distribute-patterns"))) inline void copy_ranks(const float* src, int64_t r,
@@ -169,14 +279,21 @@ void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, cons
   const float* hi = f.hi.data();
   const std::vector<Group> cols = group_blocks(members[0].layout, false);
   int64_t max_m = 0;
-  for (const Member& mb : members) max_m = std::max(max_m, mb.layout.m);
+  bool cached = PackCache::get().enabled();
+  for (const Member& mb : members) {
+    max_m = std::max(max_m, mb.layout.m);
+    cached = cached && mb.version >= 0;
+  }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     int64_t max_nt = 0;
     for (int64_t i = begin; i < end; ++i) max_nt = std::max(max_nt, tiles[i].t1 - tiles[i].t0);
     // Bands of the tile, per level j = 1..J: in_a[j], in_d[j] (nt, n_j); out_a[j], out_d[j] (nt, m_j).
     AlignedFloats in_bands(lay_bands(nullptr, max_nt, n, levels, nullptr)),
         out_bands(lay_bands(nullptr, max_nt, max_m, levels, nullptr)), u, ug;
-    PackedWavelet packed;
+    PackedWavelet own;
+    std::shared_ptr<const PackedWavelet> held;
+    const PackedWavelet* pk = nullptr;
+    int64_t pk_slot = -1;
     for (int64_t i = begin; i < end; ++i) {
       const Tile& tile = tiles[i];
       const int64_t nt = tile.t1 - tile.t0;
@@ -189,7 +306,11 @@ void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, cons
           dwt_row(in_b[0][j - 1] + t * (2 * nj), nj, lo, hi, taps, in_b[0][j] + t * nj, in_b[1][j] + t * nj);
         }
       }
-      packed.ensure<TP>(tile.slot, members, cols);
+      if (tile.slot != pk_slot) {
+        pk = packed_for<TP>(tile.slot, members, cols, cached, own, held);
+        pk_slot = tile.slot;
+      }
+      const PackedWavelet& packed = *pk;
       const int64_t ldu = packed.ldu;
       u.resize(nt * ldu);
       int64_t c = 0;
@@ -285,6 +406,7 @@ void run_wavelet(const char* op, const at::Tensor& x, at::TensorList ys, at::Ten
     mb.rows = group_blocks(mb.layout, true);
     for (const Group& g : mb.rows) mb.written[g.band.detail][g.band.level] = true;
     if (set) mb.init = check_bias(opk, (*biases)[k], ys[k]);
+    if (!pools[k].is_inference()) mb.version = pools[k]._version();
   }
   const Filters f = check_wavelet(op, levels, x.size(1), ys[0].size(1), dec_lo, dec_hi);
   // A token is in a tile where its slot has rank in any layer.
