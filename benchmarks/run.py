@@ -79,7 +79,7 @@ def render_latency(r: dict) -> list[str]:
            + (f", onnxruntime {peak['onnxruntime']:.0f} GFLOP/s." if "onnxruntime" in peak else "."), "",
            "MiniLM (36 adapted linears), WaRA r=4 haar J=1; `folded` = the serving slot path on folded factors "
            "(PyTorch: the GEMM pair) / multi graph (onnxruntime), `fused` = the PyTorch slot path as served by "
-           "default (own factors: `wara::wavelet_lowrank_set` before each base GEMM, one call for a query, key "
+           "default (own factors: `wara::wavelet_linear`, the update and the base GEMM in one call, one for a query, key "
            "and value), `explicit` = wavelet ops; peft = LoRA r=8 unmerged over peft's base:", "",
            "| engine | batch x seq | base ms | base GFLOP/s (% peak) | merged | folded | fused | explicit | peft LoRA |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -29,6 +29,12 @@
 //   wavelet_linear_shared(x, weights, biases, pools, token_slot, slot_offsets, slot_ranks, levels, dec_lo,
 //                         dec_hi, weights_transposed=False) -> ys:
 //     the same for layers that share x, from one DWT of x (wavelet_lowrank_set_shared's lists).
+//   pack_cache_stats() -> [entries, bytes, hits, misses, capacity bytes]:
+//     the CPU wavelet ops keep each slot's factors packed as float32 panels between calls
+//     (WARA_PACK_CACHE_MB, default 64 MiB a process, 0: off), known by the pool's storage, data
+//     pointer and version counter. So a pool is written in place through the tensor or its
+//     views (as any PyTorch op does, which bumps the version), never behind PyTorch's back
+//     (`.data`, numpy, DLPack, a raw pointer) without torch.autograd.graph.increment_version.
 //
 // x: (T, n), y: (T, m), each float32 or bfloat16 (independently; unit stride along features);
 // pool: 1-D contiguous, float32 or bfloat16; token_slot: (T,) int64, -1 = base row (no work);

@@ -100,6 +100,8 @@ class SlotLayer(nn.Module):
         self.conv1d = is_conv1d(base)
         self.m, self.n = layer_shape(base)
         dev, dt = base.weight.device, base.weight.dtype
+        # Written only in place through views of it (place, place_own, move): the native op keeps
+        # packed copies of slots known by the pool's version counter, which those writes bump.
         self.register_buffer("pool", torch.zeros(pages * (self.n + self.m), device=dev, dtype=dt), persistent=False)
         self.routing = routing
         self.kernel = kernel
@@ -214,7 +216,8 @@ class SlotLayer(nn.Module):
                               f"batch of {routing.rows}: this model cannot be served with per-row adapters")
         if self.linear is not None and not _hooked(self.base):
             xs = x.reshape(x.shape[0], -1, x.shape[-1])
-            ys = self.linear(xs, [self, *self.shared], routing.groups) if self.shared and not inference else None
+            together = self.shared and not inference and not any(_hooked(layer.base) for layer in self.shared)
+            ys = self.linear(xs, [self, *self.shared], routing.groups) if together else None
             if ys is None:
                 ys = self.linear(xs, [self], routing.groups)
             if ys is not None:

@@ -166,8 +166,8 @@ def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
     in the batch, layers whose own slots differ in form, a base of another dtype, another device.
 
     What the call needs besides x and the batch's token slots is fixed per (layers, batch
-    slots) and kept in the leader's ``memo``: the base's parameters are read there, so they are
-    changed in place (``copy_``, ``.data``), as every PyTorch optimiser does, never replaced."""
+    slots) and kept in the leader's ``memo`` with the bases, parameters and pools it read; a
+    plan whose layers hold others since (a replaced Parameter or buffer) is made again."""
     rows, tokens, n = x.shape
     layer = layers[0]
     cache = layer.routing.cache
@@ -176,11 +176,15 @@ def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
         batch = cache[("native", tokens)] = _route(groups, rows, tokens, x.device)
     key = ("linear", len(layers), batch[1])
     plan = layer.memo.get(key, _NONE)
+    if plan is not _NONE and plan is not None and not _current(plan[5]):  # a base or pool was replaced
+        for each in layers:
+            each.memo.clear()
+        plan = _NONE
     if plan is _NONE:
         plan = layer.memoized(key, lambda: _linear_plan(layers, batch[1], x.device))
     if plan is None or x.dtype is not plan[0]:
         return None
-    _, op, head, tail, rests = plan
+    _, op, head, tail, rests, _ = plan
     xt = x.view(rows * tokens, n) if x.is_contiguous() else x.reshape(rows * tokens, n).contiguous()
     token_slot = batch[2]
     ys = op(xt, *head, token_slot, *tail)
@@ -193,15 +197,27 @@ def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
 
 
 _NONE = object()
+
+
+def _current(held: tuple) -> bool:
+    """Whether the (layer, base, weight, bias, pool) a plan holds are still the layers' own (a
+    few dict reads: nn.Module's attribute lookup would cost more than the op's fixed cost)."""
+    for layer, base, w, b, pool in held:
+        if (layer._modules["base"] is not base or base._parameters["weight"] is not w
+                or base._parameters.get("bias") is not b or layer._buffers["pool"] is not pool):
+            return False
+    return True
+
 _SET_DTYPES = (torch.float32, torch.bfloat16)  # what the native ops take
 
 
 def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) -> tuple | None:
     """`native_linear`'s plan for a batch of plan ``key``: (the dtype x must have, the op, its
     arguments before and after the token slots, (index, pool, calls) of each layer with other
-    calls in its `native_lora` plan, run after the op: sgmv adds), or None where no slot of the batch holds own factors in these layers,
-    the set op has no kernel here, or the bases' dtypes are not one the op takes. A layer the
-    batch's adapters skip still runs in the op (rank 0 everywhere: its y is bias + x W^T)."""
+    calls in its `native_lora` plan, run after the op: sgmv adds; the (layer, base, weight,
+    bias, pool) it read, for `_current`), or None where no slot of the batch holds own factors
+    in these layers, the op has no kernel here, or the bases' dtypes are not one it takes. A
+    layer the batch's adapters skip still runs in the op (rank 0 everywhere: y = bias + x W^T)."""
     if device.type != "cpu":
         return None
     _, slots, whole = key
@@ -234,11 +250,12 @@ def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) ->
             rests.append((len(offs) - 1, layer.pool, rest))
     transposed = layers[0].conv1d
     weights, biases, pools = [b.weight for b in bases], [b.bias for b in bases], [layer.pool for layer in layers]
+    held = tuple(zip(layers, bases, weights, biases, pools))
     if len(layers) == 1:
         return (dtype, torch.ops.wara.wavelet_linear.default, (weights[0], biases[0], pools[0]),
-                (offs[0], ranks[0], levels, lo, hi, transposed), rests)
+                (offs[0], ranks[0], levels, lo, hi, transposed), rests, held)
     return (dtype, torch.ops.wara.wavelet_linear_shared.default, (weights, biases, pools),
-            (offs, ranks, levels, lo, hi, transposed), rests)
+            (offs, ranks, levels, lo, hi, transposed), rests, held)
 
 
 native_lora.linear = native_linear  # SlotLayer runs the whole layer through it where it applies

@@ -184,12 +184,13 @@ def test_kernels_follow_slots_that_change_between_forwards(kernel):
 
 
 @pytest.mark.parametrize("base_kind", ["linear", "linear_no_bias", "conv1d"])
-def test_an_adapted_layer_runs_its_update_before_its_base_gemm(base_kind):
+def test_an_adapted_layer_runs_as_one_native_call(base_kind):
     """Where a batch has slots holding own factors, an adapted Linear or Conv1D runs as a whole on
-    the CPU (`runtime.kernels.native_linear`): the set op writes bias + ΔW_s x, folded slots' sgmv
-    adds, the base GEMM accumulates. The layer's output equals x W0ᵀ + b + ΔW_s x (float64), for
-    mixed batches with base rows and folded slots; a batch of folded slots alone keeps the
-    unfused path (base, then the kernel) and answers the same."""
+    the CPU (`runtime.kernels.native_linear`): ``wara::wavelet_linear`` writes bias + ΔW_s x and
+    accumulates the base GEMM into it, then folded slots' sgmv adds. The layer's output equals
+    x W0ᵀ + b + ΔW_s x (float64), for mixed batches with base rows and folded slots; a batch of
+    folded slots alone keeps the unfused path (base, then the kernel) and answers the same. The
+    plan is kept between forwards; a replaced weight Parameter is seen (the plan is made again)."""
     import math
 
     from references import pywt_delta
@@ -247,6 +248,18 @@ def test_an_adapted_layer_runs_its_update_before_its_base_gemm(base_kind):
     handle.remove()
     assert seen == [1] and not [k for k in layer.memo if k[0] == "linear"]
     assert_close(got, x.double() @ w0.T + b0 + x.double() @ delta[2].T)
+    with torch.no_grad():
+        answers = []
+        for _ in range(2):  # the second forward reuses the first's plan
+            routing.cache = {}
+            answers.append(layer(x))
+        assert torch.equal(*answers) and [k for k in layer.memo if k[0] == "linear"]
+        new_w = torch.randn(base.weight.shape, generator=gen)
+        base.weight = torch.nn.Parameter(new_w)  # replaced, not written in place
+        routing.cache = {}
+        got = layer(x)
+    w1 = (new_w.T if base_kind == "conv1d" else new_w).double()
+    assert_close(got, x.double() @ w1.T + b0 + x.double() @ delta[2].T)
 
 
 def _own_factors(gen, r: int, m: int, n: int, levels: int) -> dict:
@@ -340,6 +353,13 @@ def test_layers_fed_one_input_are_computed_by_the_first_and_checked_by_the_rest(
     ys = forward(x, x, x)
     assert calls == [["q", "k", "v"]]
     assert_close(ys[2], want(v, x))
+    seen = []  # a hook on a follower's base must see it run: no layer of the group computes another's
+    handle = k.base.register_forward_hook(lambda *_: seen.append(1))
+    ys = forward(x, x, x)
+    handle.remove()
+    assert calls == [["q"], ["v"]] and seen == [1]  # the key ran its base itself
+    for layer, y in zip((q, k, v), ys):
+        assert_close(y, want(layer, x))
 
 
 def test_the_engine_finds_layers_fed_one_input(tmp_path):

@@ -402,30 +402,58 @@ def test_packed_factors_kept_between_calls_follow_every_write_to_the_pool():
     x = torch.randn(len(token_slot), n, generator=gen)
     lo, hi = wavelet_filters("haar")
 
-    def check(pool, offs, ranks):
+    if os.environ.get("WARA_PACK_CACHE_MB") == "0":
+        pytest.skip("WARA_PACK_CACHE_MB=0 turns the cache off in this process")
+    stats = lambda: dict(zip(("entries", "bytes", "hits", "misses", "cap"), torch.ops.wara.pack_cache_stats()))  # noqa: E731
+
+    def check(pool, offs, ranks, expect: str):
+        """expect: "packed" (every slot missed at least once: two threads may both look a slot up
+        before either has stored it), "found" (no misses) or "uncached" (no lookups)."""
+        before = stats()
         y = torch.full((len(token_slot), m), float("nan"))
         ops.wavelet_lowrank_set(x, y, None, pool, token_slot, offs, ranks, 1, lo, hi)
         assert_close(y, reference.wavelet_delta_f64(x, pool, token_slot, offs, ranks, out_features=m, levels=1,
                                                     wavelet="haar"))
+        after = stats()
+        hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+        assert {"packed": misses >= 2, "found": misses == 0 and hits >= 2,
+                "uncached": misses == hits == 0}[expect], (expect, hits, misses)
 
+    assert stats()["cap"] == 64 << 20 or "WARA_PACK_CACHE_MB" in os.environ
     pool, offs, ranks = wara_pool(gen, [2, 3], m, n, spec)
-    check(pool, offs, ranks)
-    for _ in range(2):  # slot 1 rewritten in place, as SlotLayer.place_own does
+    check(pool, offs, ranks, "packed")  # both slots
+    check(pool, offs, ranks, "found")  # again
+    for _ in range(2):  # slot 1 rewritten in place, as SlotLayer.place_own does: every slot packed anew
         fresh, _, _ = wara_pool(gen, [2, 3], m, n, spec)
         start, end = int(offs[1]), pool.numel()
         with torch.inference_mode():
             pool[start:end].copy_(fresh[start:end])
-        check(pool, offs, ranks)
+        check(pool, offs, ranks, "packed")
     for _ in range(4):  # pools freed and made again, of one size (the allocator may reuse the address)
         del pool
         pool, offs, ranks = wara_pool(gen, [2, 3], m, n, spec)
-        check(pool, offs, ranks)
+        check(pool, offs, ranks, "packed")
     with torch.inference_mode():
         frozen = pool.clone()
-    check(frozen, offs, ranks)
+    check(frozen, offs, ranks, "uncached")  # no version counter: packed per call, never cached
     with torch.inference_mode():
         frozen.mul_(2)
-    check(frozen, offs, ranks)
+    check(frozen, offs, ranks, "uncached")
+    # layers sharing x (one key for all of them), bfloat16 pools
+    pools, offs2, ranks2 = _set_layers(gen, spec, n, [(m, [2, 3]), (16, [1, 0])], dtype=torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    for found in (False, True, False):  # packed, found again, packed anew after a write to one pool
+        before = stats()
+        ys = [torch.empty(len(token_slot), w, dtype=torch.bfloat16) for w in (m, 16)]
+        ops.wavelet_lowrank_set_shared(xb, ys, [None, None], pools, token_slot, offs2, ranks2, 1, lo, hi)
+        for y, p, o, r, w in zip(ys, pools, offs2, ranks2, (m, 16)):
+            assert_close(y, reference.wavelet_delta_f64(xb, p, token_slot, o, r, out_features=w, levels=1,
+                                                        wavelet="haar"), dtype=torch.bfloat16)
+        after = stats()
+        hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+        assert (misses == 0 and hits >= 2) if found else misses >= 2, (found, hits, misses)
+        if found:
+            pools[1].mul_(-1)  # the second layer's pool only: the shared key changes
 
 
 def test_packers_follow_the_core_delta_and_fold():

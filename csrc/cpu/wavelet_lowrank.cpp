@@ -138,21 +138,28 @@ class PackCache {
  public:
   using Key = std::vector<int64_t>;
 
+  // Never destroyed: a thread still serving when the process exits may be inside find or put.
   static PackCache& get() {
-    static PackCache cache;
-    return cache;
+    static PackCache* cache = new PackCache;
+    return *cache;
   }
   bool enabled() const { return cap_ > 0; }
 
   std::shared_ptr<const PackedWavelet> find(const Key& key) {
+    std::vector<Entry> dropped;  // destroyed after the lock is released (a storage's last reference may go)
     std::lock_guard<std::mutex> lock(mu_);
     auto it = map_.find(key);
-    if (it == map_.end()) return nullptr;
+    if (it == map_.end()) {
+      ++misses_;
+      return nullptr;
+    }
     for (const auto& w : it->second.pools)
       if (w.expired()) {  // a pool of this key was freed: the entry can never be right again
-        drop(it);
+        dropped.push_back(drop(it));
+        ++misses_;
         return nullptr;
       }
+    ++hits_;
     lru_.splice(lru_.begin(), lru_, it->second.lru);
     return it->second.packed;
   }
@@ -161,12 +168,21 @@ class PackCache {
            std::vector<c10::weak_intrusive_ptr<c10::StorageImpl>> pools) {
     const size_t bytes = static_cast<size_t>(packed->data.capacity()) * sizeof(float);
     if (bytes > cap_) return;
+    std::vector<Entry> dropped;
     std::lock_guard<std::mutex> lock(mu_);
     if (map_.count(key)) return;  // another thread packed it meanwhile
-    lru_.push_front(key);
-    map_.emplace(std::move(key), Entry{std::move(packed), std::move(pools), lru_.begin(), bytes});
+    auto it = map_.emplace(std::move(key), Entry{std::move(packed), std::move(pools), {}, bytes}).first;
+    lru_.push_front(it->first);
+    it->second.lru = lru_.begin();
     bytes_ += bytes;
-    while (bytes_ > cap_) drop(map_.find(lru_.back()));
+    while (bytes_ > cap_) dropped.push_back(drop(map_.find(lru_.back())));
+  }
+
+  // entries, bytes, hits, misses, capacity in bytes
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {static_cast<int64_t>(map_.size()), static_cast<int64_t>(bytes_), hits_, misses_,
+            static_cast<int64_t>(cap_)};
   }
 
  private:
@@ -185,19 +201,31 @@ class PackCache {
   };
 
   PackCache() {
-    const char* mb = std::getenv("WARA_PACK_CACHE_MB");
-    cap_ = static_cast<size_t>(std::max(0.0, mb ? std::atof(mb) : 64.0) * (1 << 20));
+    double mb = 64.0;
+    if (const char* env = std::getenv("WARA_PACK_CACHE_MB")) {
+      char* end = nullptr;
+      const double v = std::strtod(env, &end);
+      if (end != env && *end == '\0' && v >= 0 && v <= (1 << 20)) {
+        mb = v;
+      } else {
+        TORCH_WARN("wara: WARA_PACK_CACHE_MB=", env, " is not a number of MiB in [0, 1048576]; using 64");
+      }
+    }
+    cap_ = static_cast<size_t>(mb * (1 << 20));
   }
-  void drop(std::unordered_map<Key, Entry, Hash>::iterator it) {
-    bytes_ -= it->second.bytes;
-    lru_.erase(it->second.lru);
+  Entry drop(std::unordered_map<Key, Entry, Hash>::iterator it) {
+    Entry e = std::move(it->second);
+    bytes_ -= e.bytes;
+    lru_.erase(e.lru);
     map_.erase(it);
+    return e;
   }
 
   std::mutex mu_;
   std::unordered_map<Key, Entry, Hash> map_;
   std::list<Key> lru_;
   size_t bytes_ = 0, cap_ = 0;
+  int64_t hits_ = 0, misses_ = 0;
 };
 
 // A call's source of packed factors for slot s: the cache where every pool has a version counter,
@@ -472,6 +500,7 @@ std::vector<at::Tensor> run_linear(const char* op, const at::Tensor& x, at::Tens
                                    at::TensorList slot_ranks, int64_t levels, const at::Tensor& dec_lo,
                                    const at::Tensor& dec_hi) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", x.sizes());
+  TORCH_CHECK(!weights.empty(), op, ": needs at least one layer (weights is empty)");
   TORCH_CHECK(weights.size() == biases.size(), op, ": weights and biases need one entry per layer, got ",
               weights.size(), " and ", biases.size());
   std::vector<at::Tensor> ys, w_ts;
@@ -506,7 +535,11 @@ std::vector<at::Tensor> wavelet_linear_shared_cpu(const at::Tensor& x, at::Tenso
                     slot_offsets, slot_ranks, levels, dec_lo, dec_hi);
 }
 
+std::vector<int64_t> pack_cache_stats() { return PackCache::get().stats(); }
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(wara, m) { m.def("pack_cache_stats() -> int[]", &pack_cache_stats); }
 
 TORCH_LIBRARY_IMPL(wara, CPU, m) {
   m.impl("wavelet_linear", &wavelet_linear_cpu);
