@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -45,18 +46,24 @@ def interleaved(variants: dict[str, Callable[[], object]], *, rounds: int, iters
     """Time every variant in turn, ``rounds`` times (A, B, C, A, B, C, ...), so drift on the
     machine hits all alike; a turn is ``iters`` calls of one variant (a hot loop, for kernels),
     or with ``alternate`` one call, ``iters`` turns a round (whole models: a slow second on this
-    VM then falls on every variant, not on one variant's whole turn). Returns each variant's
-    per-round medians in ms."""
+    VM then falls on every variant, not on one variant's whole turn; each turn's order is
+    shuffled (seeded), so no variant always follows the same one and inherits its cache
+    footprint: in a fixed order the base always followed the last form). Returns each
+    variant's per-round medians in ms."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     sync()
     per_round: dict[str, list[float]] = {k: [] for k in variants}
     calls, turns = (1, iters) if alternate else (iters, 1)
+    order, rng = list(variants), random.Random(0)
     for _ in range(rounds):
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(turns):
-            for name, fn in variants.items():
+            if alternate:
+                rng.shuffle(order)
+            for name in order:
+                fn = variants[name]
                 for _ in range(calls):
                     t0 = time.perf_counter()
                     fn()

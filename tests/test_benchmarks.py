@@ -194,3 +194,21 @@ def test_gpu_check_exits_2_at_once_without_cuda():
         pytest.skip("a CUDA device is present: gpu_check would run")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_interleaved_alternation_shuffles_so_no_variant_always_follows_the_same():
+    """Whole-model timing (``alternate``): one call of each variant a turn, each turn's order
+    shuffled, so each variant follows each other one (not always the same predecessor's cache
+    footprint); every variant gets one median per round."""
+    from benchmarks.common import interleaved
+
+    order: list[str] = []
+    variants = {name: (lambda name=name: order.append(name)) for name in "abcd"}
+    times = interleaved(variants, rounds=3, iters=4, warmup=0, alternate=True)
+    assert {k: len(v) for k, v in times.items()} == {k: 3 for k in "abcd"}
+    assert sorted(order) == sorted("abcd" * 12)
+    before = {(order[i - 1], order[i]) for i in range(1, len(order))}
+    assert {(p, n) for p in "abcd" for n in "abcd" if p != n} <= before
+    hot: list[str] = []
+    interleaved({name: (lambda name=name: hot.append(name)) for name in "ab"}, rounds=2, iters=3, warmup=0)
+    assert "".join(hot) == "aaabbbaaabbb"  # hot loops keep their turns
