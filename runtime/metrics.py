@@ -85,6 +85,30 @@ class Metrics:
 
         self.registry.register(Tiers())
 
+    def add_pack_cache(self, snapshot) -> None:
+        """At each scrape, where ``snapshot()`` (`runtime.native.pack_cache_stats`) is not None:
+        ``wara_pack_cache_entries``, ``wara_pack_cache_bytes``, ``wara_pack_cache_capacity_bytes``
+        and ``wara_pack_cache_lookups_total{result}`` of the CPU op's packed-factor cache."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        class PackCache:
+            def collect(self):
+                stats = snapshot()
+                if stats is None:
+                    return
+                for name, what in (("entries", "Slots' packed factors kept by the CPU wavelet op"),
+                                   ("bytes", "Bytes of packed factors kept by the CPU wavelet op"),
+                                   ("capacity_bytes", "Bound of the CPU wavelet op's packed-factor cache "
+                                                      "(WARA_PACK_CACHE_MB)")):
+                    yield GaugeMetricFamily(f"wara_pack_cache_{name}", what, value=stats[name])
+                lookups = CounterMetricFamily("wara_pack_cache_lookups", "Packed-factor cache lookups by the CPU "
+                                              "wavelet op (a miss packs the slot)", labels=["result"])
+                lookups.add_metric(["hit"], stats["hits"])
+                lookups.add_metric(["miss"], stats["misses"])
+                yield lookups
+
+        self.registry.register(PackCache())
+
     def forget(self, model: str) -> None:
         """Drop the request-count series labelled with ``model`` (an adapter that was unloaded;
         its gauges are the service's to drop once they are back at 0)."""

@@ -29,6 +29,7 @@ from .config import BaseEntry, ServeConfig, resolve_backend
 from .engine import TorchEngine
 from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, Overloaded, clip
 from .inputs import InputConverter, input_specs
+from . import native
 from .metrics import Metrics
 from .catalog import Catalog
 from .registry import Registry, Version, read_dir, unknown_model
@@ -142,6 +143,7 @@ class Service:
         self._gauges: dict[tuple[int, str], int] = {}  # (gauge, label) -> value
         self.metrics.add_lora_info(self._lora_snapshot)
         self.metrics.add_tiers(self._tier_snapshot)
+        self.metrics.add_pack_cache(native.pack_cache_stats)
         self.ready = False
         self.draining = False
         # Lazy loading: a request for an adapter under the root that is not loaded loads it

@@ -102,6 +102,14 @@ def status() -> Status:
     return load()
 
 
+def pack_cache_stats() -> dict[str, int] | None:
+    """The CPU wavelet op's cache of packed factors (``WARA_PACK_CACHE_MB``): entries, bytes,
+    hits, misses and capacity_bytes so far in this process; None where the library is not loaded."""
+    if not load(build=False).native:
+        return None
+    return dict(zip(("entries", "bytes", "hits", "misses", "capacity_bytes"), torch.ops.wara.pack_cache_stats()))
+
+
 def triton_available() -> bool:
     """Whether triton is installed (not imported: that costs a second)."""
     return importlib.util.find_spec("triton") is not None
