@@ -139,11 +139,6 @@ class SlotLayer(nn.Module):
         if self.leader is not None:
             self.leader.memo.clear()
 
-    def _gemm(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W0^T (n, m), bias) of the base: ``base(x) = x W0^T + bias``."""
-        w = self.base.weight
-        return (w if self.conv1d else w.T), self.base.bias
-
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Views (A (r, n), B (m, r)) of a folded slot's factors in the pool; None for rank 0."""
         r = self.rank.get(slot, 0)

@@ -175,12 +175,10 @@ def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
     if batch is None or batch[0] is not groups:
         batch = cache[("native", tokens)] = _route(groups, rows, tokens, x.device)
     key = ("linear", len(layers), batch[1])
-    plan = layer.memo.get(key, _NONE)
-    if plan is not _NONE and plan is not None and not _current(plan[5]):  # a base or pool was replaced
+    plan = layer.memoized(key, lambda: _linear_plan(layers, batch[1], x.device))
+    if plan is not None and not _current(plan[5]):  # a base or pool was replaced: plans made afresh
         for each in layers:
             each.memo.clear()
-        plan = _NONE
-    if plan is _NONE:
         plan = layer.memoized(key, lambda: _linear_plan(layers, batch[1], x.device))
     if plan is None or x.dtype is not plan[0]:
         return None
@@ -196,9 +194,6 @@ def native_linear(x: torch.Tensor, layers: list["SlotLayer"],
     return ys
 
 
-_NONE = object()
-
-
 def _current(held: tuple) -> bool:
     """Whether the (layer, base, weight, bias, pool) a plan holds are still the layers' own (a
     few dict reads: nn.Module's attribute lookup would cost more than the op's fixed cost)."""
@@ -207,6 +202,7 @@ def _current(held: tuple) -> bool:
                 or base._parameters.get("bias") is not b or layer._buffers["pool"] is not pool):
             return False
     return True
+
 
 _SET_DTYPES = (torch.float32, torch.bfloat16)  # what the native ops take
 

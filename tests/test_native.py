@@ -404,7 +404,7 @@ def test_packed_factors_kept_between_calls_follow_every_write_to_the_pool():
 
     if os.environ.get("WARA_PACK_CACHE_MB") == "0":
         pytest.skip("WARA_PACK_CACHE_MB=0 turns the cache off in this process")
-    stats = lambda: dict(zip(("entries", "bytes", "hits", "misses", "cap"), torch.ops.wara.pack_cache_stats()))  # noqa: E731
+    stats = native.pack_cache_stats
 
     def check(pool, offs, ranks, expect: str):
         """expect: "packed" (every slot missed at least once: two threads may both look a slot up
@@ -419,7 +419,7 @@ def test_packed_factors_kept_between_calls_follow_every_write_to_the_pool():
         assert {"packed": misses >= 2, "found": misses == 0 and hits >= 2,
                 "uncached": misses == hits == 0}[expect], (expect, hits, misses)
 
-    assert stats()["cap"] == 64 << 20 or "WARA_PACK_CACHE_MB" in os.environ
+    assert stats()["capacity_bytes"] == 64 << 20 or "WARA_PACK_CACHE_MB" in os.environ
     pool, offs, ranks = wara_pool(gen, [2, 3], m, n, spec)
     check(pool, offs, ranks, "packed")  # both slots
     check(pool, offs, ranks, "found")  # again

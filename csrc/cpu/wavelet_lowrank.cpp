@@ -402,6 +402,11 @@ void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, cons
   });
 }
 
+// What an error about layer k of a call over `layers` layers names: "op (layer k)", or op alone.
+inline std::string layer_op(const char* op, size_t k, size_t layers) {
+  return layers > 1 ? std::string(op) + " (layer " + std::to_string(k) + ")" : std::string(op);
+}
+
 // The checks and the run of one call over `ys.size()` layers that share x (set mode: `biases`
 // holds one optional bias per layer).
 void run_wavelet(const char* op, const at::Tensor& x, at::TensorList ys, at::TensorList pools,
@@ -415,8 +420,8 @@ void run_wavelet(const char* op, const at::Tensor& x, at::TensorList ys, at::Ten
               " need one entry per layer, got ", layers, ", ", pools.size(), ", ", slot_offsets.size(), ", ",
               slot_ranks.size(), biases ? ", " + std::to_string(biases->size()) : std::string());
   std::vector<Member> members(layers);
-  std::vector<std::string> names;  // "op (layer k)" where a call has several layers
-  for (size_t k = 0; k < layers; ++k) names.push_back(layers > 1 ? std::string(op) + " (layer " + std::to_string(k) + ")" : op);
+  std::vector<std::string> names;
+  for (size_t k = 0; k < layers; ++k) names.push_back(layer_op(op, k, layers));
   for (size_t k = 0; k < layers; ++k) {
     const char* opk = names[k].c_str();
     check_cpu(opk, x, ys[k], pools[k], token_slot, slot_offsets[k], slot_ranks[k]);
@@ -505,7 +510,7 @@ std::vector<at::Tensor> run_linear(const char* op, const at::Tensor& x, at::Tens
               weights.size(), " and ", biases.size());
   std::vector<at::Tensor> ys, w_ts;
   for (size_t k = 0; k < weights.size(); ++k) {
-    const std::string name = weights.size() > 1 ? std::string(op) + " (layer " + std::to_string(k) + ")" : op;
+    const std::string name = layer_op(op, k, weights.size());
     TORCH_CHECK(weights[k].dim() == 2, name, ": weight must be 2-D, got shape ", weights[k].sizes());
     ys.push_back(at::empty({x.size(0), weights[k].size(transposed ? 1 : 0)}, x.options()));
     w_ts.push_back(base_weight_t(name.c_str(), weights[k], transposed, x, ys.back()));
