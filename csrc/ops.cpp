@@ -25,7 +25,9 @@
 //                  weight_transposed=False) -> y:
 //     the whole adapted layer, y = x W0^T + bias + dW_s x in a new y: wavelet_lowrank_set, then the
 //     base GEMM accumulating into y. weight: W0 (m, n) as nn.Linear holds it, or W0^T (n, m) with
-//     weight_transposed (a Conv1D's); of x's dtype. One call in place of three from Python.
+//     weight_transposed (a Conv1D's); of x's dtype. One call in place of three from Python. x may
+//     have more leading dims (batch, seq, n): they are the tokens (token_slot has one entry per
+//     token), and y has x's shape with m features.
 //   wavelet_linear_shared(x, weights, biases, pools, token_slot, slot_offsets, slot_ranks, levels, dec_lo,
 //                         dec_hi, weights_transposed=False) -> ys:
 //     the same for layers that share x, from one DWT of x (wavelet_lowrank_set_shared's lists).

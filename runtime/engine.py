@@ -22,7 +22,6 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules import module as _nn_module
 
 from wara_train.artifact import WaraAdapter, fingerprint
 from wara_train.basespec import BaseSpec, resolve_base
@@ -114,7 +113,8 @@ class SlotLayer(nn.Module):
         # dropped.
         self.memo: dict[tuple, Any] = {}
         # A kernel's entry for the whole layer (base GEMM included: `runtime.kernels.native_linear`),
-        # where the base is a plain Linear or Conv1D whose forward it can stand in for.
+        # where the base is a plain Linear or Conv1D whose forward it can stand in for: it returns
+        # the layer's output, or None where it does not apply (a hooked base among them).
         self.linear = getattr(kernel, "linear", None) if _plain_gemm(base) else None
         # Layers a forward feeds this layer's input right after it (the key and value of a query;
         # `TorchEngine._share_inputs`): ``linear`` computes their outputs with this one's, from one
@@ -201,25 +201,17 @@ class SlotLayer(nn.Module):
         routing = self.routing
         if not routing.groups:
             return self.base(x)
-        inference = x.is_inference()  # no version counter to check: no sharing
-        if self.leader is not None and not inference:  # computed with the leader's, if it saw this very input
-            got = routing.cache.pop(("shared", id(self)), None)
+        if self.leader is not None:  # computed with the leader's, if it saw this very input, unchanged
+            got = routing.cache.pop(self, None)
             if got is not None and got[0] is x and got[1] == x._version:
                 return got[2]
         if x.shape[0] != routing.rows:
             raise ConfigError(f"an adapted layer sees inputs of shape {list(x.shape)} whose first axis is not the "
                               f"batch of {routing.rows}: this model cannot be served with per-row adapters")
-        if self.linear is not None and not _hooked(self.base):
-            xs = x.reshape(x.shape[0], -1, x.shape[-1])
-            together = self.shared and not inference and not any(_hooked(layer.base) for layer in self.shared)
-            ys = self.linear(xs, [self, *self.shared], routing.groups) if together else None
-            if ys is None:
-                ys = self.linear(xs, [self], routing.groups)
-            if ys is not None:
-                lead = x.shape[:-1]
-                for layer, y in zip(self.shared, ys[1:]):
-                    routing.cache[("shared", id(layer))] = (x, x._version, y.view(*lead, layer.m))
-                return ys[0].view(*lead, self.m)
+        if self.linear is not None:  # the whole layer in one native call, where it applies
+            y = self.linear(x, self)
+            if y is not None:
+                return y
         y = self.base(x)
         if self.conv:  # (B, C, H, W) -> (B, HW, C) rows of features
             xs = x.flatten(2).transpose(1, 2)
@@ -240,12 +232,6 @@ def _plain_gemm(base: nn.Module) -> bool:
     """Whether ``base``'s forward is exactly ``x W0^T + bias`` on its parameters: an nn.Linear (not
     a subclass, which may compute otherwise) or a Conv1D."""
     return type(base) is nn.Linear or is_conv1d(base)
-
-
-def _hooked(base: nn.Module) -> bool:
-    """Whether a forward hook (its own, or a global one) would see ``base`` run: then it runs."""
-    return bool(base._forward_hooks or base._forward_pre_hooks or _nn_module._global_forward_hooks
-                or _nn_module._global_forward_pre_hooks)
 
 
 class HeadTap(nn.Module):

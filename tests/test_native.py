@@ -368,6 +368,13 @@ def test_wavelet_linear_is_the_whole_layer(dtype):
         assert [y.dtype for y in ys] == [dtype, dtype]
         for y, w in zip([y0, *ys], want[:1] + want):
             torch.testing.assert_close(y.double(), w, **tol)
+    # Leading dims are tokens: (batch, seq, n) in, (batch, seq, m) out, the same values.
+    x3 = x[:4].reshape(2, 2, n)
+    ys3 = ops.wavelet_linear_shared(x3, weights, biases, pools, token_slot[:4], offs, ranks, 2, lo, hi)
+    y3 = ops.wavelet_linear(x3, weights[1], biases[1], pools[1], token_slot[:4], offs[1], ranks[1], 2, lo, hi)
+    assert [tuple(y.shape) for y in [*ys3, y3]] == [(2, 2, 40), (2, 2, 24), (2, 2, 24)]
+    for y, w in zip([*ys3, y3], want + want[1:]):
+        torch.testing.assert_close(y.reshape(4, -1).double(), w[:4], **tol)
     xf, wf = x.float(), [w.float() for w in weights]
     pf = [p.float() for p in pools]
     for call, message in [
@@ -379,6 +386,10 @@ def test_wavelet_linear_is_the_whole_layer(dtype):
          "weight is Double but x is Float"),
         (lambda: ops.wavelet_linear(xf, wf[0][0], None, pf[0], token_slot, offs[0], ranks[0], 2, lo, hi),
          "weight must be 2-D"),
+        (lambda: ops.wavelet_linear(xf[0], wf[0], None, pf[0], token_slot, offs[0], ranks[0], 2, lo, hi),
+         r"x must be \(\.\.\., in_features\), at least 2-D"),
+        (lambda: ops.wavelet_linear(xf[:4].reshape(2, 2, n), wf[0], None, pf[0], token_slot, offs[0], ranks[0], 2,
+                                    lo, hi), "token_slot"),
         (lambda: ops.wavelet_linear_shared(xf, wf, [None], pf, token_slot, offs, ranks, 2, lo, hi),
          "weights and biases need one entry per layer"),
         (lambda: ops.wavelet_linear_shared(xf, [wf[0], wf[1][:, :8]], [None, None], pf, token_slot, offs, ranks, 2,

@@ -504,19 +504,29 @@ std::vector<at::Tensor> run_linear(const char* op, const at::Tensor& x, at::Tens
                                    const at::Tensor& token_slot, at::TensorList slot_offsets,
                                    at::TensorList slot_ranks, int64_t levels, const at::Tensor& dec_lo,
                                    const at::Tensor& dec_hi) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (tokens, in_features), got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2, op, ": x must be (..., in_features), at least 2-D, got shape ", x.sizes());
   TORCH_CHECK(!weights.empty(), op, ": needs at least one layer (weights is empty)");
   TORCH_CHECK(weights.size() == biases.size(), op, ": weights and biases need one entry per layer, got ",
               weights.size(), " and ", biases.size());
+  // Leading dims are tokens (a view where x is contiguous): each y_k comes back in x's shape, so a
+  // caller holding (batch, seq, n) activations reshapes nothing (two Python tensor calls a layer).
+  const at::Tensor xt = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
   std::vector<at::Tensor> ys, w_ts;
   for (size_t k = 0; k < weights.size(); ++k) {
     const std::string name = layer_op(op, k, weights.size());
     TORCH_CHECK(weights[k].dim() == 2, name, ": weight must be 2-D, got shape ", weights[k].sizes());
-    ys.push_back(at::empty({x.size(0), weights[k].size(transposed ? 1 : 0)}, x.options()));
-    w_ts.push_back(base_weight_t(name.c_str(), weights[k], transposed, x, ys.back()));
+    ys.push_back(at::empty({xt.size(0), weights[k].size(transposed ? 1 : 0)}, x.options()));
+    w_ts.push_back(base_weight_t(name.c_str(), weights[k], transposed, xt, ys.back()));
   }
-  run_wavelet(op, x, ys, pools, token_slot, slot_offsets, slot_ranks, levels, dec_lo, dec_hi, true, &biases);
-  for (size_t k = 0; k < ys.size(); ++k) ys[k].addmm_(x, w_ts[k]);
+  run_wavelet(op, xt, ys, pools, token_slot, slot_offsets, slot_ranks, levels, dec_lo, dec_hi, true, &biases);
+  for (size_t k = 0; k < ys.size(); ++k) {
+    ys[k].addmm_(xt, w_ts[k]);
+    if (x.dim() > 2) {
+      std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+      shape.push_back(ys[k].size(1));
+      ys[k] = ys[k].view(shape);
+    }
+  }
   return ys;
 }
 
