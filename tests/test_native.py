@@ -221,14 +221,16 @@ def test_bfloat16(name, x_dtype, pool_dtype, y_dtype):
     assert y.dtype == y_dtype
     assert_close(y, y0.double() + reference.sgmv_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m),
                  dtype=torch.bfloat16)
-    spec = WaveletSpec("db2", "periodization", 1)
-    pool, offsets, rank_t = wara_pool(gen, ranks, m, n, spec)
-    pool = pool.to(pool_dtype)
-    y = y0.clone()
-    lo, hi = wavelet_filters("db2")
-    ops.wavelet_lowrank(x, y, pool, token_slot, offsets, rank_t, 1, lo, hi)
-    delta = reference.wavelet_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m, levels=1, wavelet="db2")
-    assert_close(y, y0.double() + delta, dtype=torch.bfloat16)
+    for wavelet in ("db2", "haar"):  # haar at one level: the expands fused with the synthesis
+        spec = WaveletSpec(wavelet, "periodization", 1)
+        pool, offsets, rank_t = wara_pool(gen, ranks, m, n, spec)
+        pool = pool.to(pool_dtype)
+        y = y0.clone()
+        lo, hi = wavelet_filters(wavelet)
+        ops.wavelet_lowrank(x, y, pool, token_slot, offsets, rank_t, 1, lo, hi)
+        delta = reference.wavelet_delta_f64(x, pool, token_slot, offsets, rank_t, out_features=m, levels=1,
+                                            wavelet=wavelet)
+        assert_close(y, y0.double() + delta, dtype=torch.bfloat16)
 
 
 def _set_layers(gen, spec, n, shapes_ranks, dtype=torch.float32):
@@ -309,12 +311,14 @@ def test_wavelet_lowrank_set_in_bfloat16_and_its_bad_arguments():
     token_slot = tokens_of([0, -1, 1, 2, 0, 1])
     x = torch.randn(len(token_slot), n, generator=gen).to(torch.bfloat16)
     biases = [torch.randn(40, generator=gen).to(torch.bfloat16), None]
-    ys = [torch.empty(len(token_slot), 40, dtype=torch.bfloat16) for _ in layers]
-    lo, hi = wavelet_filters("db2")
-    ops.wavelet_lowrank_set_shared(x, ys, biases, pools, token_slot, offs, ranks, 1, lo, hi)
-    for y, bias, pool, off, rank in zip(ys, biases, pools, offs, ranks):
-        delta = reference.wavelet_delta_f64(x, pool, token_slot, off, rank, out_features=40, levels=1, wavelet="db2")
-        assert_close(y, (0 if bias is None else bias.double()) + delta, dtype=torch.bfloat16)
+    for wavelet in ("db2", "haar"):  # haar at one level: the expands fused with the synthesis
+        ys = [torch.empty(len(token_slot), 40, dtype=torch.bfloat16) for _ in layers]
+        lo, hi = wavelet_filters(wavelet)
+        ops.wavelet_lowrank_set_shared(x, ys, biases, pools, token_slot, offs, ranks, 1, lo, hi)
+        for y, bias, pool, off, rank in zip(ys, biases, pools, offs, ranks):
+            delta = reference.wavelet_delta_f64(x, pool, token_slot, off, rank, out_features=40, levels=1,
+                                                wavelet=wavelet)
+            assert_close(y, (0 if bias is None else bias.double()) + delta, dtype=torch.bfloat16)
     good = {"ys": [torch.zeros(len(token_slot), 40) for _ in layers], "biases": [None, None], "pools":
             [p.float() for p in pools], "offs": offs, "ranks": ranks}
     xf = x.float()
