@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "grpc_overhead_onnxruntime": ("benchmarks.grpc_overhead", ["--backend", "onnxruntime"]),
     "quality": ("benchmarks.quality", []),
     "kernels": ("benchmarks.kernels", []),
+    "paired": ("benchmarks.paired", []),
 }
 
 
@@ -263,6 +264,7 @@ def render_quality(r: dict) -> list[str]:
 def render_targets(results: Path) -> list[str]:
     """Issue 5's targets next to what the result files say (and the peer measured with them)."""
     lat, mt, hs = _load(results, "latency"), _load(results, "multitenant"), _load(results, "hotswap")
+    paired = _load(results, "paired")
     go_t, go_o = _load(results, "grpc_overhead_torch"), _load(results, "grpc_overhead_onnxruntime")
     out = ["**Against issue 5's and issue 13's targets** (figures from the result files below):", "", "| target | ours | peer, same run |", "| --- | --- | --- |"]
     if lat:
@@ -279,6 +281,14 @@ def render_targets(results: Path) -> list[str]:
             out.append(f"| issue 13: served unmerged / base <= {limit} at B={b} (seq 64) | PyTorch fused "
                        f"{rr('torch', 'fused', b)}, folded {rr('torch', 'folded', b)}; onnxruntime "
                        f"{rr('onnxruntime', 'folded', b)} | peft LoRA {rr('torch', 'peft_lora', b)} |")
+    if paired:
+        for row in paired["results"]:
+            sv, mg = row["served_over_base"], row["merged_over_base"]
+            out.append(f"| issue 13, paired calls ({_src(paired, 'paired')}): served / base at B={row['batch']} "
+                       f"(seq {row['seq']}) | median {sv['median']:.3f} (IQR {sv['q25']:.3f}-{sv['q75']:.3f}) of "
+                       f"{row['turns']} turns | control merged / base {mg['median']:.3f}"
+                       f"{'' if row['valid'] else ': noise'} |")
+    if lat:
         out.append(f"| merged / base = 1.00 within noise (seq 64, B=1 / 32) | PyTorch {rr('torch', 'merged', 1)} / "
                    f"{rr('torch', 'merged', 32)}, onnxruntime {rr('onnxruntime', 'merged', 1)} / {rr('onnxruntime', 'merged', 32)} | |")
     if mt:

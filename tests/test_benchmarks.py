@@ -18,6 +18,7 @@ QUICK = {  # result name -> command
     "load_torch": ["benchmarks.load", "--backend", "torch"],
     "grpc_overhead_torch": ["benchmarks.grpc_overhead", "--backend", "torch"],
     "quality": ["benchmarks.quality"],
+    "paired": ["benchmarks.paired"],
 }
 
 
@@ -116,6 +117,17 @@ def test_quality_study_runs_every_method_at_equal_parameters(quick_results):
 
 
 @pytest.mark.slow
+def test_paired_reports_served_and_the_merged_control_per_turn(quick_results):
+    r = _load(quick_results, "paired")
+    assert [row["batch"] for row in r["results"]] == [1, 2]
+    for row in r["results"]:
+        assert row["turns"] == 6 and row["slot_form"] == "own" and row["max_abs_error_vs_merged"] < 1e-3
+        for key in ("served_over_base", "merged_over_base"):
+            q = row[key]
+            assert 0 < q["min"] <= q["q25"] <= q["median"] <= q["q75"] <= q["max"]
+        assert row["valid"] == (0.97 <= row["merged_over_base"]["median"] <= 1.03)
+
+
 def test_grpc_overhead_runs_quick(quick_results):
     r = _load(quick_results, "grpc_overhead_torch")["results"]
     assert r["grpc"]["p50_ms"] > 0 and r["in_process"]["p50_ms"] > 0
