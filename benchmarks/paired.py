@@ -11,7 +11,7 @@ here it moves one pair. merged / base is the control: its median must lie within
 else the run is marked noise (``valid`` false). Outputs are checked against each other before
 timing. WaRA r=4 haar J=1 on the base's default layers, as `benchmarks.latency`.
 
-    .venv/bin/python -m benchmarks.paired                     # MiniLM seq 64, B=1 (200 turns), B=32 (30)
+    .venv/bin/python -m benchmarks.paired                     # MiniLM seq 64, B=1 (200 turns), B=32 (40)
     .venv/bin/python -m benchmarks.paired --quick             # tiny (used by the tests)
     .venv/bin/python -m benchmarks.paired --base hf:DIR       # another base
 """
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     add_base_option(p)
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--turns", type=int, default=200, help="turns at B=1; a batch of B takes max(10, turns / B)")
+    p.add_argument("--turns", type=int, default=200, help="turns at B=1; a batch of B takes max(40, turns / B)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a test that it runs)")
     p.add_argument("--out", default="benchmarks/results/paired.json")
     args = p.parse_args(argv)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for b in batches:
-            row = measure(spec, batch=b, seq=args.seq, turns=max(10, args.turns // b) if not args.quick else args.turns,
+            row = measure(spec, batch=b, seq=args.seq, turns=max(40, args.turns // b) if not args.quick else args.turns,
                           workdir=Path(tmp) / f"b{b}")
             rows.append(row)
             s, m = row["served_over_base"], row["merged_over_base"]
