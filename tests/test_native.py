@@ -405,6 +405,33 @@ def test_wavelet_linear_is_the_whole_layer(dtype):
             call()
 
 
+def test_wavelet_linear_streams_a_large_y_and_matches_float64():
+    """A y larger than twice the threads' L2 is written with streaming stores (`stream_y` in
+    csrc/cpu/common.h; haar's synthesis, float32): one thread and 2048 tokens x 3072 features
+    (24 MiB, past any L2 of 12 MiB or less) of mixed slots, base rows and an empty slot, against
+    float64 and pywt's delta; then the same layer over 8 tokens (no streaming) matches too."""
+    ops = impl("native")
+    gen = torch.Generator().manual_seed(11)
+    n, m, spec = 32, 3072, WaveletSpec("haar", "periodization", 1)
+    pools, offs, ranks = _set_layers(gen, spec, n, [(m, [4, 2, 0])])
+    token_slot = torch.tensor(([0] * 700 + [-1] * 300 + [1] * 600 + [2] * 48 + [0] * 400), dtype=torch.int64)
+    x = torch.randn(len(token_slot), n, generator=gen)
+    w, b = torch.randn(m, n, generator=gen), torch.randn(m, generator=gen)
+    lo, hi = wavelet_filters("haar")
+    delta = reference.wavelet_delta_f64(x, pools[0], token_slot, offs[0], ranks[0], out_features=m, levels=1,
+                                        wavelet="haar")
+    want = x.double() @ w.double().T + b.double() + delta
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y = ops.wavelet_linear(x, w, b, pools[0], token_slot, offs[0], ranks[0], 1, lo, hi)
+        y8 = ops.wavelet_linear(x[:8], w, b, pools[0], token_slot[:8], offs[0], ranks[0], 1, lo, hi)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y.double(), want, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(y8.double(), want[:8], atol=2e-4, rtol=1e-4)
+
+
 def test_packed_factors_kept_between_calls_follow_every_write_to_the_pool():
     """The CPU op keeps each slot's packed float32 factors between calls (WARA_PACK_CACHE_MB):
     new factors written in place into a slot (same offset and rank), through a view as the

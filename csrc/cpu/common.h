@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include <unistd.h>
+
 #include "checks.h"
 #include "cpu/lowrank.h"
 #include "cpu/simd.h"
@@ -46,6 +48,21 @@ class AlignedFloats {
 };
 
 inline int64_t round_up(int64_t n) { return AlignedFloats::round_up(n); }
+
+// Whether set mode writes a call's y (every layer's, `bytes` in all) with streaming stores: where y
+// is larger than twice the threads' L2, its lines leave the caches before the base GEMM that
+// follows reads them, so reading each line for ownership before writing it only doubles the
+// traffic. Measured on the 2-core VM (L2 1.25 MiB a core; MiniLM layers, WaRA r=4 haar J=1,
+// the fused layer over the base GEMM, interleaved in one process): 1536-wide y at 1024 and 2048
+// tokens (6 and 12 MiB) 1.08 -> 1.05 and 1.08 -> 1.02; 384-wide at 4096 (6 MiB) 1.17 -> 1.13;
+// at 3 MiB and less no gain, and at 1.5 MiB a loss.
+inline bool stream_y(int64_t bytes) {
+  static const int64_t l2 = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{1} << 20;
+  }();
+  return bytes > 2 * l2 * std::max(1, at::get_num_threads());
+}
 
 struct Tile {
   int64_t slot, t0, t1;

@@ -26,7 +26,10 @@ inline constexpr int kShrinkK = 4;
 inline constexpr int kExpandT = kW == 16 ? 4 : 3;
 inline constexpr int kExpandJ = kW == 16 ? 4 : 3;
 
-// The BK dot products acc[0..BK) reduced to BK floats at out[0..BK).
+// The BK dot products acc[0..BK) reduced to BK floats at out[0..BK). With 4 of them (the usual
+// block), one tree of shuffles for all four: 4 scalar horizontal sums cost more than the FMAs of a
+// 192-wide band (MiniLM's 384 features at J = 1), and the tree ran the MiniLM layers' fused op
+// 1-5% faster at 64 and 2048 tokens (interleaved in one process, AVX-512).
 template <int BK>
 inline void reduce_store(const vf* acc, const float* tail, float* out) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -37,6 +40,20 @@ inline void reduce_store(const vf* acc, const float* tail, float* out) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
     s = _mm_add_ps(s, _mm_loadu_ps(tail));
     _mm_storeu_ps(out, s);
+    return;
+  }
+#endif
+#if defined(__AVX512F__)
+  if constexpr (BK == 4) {  // pairs' halves summed, then quarters: 128-bit lane k holds acc[k]'s 4 partial sums
+    const vf s01 = __builtin_shufflevector(acc[0], acc[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(acc[0], acc[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const vf s23 = __builtin_shufflevector(acc[2], acc[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(acc[2], acc[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vf q = __builtin_shufflevector(s01, s23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(s01, s23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    q += __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    q += __builtin_shufflevector(q, q, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    for (int k = 0; k < 4; ++k) out[k] = q[4 * k] + tail[k];
     return;
   }
 #endif

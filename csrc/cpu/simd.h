@@ -53,6 +53,24 @@ inline vf load(const bf16* p) {
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
+// A store that bypasses the caches (no read for ownership of the line), where p is aligned to a
+// whole vector; else a plain store. bfloat16 rows are stored plainly. The writing thread must
+// call stream_fence() before another thread reads what it stored.
+inline void store_stream(float* p, vf v) {
+#if defined(__AVX512F__)
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) return _mm256_stream_ps(p, (__m256)v);
+#endif
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
 inline void store(bf16* p, vf v) {
   vu32 b;
   std::memcpy(&b, &v, sizeof b);
@@ -62,6 +80,8 @@ inline void store(bf16* p, vf v) {
   const vu16 h = __builtin_convertvector(rounded, vu16);
   std::memcpy(p, &h, sizeof h);
 }
+
+inline void store_stream(bf16* p, vf v) { store(p, v); }
 
 // Keeps v in a register: without it GCC folds a block's reused vector loads into the FMAs as
 // memory operands, one load per FMA (shrink 3 x 4: 16 loads per 12 FMAs, load-bound).
@@ -108,6 +128,9 @@ inline void interleave(vf e, vf o, vf& lo, vf& hi) {
 }
 
 inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
   float lanes[kW];
   std::memcpy(lanes, &v, sizeof v);
   float half[kW / 2];
@@ -115,6 +138,7 @@ inline float hsum(vf v) {
   for (int w = kW / 4; w >= 1; w /= 2)
     for (int i = 0; i < w; ++i) half[i] += half[i + w];
   return half[0];
+#endif
 }
 
 }  // namespace wara::cpu

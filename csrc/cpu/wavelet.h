@@ -68,10 +68,11 @@ inline void dwt_row_f(const TX* x, int64_t half, const float* lo, const float* h
 
 // out[p] += synthesis of (a, d) at p, p in [0, 2 * half): out[2q + e] takes tap i from
 // coefficient q + (e - h + i) / 2 for the e in {0, 1} that makes e - h + i even. With `init`
-// (kSet): out[p] = init[p] + synthesis, out written and not read.
+// (kSet): out[p] = init[p] + synthesis, out written and not read; with `stream` too, haar's
+// vector stores bypass the caches (store_stream).
 template <int F, bool kSet, typename TO>
 inline void idwt_row_f(const float* a, const float* d, int64_t half, const float* lo, const float* hi, int taps,
-                       const float* init, TO* out) {
+                       const float* init, TO* out, bool stream = false) {
   auto start = [&](int64_t p) { return kSet ? init[p] : to_float(out[p]); };
   const int f = F ? F : taps, h = f / 2;
   // the shifts c = (e - h + i) / 2 span [lo_c, hi_c]; the interior q keeps q + c inside [0, half)
@@ -105,6 +106,11 @@ inline void idwt_row_f(const float* a, const float* d, int64_t half, const float
       vf first, second;
       interleave(l1 * av + h1 * dv, l0 * av + h0 * dv, first, second);
       if constexpr (kSet) {
+        if (stream) {
+          store_stream(out + 2 * q, load(init + 2 * q) + first);
+          store_stream(out + 2 * q + kW, load(init + 2 * q + kW) + second);
+          continue;
+        }
         store(out + 2 * q, load(init + 2 * q) + first);
         store(out + 2 * q + kW, load(init + 2 * q + kW) + second);
       } else {
@@ -163,11 +169,12 @@ inline void idwt_row_add(const float* a, const float* d, int64_t half, const flo
   dispatch_taps(taps, [&](auto f) { idwt_row_f<decltype(f)::value, false>(a, d, half, lo, hi, taps, nullptr, out); });
 }
 
-// out = init + the synthesis of (a, d): out written, not read.
+// out = init + the synthesis of (a, d): out written, not read (`stream`: see idwt_row_f).
 template <typename TO>
 inline void idwt_row_set(const float* a, const float* d, int64_t half, const float* lo, const float* hi, int taps,
-                         const float* init, TO* out) {
-  dispatch_taps(taps, [&](auto f) { idwt_row_f<decltype(f)::value, true>(a, d, half, lo, hi, taps, init, out); });
+                         const float* init, TO* out, bool stream = false) {
+  dispatch_taps(taps,
+                [&](auto f) { idwt_row_f<decltype(f)::value, true>(a, d, half, lo, hi, taps, init, out, stream); });
 }
 
 }  // namespace wara::cpu

@@ -308,10 +308,13 @@ void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, cons
   const std::vector<Group> cols = group_blocks(members[0].layout, false);
   int64_t max_m = 0;
   bool cached = PackCache::get().enabled();
+  int64_t y_bytes = 0;
   for (const Member& mb : members) {
     max_m = std::max(max_m, mb.layout.m);
     cached = cached && mb.version >= 0;
+    y_bytes += x.size(0) * mb.layout.m * static_cast<int64_t>(sizeof(TY));
   }
+  const bool stream = set && std::is_same_v<TY, float> && stream_y(y_bytes);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     int64_t max_nt = 0;
     for (int64_t i = begin; i < end; ++i) max_nt = std::max(max_nt, tiles[i].t1 - tiles[i].t0);
@@ -383,13 +386,14 @@ void wavelet_typed(const at::Tensor& x, const std::vector<Member>& members, cons
           const float* a1 = out_b[0][1] + t * (m >> 1);
           const float* d1 = out_b[1][1] + t * (m >> 1);
           if (set) {
-            idwt_row_set(a1, d1, m >> 1, lo, hi, taps, mb.init.data(), yp + t * ldy);
+            idwt_row_set(a1, d1, m >> 1, lo, hi, taps, mb.init.data(), yp + t * ldy, stream);
           } else {
             idwt_row_add(a1, d1, m >> 1, lo, hi, taps, yp + t * ldy);
           }
         }
       }
     }
+    if (stream) stream_fence();  // this thread's streamed rows visible before the caller reads y
   });
   if (!set) return;
   at::parallel_for(0, x.size(0), 64, [&](int64_t begin, int64_t end) {  // rows in no tile: init
