@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import (DEFAULT_BASE, add_base_option, base_info, base_spec, environment, figure, interleaved,
-                               peft_peer, plain_base, save_figure, seq_limit, summary, write_json)
+from benchmarks.common import (CONTROL_RANGE, DEFAULT_BASE, add_base_option, base_info, base_spec, environment, figure,
+                               interleaved_controlled, peft_peer, plain_base, save_figure, seq_limit, summary,
+                               write_json)
 
 RANK = 4
 FORMS = ("base", "merged", "folded", "explicit")
@@ -219,7 +220,7 @@ def _ort_synthetic(layer, form: str, path: Path):
 
 
 def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], levels: list[int], rounds: int, max_iters: int,
-                  device: torch.device, engines: list[str], workdir: Path, log) -> list[dict]:
+                  device: torch.device, engines: list[str], workdir: Path, log, tries: int = 3) -> list[dict]:
     rows = []
     for d in widths:
         layers = synthetic_layers(d, levels, seed=d)
@@ -268,19 +269,22 @@ def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], lev
                         raise SystemExit(f"synthetic d={d} {engine}: a form disagrees with float64 by {worst:.2e}: {errors}")
                     iters = max(1, min(max_iters, int(2e8 / (2 * batch * seq * d * d) + 1)))
                     with torch.no_grad():
-                        times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device), alternate=True)
+                        times, check = interleaved_controlled(
+                            variants, base="base:0", controls=[k for k in variants if k.startswith("merged:")],
+                            tries=tries, rounds=rounds, iters=iters, sync=lambda: _sync(device), alternate=True)
                     base_ms = times.pop("base:0")
                     base_flops = 2 * batch * seq * d * d
                     rows.append({"workload": f"synthetic d={d}", "engine": engine, "batch": batch, "seq": seq,
                                  "form": "base", "levels": None, **summary(base_ms, base_ms), "flop_ratio": 1.0,
-                                 "base_gflops": base_flops / (np.median(base_ms) * 1e6)})
+                                 "base_gflops": base_flops / (np.median(base_ms) * 1e6), **_control(check)})
                     for key, ms in times.items():
                         form, j = key.split(":")
                         j = int(j)
                         extra = adapter_flops(d, d, rank=RANK, levels=j, taps=2, form=form) * batch * seq
                         rows.append({"workload": f"synthetic d={d}", "engine": engine, "batch": batch, "seq": seq,
                                      "form": form, "levels": j, **summary(ms, base_ms),
-                                     "flop_ratio": (base_flops + extra) / base_flops, "max_abs_error": errors[f"{form}:J{j}"]})
+                                     "flop_ratio": (base_flops + extra) / base_flops, "max_abs_error": errors[f"{form}:J{j}"],
+                                     "valid": check["valid"]})
                     log(f"synthetic d={d} {engine} B={batch} seq={seq}: base {np.median(base_ms):.2f} ms; "
                         + ", ".join(f"{r['form']} J{r['levels']} {r['ratio']:.2f}x" for r in rows[-len(times):]))
     return rows
@@ -288,6 +292,12 @@ def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], lev
 
 # ------------------------------------------------------------------------------------------
 # a whole base model
+
+
+def _control(check: dict) -> dict:
+    """A cell's base-row record of its control: valid, attempts, the merged forms' ratios."""
+    return {"valid": check["valid"], "attempts": check["attempts"],
+            "control_ratios": {k.split(":")[-1]: v for k, v in check["control_ratios"].items()}}
 
 
 def seq_grid(spec, seqs: list[int]) -> tuple[list[int], list[str]]:
@@ -308,7 +318,7 @@ def seq_grid(spec, seqs: list[int]) -> tuple[list[int], list[str]]:
 
 
 def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_iters: int, device: torch.device,
-              engines: list[str], workdir: Path, log) -> list[dict]:
+              engines: list[str], workdir: Path, log, tries: int = 3) -> list[dict]:
     """The whole base ``spec`` with one random WaRA adapter on its default layers (r=4 haar J=1),
     every form checked against the explicit model before timing; rows labelled with its name."""
     from exporter.common import base_for
@@ -386,12 +396,15 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                 base_flops = model_base_flops(shapes, tokens, batch=batch, attention=attention)
                 iters = max(1, min(max_iters, int(3e9 / base_flops) + 1))
                 with torch.no_grad():
-                    times = interleaved(variants, rounds=rounds, iters=iters, sync=lambda: _sync(device), alternate=True)
+                    times, check = interleaved_controlled(variants, base="base", controls=["merged"], tries=tries,
+                                                          rounds=rounds, iters=iters, sync=lambda: _sync(device),
+                                                          alternate=True)
                 if "peft_lora" in times:  # the peer: peft's unmerged LoRA r=8 over its own base
                     lora = sum(2 * 2 * RANK * (m + n) * tokens[t] for t, (m, n) in shapes.items())
                     rows.append({"workload": spec.name, "engine": "torch", "batch": batch, "seq": seq, "form": "peft_lora",
                                  "levels": None, **summary(times["peft_lora"], times["peft_base"]),
-                                 "flop_ratio": (base_flops + lora) / base_flops, "peft_base_ms": summary(times["peft_base"])["median_ms"]})
+                                 "flop_ratio": (base_flops + lora) / base_flops, "peft_base_ms": summary(times["peft_base"])["median_ms"],
+                                 "valid": check["valid"]})
                 for form in FORMS + (("fused",) if "fused" in times else ()):
                     flop_form = "explicit" if form == "fused" and served.layers[targets[0]].own else form
                     extra = sum(adapter_flops(m, n, rank=RANK, levels=1, taps=2, form=flop_form) * tokens[t]
@@ -400,7 +413,9 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                            **summary(times[form], times["base"]), "flop_ratio": (base_flops + extra) / base_flops}
                     if form == "base":
                         row["base_gflops"] = base_flops / (np.median(times["base"]) * 1e6)
+                        row.update(_control(check))
                     else:
+                        row["valid"] = check["valid"]
                         row["max_abs_error"] = errors.get(form, 0.0)
                     rows.append(row)
                 log(f"{spec.name} {eng} B={batch} seq={seq}: base {np.median(times['base']):.2f} ms; "
@@ -443,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a test that it runs)")
     p.add_argument("--device", default="cpu", help="torch device (onnxruntime runs only on cpu here)")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--tries", type=int, default=3,
+                   help="attempts per cell while a merged form's median / base leaves 0.97-1.03 (noise; default 3)")
     p.add_argument("--model-only", action="store_true", help="skip the synthetic layers (the whole model only)")
     p.add_argument("--batches", type=_ints, help="the model's batch sizes, comma-separated (default 1,8,32)")
     p.add_argument("--seqs", type=_ints, help="the model's sequence lengths, comma-separated (default 16,64,128)")
@@ -456,11 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     # tests check them).
     model_engines = [e for e in (engines[:1] if args.quick else engines) if e == "torch" or e in spec.backends]
     if args.quick:
-        grid = dict(widths=[64], batches=[2], seqs=[4], levels=[1, 2], model_batches=[1], model_seqs=[8], rounds=1, max_iters=1)
+        grid = dict(widths=[64], batches=[2], seqs=[4], levels=[1, 2], model_batches=[1], model_seqs=[8], rounds=1, max_iters=1,
+                    tries=1)
     else:
         grid = dict(widths=[] if args.model_only else [1024, 4096], batches=[1, 8, 32], seqs=[16, 128],
                     levels=[1, 2, 3], model_batches=args.batches or [1, 8, 32], model_seqs=args.seqs or [16, 64, 128],
-                    rounds=args.rounds, max_iters=10)
+                    rounds=args.rounds, max_iters=10, tries=args.tries)
     model_seqs, notes = seq_grid(spec, grid["model_seqs"])
     if len(model_engines) < len(engines) and not args.quick:
         notes.append(f"onnxruntime skipped: base {spec.name!r} is served by {', '.join(spec.backends)} only")
@@ -470,14 +488,16 @@ def main(argv: list[str] | None = None) -> int:
         peak["onnxruntime"] = ort_matmul_gflops(256 if args.quick else 2048)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run_synthetic(widths=grid["widths"], batches=grid["batches"], seqs=grid["seqs"], levels=grid["levels"],
-                             rounds=grid["rounds"], max_iters=grid["max_iters"], device=device, engines=engines, workdir=Path(tmp), log=print)
+                             rounds=grid["rounds"], max_iters=grid["max_iters"], device=device, engines=engines, workdir=Path(tmp), log=print,
+                             tries=grid["tries"])
         rows += run_model(spec, batches=grid["model_batches"], seqs=model_seqs, rounds=grid["rounds"], max_iters=grid["max_iters"],
-                          device=device, engines=model_engines, workdir=Path(tmp), log=print)
+                          device=device, engines=model_engines, workdir=Path(tmp), log=print, tries=grid["tries"])
     for r in rows:
         if "base_gflops" in r:
             r["fraction_of_matmul_peak"] = r["base_gflops"] / peak[r["engine"]]
     report = {"benchmark": "latency", **environment(), "device": str(device), "engines": engines, "rank": RANK,
-              "wavelet": "haar", "rounds": grid["rounds"], "matmul_peak_gflops": peak, "quick": args.quick,
+              "wavelet": "haar", "rounds": grid["rounds"], "tries": grid["tries"],
+              "control_range": list(CONTROL_RANGE), "matmul_peak_gflops": peak, "quick": args.quick,
               "wall_seconds": time.perf_counter() - t0, "results": rows}
     if args.base != DEFAULT_BASE:  # the default's report keeps its established keys
         report["base"] = base_info(spec)

@@ -71,19 +71,31 @@ def _ratio(rows: list[dict], **match) -> dict | None:
     return hit[0] if hit else None
 
 
+def _control(base: dict) -> str:
+    """A latency cell's control: "ok" where every merged form read 0.97-1.03 of the base, else
+    "noise" (and how many attempts it took, where more than one); "-" in results without it."""
+    if "valid" not in base:
+        return "-"
+    tries = base.get("attempts", 1)
+    return ("ok" if base["valid"] else "noise") + (f" ({tries} tries)" if tries > 1 else "")
+
+
 def render_latency(r: dict) -> list[str]:
     rows = r["results"]
     peak = r["matmul_peak_gflops"]
     out = [f"**Latency, merged vs unmerged** ({_src(r, 'latency')}). Median of {r.get('rounds', 5)} interleaved rounds; "
            "ratio to base, with the FLOP ratio (the overhead if time followed matmul FLOPs) in brackets. "
-           f"Plain-matmul peak measured in the run: PyTorch {peak['torch']:.0f} GFLOP/s"
+           + (f"A cell whose merged / base leaves 0.97-1.03 is run again, up to {r['tries']} attempts; `control` "
+              "says whether the kept attempt's merged forms read in range (`noise`: they did not, so its ratios "
+              "measured the machine). " if "tries" in r else "")
+           + f"Plain-matmul peak measured in the run: PyTorch {peak['torch']:.0f} GFLOP/s"
            + (f", onnxruntime {peak['onnxruntime']:.0f} GFLOP/s." if "onnxruntime" in peak else "."), "",
            "MiniLM (36 adapted linears), WaRA r=4 haar J=1; `folded` = the serving slot path on folded factors "
            "(PyTorch: the GEMM pair) / multi graph (onnxruntime), `fused` = the PyTorch slot path as served by "
            "default (own factors: `wara::wavelet_linear`, the update and the base GEMM in one call, one for a query, key "
            "and value), `explicit` = wavelet ops; peft = LoRA r=8 unmerged over peft's base:", "",
-           "| engine | batch x seq | base ms | base GFLOP/s (% peak) | merged | folded | fused | explicit | peft LoRA |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| engine | batch x seq | base ms | base GFLOP/s (% peak) | merged | folded | fused | explicit | peft LoRA | control |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for eng in r["engines"]:
         cells = sorted({(x["batch"], x["seq"]) for x in rows if x["workload"] == "minilm" and x["engine"] == eng})
         for b, s in cells:
@@ -95,13 +107,13 @@ def render_latency(r: dict) -> list[str]:
             cell = {k: (f"{v['ratio']:.2f} ({v['flop_ratio']:.3f})" if v else "-") for k, v in f.items()}
             out.append(f"| {eng} | {b} x {s} | {base['median_ms']:.1f} | {base['base_gflops']:.0f} "
                        f"({100 * base['fraction_of_matmul_peak']:.0f}%) | {cell['merged']} | {cell['folded']} | "
-                       f"{cell['fused']} | {cell['explicit']} | {cell['peft_lora']} |")
+                       f"{cell['fused']} | {cell['explicit']} | {cell['peft_lora']} | {_control(base)} |")
     syn = [x for x in rows if x["workload"].startswith("synthetic")]
     if syn:
         out += ["", "One synthetic (d, d) layer on batch x seq tokens, WaRA r=4 haar at J = 1, 2, 3 "
                 "(ratio to base, FLOP ratio in brackets):", "",
-                "| d | engine | batch x seq | base ms | merged | folded J1 | folded J3 | explicit J1 | explicit J2 | explicit J3 |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| d | engine | batch x seq | base ms | merged | folded J1 | folded J3 | explicit J1 | explicit J2 | explicit J3 | control |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for wl in dict.fromkeys(x["workload"] for x in syn):
             for eng in r["engines"]:
                 for b, s in sorted({(x["batch"], x["seq"]) for x in syn if x["workload"] == wl and x["engine"] == eng}):
@@ -112,7 +124,8 @@ def render_latency(r: dict) -> list[str]:
                         return f"{v['ratio']:.2f} ({v['flop_ratio']:.3f})" if v else "-"
 
                     out.append(f"| {wl.split('=')[1]} | {eng} | {b} x {s} | {base['median_ms']:.2f} | {c('merged', 1)} | "
-                               f"{c('folded', 1)} | {c('folded', 3)} | {c('explicit', 1)} | {c('explicit', 2)} | {c('explicit', 3)} |")
+                               f"{c('folded', 1)} | {c('folded', 3)} | {c('explicit', 1)} | {c('explicit', 2)} | {c('explicit', 3)} | "
+                               f"{_control(base)} |")
     return out + [""]
 
 
