@@ -21,7 +21,10 @@ several sessions timed in turn, one session's spinning pool otherwise steals the
 next (B=1 merged/base swung between 0.67 and 1.18 in such a run).
 
 Forms are timed interleaved one call at a time (base, merged, folded, explicit, base, ...; a
-round is a few such turns): median and min-max of the per-round medians, and each median's ratio to base. Next to each ratio: the FLOP ratio (what
+round is a few such turns): median and min-max of the per-round medians, and each median's ratio to base.
+A cell whose merged form(s) read a median / base outside 0.97-1.03 (they do the base's work: the
+run measured the machine) is timed again, up to ``--tries`` attempts; the attempt nearest 1 is
+kept and the base row records ``valid``, ``attempts`` and ``control_ratios``. Next to each ratio: the FLOP ratio (what
 the overhead would be if time followed matmul FLOPs) and the base's achieved GFLOP/s as a
 fraction of a plain matmul's measured in the same run. A model's FLOPs are counted from the model:
 2·m·n per token for each adapted (m, n) layer (tokens counted by forward hooks), plus attention's
