@@ -89,13 +89,13 @@ def interleaved_controlled(variants: dict[str, Callable[[], object]], *, base: s
         times = interleaved(variants, **kwargs)
         ratios = {c: statistics.median(times[c]) / statistics.median(times[base]) for c in controls}
         worst = max((abs(r - 1.0) for r in ratios.values()), default=0.0)
+        valid = all(CONTROL_RANGE[0] <= r <= CONTROL_RANGE[1] for r in ratios.values())
         if best is None or worst < best[0]:
-            best = (worst, times, ratios)
-        if all(CONTROL_RANGE[0] <= r <= CONTROL_RANGE[1] for r in ratios.values()):
+            best = (worst, times, {"valid": valid, "control_ratios": ratios})
+        if valid:
             break
-    _, times, ratios = best
-    valid = all(CONTROL_RANGE[0] <= r <= CONTROL_RANGE[1] for r in ratios.values())
-    return times, {"valid": valid, "attempts": attempt, "control_ratios": ratios}
+    _, times, check = best
+    return times, {**check, "attempts": attempt}
 
 
 def summary(ms: list[float], reference: list[float] | None = None) -> dict:

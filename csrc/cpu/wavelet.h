@@ -109,10 +109,10 @@ inline void idwt_row_f(const float* a, const float* d, int64_t half, const float
         if (stream) {
           store_stream(out + 2 * q, load(init + 2 * q) + first);
           store_stream(out + 2 * q + kW, load(init + 2 * q + kW) + second);
-          continue;
+        } else {
+          store(out + 2 * q, load(init + 2 * q) + first);
+          store(out + 2 * q + kW, load(init + 2 * q + kW) + second);
         }
-        store(out + 2 * q, load(init + 2 * q) + first);
-        store(out + 2 * q + kW, load(init + 2 * q + kW) + second);
       } else {
         store(out + 2 * q, load(out + 2 * q) + first);
         store(out + 2 * q + kW, load(out + 2 * q + kW) + second);
