@@ -40,7 +40,7 @@ demo: $(STAMP)
 test: $(STAMP) native $(TRITON_STAMP)
 	$(PY) -m pytest
 
-# Benchmarks (not tests): results to benchmarks/results/*.json, README section regenerated.
+# Benchmarks (not tests): results to benchmarks/results/*.json, docs/benchmarks.md section regenerated.
 bench: $(STAMP) native
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 

@@ -42,19 +42,19 @@ def run(n: int, workdir: Path, backend: str = "torch") -> dict:
     inputs = {"text": np.array([text.encode()], dtype=object)}
     try:
         over_grpc = decode_outputs(stub.ModelInfer(req))["logits"]
-        in_process = service.infer("tenant", inputs)[1]["logits"]
+        in_process = service.predict("tenant", inputs)[1]["logits"]
         if not np.allclose(over_grpc, in_process, atol=1e-5):
             raise SystemExit("gRPC and in-process answers differ")
         for _ in range(10):
             stub.ModelInfer(req)
-            service.infer("tenant", inputs)
+            service.predict("tenant", inputs)
         times = {"grpc": [], "in_process": []}
         for _ in range(n):
             t0 = time.perf_counter()
             stub.ModelInfer(req)
             times["grpc"].append((time.perf_counter() - t0) * 1e3)
             t0 = time.perf_counter()
-            service.infer("tenant", inputs)
+            service.predict("tenant", inputs)
             times["in_process"].append((time.perf_counter() - t0) * 1e3)
     finally:
         channel.close()

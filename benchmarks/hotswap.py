@@ -4,7 +4,8 @@ MiniLM with random WaRA adapters (r=4, haar, J=1; folded rank 16). Two adapter c
 alternate, so every load or swap changes the answer, and every timed step is followed by a
 check that the model now answers like that content (max abs error <= 1e-4):
 
-* in-process (`TorchEngine`): `prepare` (validate, then fold or pack own factors), `write_slot`, both together
+* in-process (`TorchEngine` and its `DeviceTier`): `prepare` (`runtime.adapters.prepare`: validate, fold or
+  pack own factors, bound-check), the slot write (`DeviceTier.write`; reported as ``write_slot``), both together
   ("load -> servable", target <= 5 ms p50), and `build_merged` (the merged path's re-merge);
 * over gRPC (a real server): RepositoryModelLoad by name -> first ModelInfer answer, the same
   for a reload of the name with new content on disk, and RepositoryModelUnload;
@@ -33,7 +34,7 @@ import torch
 from benchmarks.common import environment, percentile, write_json
 
 if TYPE_CHECKING:
-    from runtime.engine import TorchEngine
+    from runtime.adapters import DeviceTier
     from wara_train.artifact import WaraAdapter
     from wara_train.basespec import BaseSpec
 
@@ -75,15 +76,18 @@ class Checks:
             raise SystemExit(f"{what}: the answer did not change from the other adapter's")
 
 
-def in_process(engine: TorchEngine, adapters: dict[int, WaraAdapter], inputs: tuple[torch.Tensor, ...], n: int,
+def in_process(tier: DeviceTier, adapters: dict[int, WaraAdapter], inputs: tuple[torch.Tensor, ...], n: int,
                check: Checks) -> dict:
+    from runtime.adapters import prepare
+
+    engine = tier.engine
     times: dict[str, list[float]] = {"prepare": [], "write_slot": [], "load_to_servable": [], "build_merged": []}
     for i in range(n):
         seed = SEEDS[i % 2]
-        folded, t_prepare = timed(engine.prepare, adapters[seed])
-        _, t_slot = timed(engine.write_slot, 1, folded)
+        folded, t_prepare = timed(prepare, engine, NAME, adapters[seed])
+        _, t_slot = timed(tier.write, 1, folded)
         check("in_process_slot", engine.forward(inputs, [1])[0]["logits"], seed)
-        merged, t_merge = timed(engine.build_merged, folded)
+        merged, t_merge = timed(engine.build_merged, folded.factors)
         check("in_process_merged", engine.forward_merged(merged, folded.head, inputs)[0]["logits"], seed)
         for key, t in zip(times, (t_prepare, t_slot, t_prepare + t_slot, t_merge)):
             times[key].append(t)
@@ -111,7 +115,7 @@ def over_grpc(root: Path, staged: dict[int, Path], n: int, check: Checks) -> dic
         _, t_load = timed(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=NAME))
         response, t_first = timed(stub.ModelInfer, req)
         check(what, decode_outputs(response)["logits"], seed)
-        check(f"{what}_in_process", server.service.infer(NAME, text)[1]["logits"], seed)
+        check(f"{what}_in_process", server.service.predict(NAME, text)[1]["logits"], seed)
         return t_load, t_first
 
     times: dict[str, list[float]] = {k: [] for k in ("load", "first_answer", "load_to_first_answer", "unload",
@@ -195,6 +199,7 @@ def run(n: int, workdir: Path) -> dict:
     from exporter.common import base_for
     from exporter.lora import save_peft_lora
     from exporter.verify import reference_model
+    from runtime.adapters import DeviceTier, prepare
     from runtime.config import ServeConfig
     from runtime.engine import TorchEngine
     from wara_train.bases import MiniLMTokenizer, get_base
@@ -210,15 +215,16 @@ def run(n: int, workdir: Path) -> dict:
     with torch.no_grad():
         check = Checks({s: reference_model(adapters[s], base)(*inputs).numpy() for s in SEEDS})
     engine = TorchEngine(spec)
+    tier = DeviceTier(engine)  # the one tier of this engine: it owns the page allocation
     answers = {}
     for s in SEEDS:  # the engine against the explicit wavelet path (exporter.verify); also a warm-up
-        engine.write_slot(1, engine.prepare(adapters[s]))  # (the first prepare hashes the base once)
+        tier.write(1, prepare(engine, NAME, adapters[s]))  # (the first prepare hashes the base once)
         answers[s] = engine.forward(inputs, [1])[0]["logits"].numpy()
         check("engine_vs_wavelet_reference", answers[s], s)
     check.refs = answers  # from here on every answer must equal the engine's for that content
     root = workdir / "root"
     root.mkdir()
-    results = {"in_process": in_process(engine, adapters, inputs, n, check),
+    results = {"in_process": in_process(tier, adapters, inputs, n, check),
                "grpc": over_grpc(root, staged, n, check)}
     results["peft"] = in_peft(spec, loras, inputs, n, check, engine.device)
     p50 = results["in_process"]["load_to_servable"]["p50_ms"]

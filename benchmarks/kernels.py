@@ -210,10 +210,10 @@ def rule_case(wavelet: str, width: int, levels: int, rank: int, tokens: int, *, 
 
 
 def run_rule(*, quick: bool, rounds: int, out: Path) -> int:
-    """The sweep behind `runtime.kernels.own_form_wins`: own / pair for haar and db2, J = 1-3,
+    """The sweep behind `runtime.selection.own_form_wins`: own / pair for haar and db2, J = 1-3,
     ranks 4 and 8, widths 64-384, 64 and 2048 tokens; says where the rule and this run disagree."""
     from runtime import native
-    from runtime.kernels import own_form_wins
+    from runtime.selection import own_form_wins
 
     if not native.load().native:
         raise SystemExit(f"--rule times the native op, which is not loaded: {native.load().reason}")
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads on the CPU (default 2)")
     add_base_option(p)  # accepted for `make gpu-check`, which passes it to every benchmark; unused here
     p.add_argument("--rule", action="store_true", help="the sweep behind the engine's slot-form rule instead "
-                   "(runtime.kernels.own_form_wins; CPU, writes kernels_rule.json)")
+                   "(runtime.selection.own_form_wins; CPU, writes kernels_rule.json)")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/kernels.json "
                    "(kernels_rule.json with --rule)")
     args = p.parse_args(argv)

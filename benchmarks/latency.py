@@ -9,7 +9,7 @@ Two workloads, each in PyTorch (eager) and onnxruntime:
   any spec, e.g. ``hf:DIR[@TASK]``), WaRA r=4 haar J=1 on its default layers, rows labelled with
   the base's name. PyTorch: the serving engine's base rows, its slot path on folded factors
   (unmerged-folded: the GEMM pair), its slot path as served by default (``fused``: own factors
-  where `runtime.kernels.own_form_wins` picks them, run by `runtime.kernels.native_linear`), its merged path,
+  where `runtime.selection.own_form_wins` picks them, run by `runtime.kernels.native_linear`), its merged path,
   the injected model's explicit path, and peft's LoRA r=8 on the same layers.
   onnxruntime (where the base supports it): the exporter's base, merged, multi
   (unmerged-folded, slot inputs) and unmerged (explicit wavelet ops) graphs. All checked against
@@ -28,7 +28,7 @@ kept and the base row records ``valid``, ``attempts`` and ``control_ratios``. Ne
 the overhead would be if time followed matmul FLOPs) and the base's achieved GFLOP/s as a
 fraction of a plain matmul's measured in the same run. A model's FLOPs are counted from the model:
 2·m·n per token for each adapted (m, n) layer (tokens counted by forward hooks), plus attention's
-Q Kᵀ and softmax·V where a transformers config gives its depth and width.
+Q Kᵀ and softmax·V where a transformers config gives its depth and width (`benchmarks.flops`).
 
     .venv/bin/python -m benchmarks.latency            # full grid, 7 rounds (about 14 min on 2 cores)
     .venv/bin/python -m benchmarks.latency --quick    # tiny sizes (used by the tests)
@@ -51,123 +51,11 @@ import torch
 from benchmarks.common import (CONTROL_RANGE, DEFAULT_BASE, add_base_option, base_info, base_spec, environment, figure,
                                interleaved_controlled, peft_peer, plain_base, save_figure, seq_limit, summary,
                                write_json)
+from benchmarks.flops import (adapter_flops, attention_dims, layer_tokens, model_base_flops, ort_matmul_gflops,
+                              synchronize, torch_matmul_gflops)
 
 RANK = 4
 FORMS = ("base", "merged", "folded", "explicit")
-
-
-# ------------------------------------------------------------------------------------------
-# FLOPs (multiply-adds x 2) of the matmul work; elementwise work is not counted
-
-
-def wavelet_flops(length: int, taps: int, levels: int) -> int:
-    """One analysis (or synthesis) cascade on a vector of ``length``: F taps per output."""
-    return sum(2 * taps * (length >> (j - 1)) for j in range(1, levels + 1))
-
-
-def adapter_flops(m: int, n: int, *, rank: int, levels: int, taps: int, form: str) -> int:
-    """Extra FLOPs per token of one (m, n) layer's adapter path."""
-    from wara_train.config import wara_param_count
-
-    if form in ("base", "merged"):
-        return 0
-    if form == "folded":
-        return 2 * (3 * levels + 1) * rank * (m + n)
-    return 2 * wara_param_count(m, n, rank=rank, levels=levels) + wavelet_flops(n, taps, levels) + wavelet_flops(m, taps, levels)
-
-
-def layer_tokens(model: torch.nn.Module, layers: list[str], inputs: list[torch.Tensor]) -> dict[str, int]:
-    """Token positions each of ``layers`` sees in one forward of ``model`` on ``inputs``: the
-    number of length-n input vectors it multiplies by its (m, n) weight (batch x seq for a text
-    model's linears, batch x H x W for a 1x1 conv), counted with forward hooks."""
-    from wara_train.layer import layer_shape
-
-    seen: dict[str, int] = {}
-    hooks = []
-    for name in layers:
-        module = model.get_submodule(name)
-        n = layer_shape(module)[1]
-        hooks.append(module.register_forward_hook(
-            lambda mod, args, out, name=name, n=n: seen.__setitem__(name, seen.get(name, 0) + args[0].numel() // n)))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    missing = [name for name in layers if name not in seen]
-    if missing:
-        raise SystemExit(f"adapted layers never ran in a forward: {missing[:3]}")
-    return seen
-
-
-def attention_dims(model: torch.nn.Module) -> tuple[int, int] | None:
-    """(layers, hidden) of the transformer inside ``model``, read from its transformers config;
-    None for a model without one (its attention, if any, is not counted)."""
-    for module in model.modules():
-        cfg = getattr(module, "config", None)
-        layers, hidden = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "hidden_size", None)
-        if isinstance(layers, int) and isinstance(hidden, int):
-            return layers, hidden
-    return None
-
-
-def model_base_flops(shapes: dict[str, tuple[int, int]], tokens: dict[str, int], *, batch: int,
-                     attention: tuple[int, int] | None) -> int:
-    """The base's matmul FLOPs: 2·m·n per token for each adapted (m, n) layer, plus, for a
-    transformer of L layers and width d, Q Kᵀ and softmax·V: L · 2 · 2·B·S²·d, with S the tokens
-    per row the adapted layers see."""
-    linear = sum(2 * m * n * tokens[name] for name, (m, n) in shapes.items())
-    if attention is None:
-        return linear
-    layers, hidden = attention
-    seq = max(tokens.values()) // batch
-    return linear + layers * 2 * (2 * batch * seq * seq * hidden)
-
-
-# ------------------------------------------------------------------------------------------
-# peaks
-
-
-def torch_matmul_gflops(device: torch.device, size: int = 2048) -> float:
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    best = float("inf")
-    for _ in range(6):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
-
-
-def ort_matmul_gflops(size: int = 2048) -> float:
-    import onnx
-    from onnx import TensorProto, helper
-
-    from exporter.verify import ort_session
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in "ab"],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "mm.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
-        sess = ort_session(str(path), spinning=False)
-        feeds = {n: np.random.default_rng(0).standard_normal((size, size), dtype=np.float32) for n in "ab"}
-        best = float("inf")
-        for _ in range(6):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best / 1e9
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,7 +162,7 @@ def run_synthetic(*, widths: list[int], batches: list[int], seqs: list[int], lev
                     with torch.no_grad():
                         times, check = interleaved_controlled(
                             variants, base="base:0", controls=[k for k in variants if k.startswith("merged:")],
-                            tries=tries, rounds=rounds, iters=iters, sync=lambda: _sync(device), alternate=True)
+                            tries=tries, rounds=rounds, iters=iters, sync=lambda: synchronize(device), alternate=True)
                     base_ms = times.pop("base:0")
                     base_flops = 2 * batch * seq * d * d
                     rows.append({"workload": f"synthetic d={d}", "engine": engine, "batch": batch, "seq": seq,
@@ -327,6 +215,7 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
     from exporter.common import base_for
     from exporter.onnx_export import INDEX_INPUT, export_onnx, model_io
     from exporter.verify import ort_session, pack_slots
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
     from wara_train.artifact import apply_adapter
     from wara_train.layer import layer_shape
@@ -336,13 +225,13 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
     adapter = random_adapter(spec, workdir / "adapter", rank=RANK, seed=0)
     targets = list(adapter.config.target_modules)
     engine = TorchEngine(spec, device=str(device), slot_form="folded")
-    folded = engine.prepare(adapter)
-    engine.write_slot(1, folded)
+    folded = prepare(engine, "adapter", adapter)
+    DeviceTier(engine).write(1, folded)
     # The served default (slot_form auto): own factors and the fused wavelet op where the rule
     # picks them (MiniLM haar J=1 does), else the same folded path.
     served = TorchEngine(spec, device=str(device))
-    served.write_slot(1, served.prepare(adapter))
-    merged = engine.build_merged(folded)
+    DeviceTier(served).write(1, prepare(served, "adapter", adapter))
+    merged = engine.build_merged(folded.factors)
     explicit = apply_adapter(base_for(adapter, spec), adapter).to(device).eval()
     set_path(explicit, "explicit")
     peft = peft_peer(spec, 1, rank=2 * RANK, targets=targets, device=device)
@@ -400,7 +289,7 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                 iters = max(1, min(max_iters, int(3e9 / base_flops) + 1))
                 with torch.no_grad():
                     times, check = interleaved_controlled(variants, base="base", controls=["merged"], tries=tries,
-                                                          rounds=rounds, iters=iters, sync=lambda: _sync(device),
+                                                          rounds=rounds, iters=iters, sync=lambda: synchronize(device),
                                                           alternate=True)
                 if "peft_lora" in times:  # the peer: peft's unmerged LoRA r=8 over its own base
                     lora = sum(2 * 2 * RANK * (m + n) * tokens[t] for t, (m, n) in shapes.items())

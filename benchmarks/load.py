@@ -12,7 +12,7 @@ default lazy start. Measured, all in one run:
 * the cold first request of adapters only on disk (read, checked, folded, written to the pool,
   answered) against a warm request of the same adapter right after;
 * load -> servable: the time an adapter takes to enter the device tier (fold + pool write),
-  from the registry's own timer, over the whole run;
+  from the repository's own timer, over the whole run;
 * RSS per registered adapter after the traffic, with the host and device tiers' bytes, and
   the RSS one more adapter in the host tier costs (explicit loads), against its own bytes.
 
@@ -116,9 +116,9 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
 
     servers = {}
     report: dict = {"starts": {}, "rounds": [], "cold": {}}
-    # Device entries (fold + pool write) and host entries (read + check), as the registry times them.
+    # Device entries (fold + pool write) and host entries (read + check), as the repository times them.
     entries: dict[str, list[float]] = {"device": [], "host": []}
-    from runtime.catalog import Catalog
+    from runtime.adapters.disk import Catalog
 
     gc_rss, t = rss_mb(), time.perf_counter()
     catalog = Catalog(root).scan()  # the index alone: what start-up reads for every adapter
@@ -135,15 +135,15 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
                              max_delay_ms=1.0, device_budget_mb=device_mb, host_budget_mb=host_mb)
         server, port = create_server(config)
         ready = time.perf_counter() - t
-        registry = server.service.registry
-        registry.observe = lambda tier, s, _o=registry.observe: (entries[tier].append(s * 1e3), _o(tier, s))
+        repository = server.service.repository
+        repository.observe = lambda tier, s, _o=repository.observe: (entries[tier].append(s * 1e3), _o(tier, s))
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         servers[label] = (server, channel, stub, n)
         report["starts"][label] = {"adapters": n, "ready_s": ready, "rss_added_mb": rss_mb() - before,
-                                   "index_s": server.service.catalog.seconds,
-                                   "tensors_read_at_start": len(registry.current)}
-        log(f"{label}: {n} adapters, ready in {ready:.2f} s (index {server.service.catalog.seconds:.2f} s), "
+                                   "index_s": repository.catalog.seconds,
+                                   "tensors_read_at_start": len(repository.current)}
+        log(f"{label}: {n} adapters, ready in {ready:.2f} s (index {repository.catalog.seconds:.2f} s), "
             f"RSS +{rss_mb() - before:.0f} MB")
 
     def call(stub, name: str, text: str) -> float:
@@ -172,7 +172,7 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
         for k in range(rounds + 1):
             for label in ("small", "large"):
                 _, _, stub, n = servers[label]
-                reg = servers[label][0].service.registry
+                reg = servers[label][0].service.repository
                 weights = zipf_weights(n)
                 rng = np.random.default_rng(1000 * k + n)
                 lat, hit, miss = [], [], []
@@ -191,15 +191,17 @@ def run(*, backend: str, small: int, large: int, rounds: int, seconds: float, co
                     + (f" (p50 {percentile(miss, 50):.1f} ms; hits {percentile(hit, 50):.1f} ms)" if miss and hit else ""))
         # The host tier's cost per adapter: explicit loads of adapters not touched yet.
         service = servers["large"][0].service
-        fresh = [n for n in names if n not in service.registry.current][:host_loads]
+        fresh = [n for n in names if n not in service.repository.current][:host_loads]
         before, own = rss_mb(), 0
         for name in fresh:
-            own += service.load(name).nbytes
+            own += service.load_now(name).nbytes
         report["host_loads"] = {"adapters": len(fresh), "rss_per_adapter_mb": (rss_mb() - before) / max(1, len(fresh)),
                                 "own_bytes_per_adapter_mb": own / max(1, len(fresh)) / 2**20}
         log(f"host tier: {len(fresh)} loads, RSS +{report['host_loads']['rss_per_adapter_mb']:.2f} MB per adapter "
             f"(own factors {report['host_loads']['own_bytes_per_adapter_mb']:.2f} MB)")
-        tiers = {label: servers[label][0].service.registry.tiers() for label in servers}
+        # The host and device tiers' residents (the disk tier, the root's index, is not a memory tier).
+        tiers = {label: {t: v for t, v in servers[label][0].service.repository.tiers()[0].items() if t in ("host", "device")}
+                 for label in servers}
         report["memory"] = {"rss_mb": rss_mb(), "rss_growth_mb": rss_mb() - rss0,
                             "tiers_mb": {label: {t: b / 2**20 for t, (_, b) in v.items()} for label, v in tiers.items()},
                             "resident": {label: {t: c for t, (c, _) in v.items()} for label, v in tiers.items()}}

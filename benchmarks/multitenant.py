@@ -42,6 +42,7 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
         workdir: Path, log) -> dict:
     from exporter.common import base_for
     from exporter.onnx_export import model_io
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
     from wara_train.artifact import apply_adapter, load_adapter
     from wara_train.model import set_path
@@ -61,8 +62,9 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
             from runtime.ort_engine import OrtEngine
 
             e = OrtEngine(spec)
+        tier = DeviceTier(e)  # one tier per engine: it owns the engine's page allocation
         for i, a in enumerate(adapters):
-            e.write_slot(i + 1, e.prepare(a))
+            tier.write(i + 1, prepare(e, f"t{i}", a))
         ours[eng] = e
     peft = peft_peer(spec, n, rank=2 * RANK, targets=list(adapters[0].config.target_modules), device=device)
     inputs = [t.to(device) for t in model_io(spec, batch=batch, seq=seq).sample]

@@ -39,14 +39,15 @@ def quartiles(values: list[float]) -> dict:
 
 def measure(spec, *, batch: int, seq: int, turns: int, workdir: Path) -> dict:
     from exporter.onnx_export import model_io
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
     from wara_train.synthetic import random_adapter
 
     adapter = random_adapter(spec, workdir / "adapter", rank=RANK, seed=0)
     engine = TorchEngine(spec, device="cpu")
-    prepared = engine.prepare(adapter)
-    engine.write_slot(1, prepared)
-    merged = engine.build_merged(prepared)
+    prepared = prepare(engine, "adapter", adapter)
+    DeviceTier(engine).write(1, prepared)
+    merged = engine.build_merged(prepared.factors)
     inputs = list(model_io(spec, batch=batch, seq=seq).sample)
     variants = {"base": lambda: engine.forward(inputs, [0] * batch),
                 "served": lambda: engine.forward(inputs, [1] * batch),

@@ -114,7 +114,7 @@ def check(port: int, names: list[str], service) -> None:
             req = pb.ModelInferRequest(model_name=name)
             req.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(TEXT.encode())
             resp = stub.ModelInfer(req, timeout=120)
-            version, want = service.infer(name, {"text": np.array([TEXT.encode()], dtype=object)})
+            version, want = service.predict(name, {"text": np.array([TEXT.encode()], dtype=object)})
             got = decode_outputs(resp)["logits"]
             if resp.model_version != version or not np.allclose(got, want["logits"], rtol=1e-4, atol=1e-4):
                 raise SystemExit(f"{name}: the served answer differs from the in-process core's")

@@ -282,14 +282,6 @@ def _splice(proto: onnx.ModelProto, probes: list[Probe], build: Splice) -> onnx.
     return model
 
 
-def _drop_probe_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
-    model = copy.deepcopy(proto)
-    keep = [o for o in model.graph.output if not o.name.startswith("wara_probe/")]
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
-    return model
-
-
 def _finish(model: onnx.ModelProto, *, metadata: dict[str, str]) -> onnx.ModelProto:
     graph = model.graph
     _toposort_and_prune(graph)

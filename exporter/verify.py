@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from wara_train.artifact import WaraAdapter, apply_adapter
 from wara_train.basespec import BaseSpec
-from wara_train.errors import ConfigError, WaraError
+from wara_train.errors import ConfigError
 from wara_train.layer import layer_shape
 
 from .common import load_hf, read_head, resolve_adapter_base, saved_head, served_from_hf, with_saved_modules
@@ -23,10 +23,6 @@ from .onnx_export import INDEX_INPUT, ModelIO, model_io
 from .slots import head_feeds, parse_input_name, slot_feeds, stack_folded
 
 DEFAULT_ATOL = 1e-4
-
-
-class VerificationError(WaraError):
-    """An exported form disagrees with the PyTorch reference past the tolerance."""
 
 
 def ort_session(path: str, *, providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True):

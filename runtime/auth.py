@@ -4,50 +4,39 @@ A tenant (``[[serve.tenant]]`` in the serve TOML) authenticates with a bearer to
 SHA-256 hash alone is stored in the config, or with a client certificate whose subject it lists
 (mTLS, `runtime.tls`). With no tenant configured, auth is off and every call is the `OPEN`
 principal. The server edge calls `Authenticator.identify` with what grpc gives a handler
-(``context.invocation_metadata()``, ``context.auth_context()``); nothing here holds grpc objects.
+(``context.invocation_metadata()``, ``context.auth_context()``); before that, its interceptor
+(`runtime.grpc_auth`) calls `Authenticator.screen` with the metadata alone, so that a call without
+a valid credential is refused before its body is read. Refusals are logged through the
+authenticator's `RefusalLog`: metadata keys only, never a value, and a bounded number of lines.
+Nothing here holds grpc objects.
 
 cryptography (only for certificate subjects) is imported when a subject is first parsed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import functools
 import hashlib
+import logging
 import re
 import secrets
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
-from wara_train.errors import ConfigError, WaraError
+from wara_train.errors import ConfigError
 
-from .errors import clip
+from .errors import PermissionDenied, Unauthenticated, clip
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 BEARER = re.compile(r"bearer +(\S+)", re.IGNORECASE)
 OPEN_NAME = "-"  # the principal's name when auth is off; no configured tenant may take it
-REDACTED = "<redacted>"
 
-Reason = Literal["missing_credentials", "malformed_header", "unknown_token", "unknown_subject", "not_admin"]
-
-
-class Unauthenticated(WaraError):
-    """No valid credentials (UNAUTHENTICATED). ``reason`` is a metrics label; the message never
-    holds a token or any part of one."""
-
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class PermissionDenied(WaraError):
-    """Valid credentials that do not allow this call (PERMISSION_DENIED); ``reason`` as above."""
-
-    def __init__(self, reason: Reason, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def hash_token(token: str) -> str:
@@ -208,16 +197,92 @@ def toml_snippet(name: str, token_hash: str, *, admin: bool = False) -> str:
     return f'[[serve.tenant]]\nname = "{name}"\n{grant}\ntokens = ["{token_hash}"]\n'
 
 
-def redact(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str | bytes]]:
-    """``metadata`` with every ``authorization`` value replaced by ``"<redacted>"`` (for logs)."""
-    return [(k, REDACTED if k.lower() == "authorization" else v) for k, v in metadata]
+MAX_LOGGED_KEYS = 16  # metadata keys a refusal line names
+MAX_KEY = 40  # characters of each
+
+
+def metadata_keys(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """The keys of ``metadata`` for a log line, never a value: a credential sent under any key
+    (``authorization``, ``x-api-key``, ``authorization-bin``, ...) stays out of the log. Sorted
+    and unique, at most `MAX_LOGGED_KEYS` of at most `MAX_KEY` characters each."""
+    keys = sorted({k if len(k) <= MAX_KEY else k[:MAX_KEY] + "..." for k, _ in metadata})
+    more = len(keys) - MAX_LOGGED_KEYS
+    return ", ".join(keys[:MAX_LOGGED_KEYS]) + (f" (+{more} more)" if more > 0 else "") if keys else "none"
+
+
+class RefusalLog:
+    """Log lines for refused calls: at most ``burst`` in any ``interval`` seconds. Past that a
+    refusal is only counted, and one line when the interval ends says how many were suppressed
+    (the ``wara_refusals_total`` metric counts every refusal). On an event loop the summary is
+    scheduled on it; elsewhere it comes before the next line logged. A line names the caller's
+    address, the method, the reason and message, and the metadata keys (`metadata_keys`): never
+    a metadata value, so a token sent under a wrong key is not written anywhere."""
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 10, interval: float = 60.0) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._window_end = float("-inf")
+        self._lines = 0
+        self._suppressed = 0
+        self._summary_due = False
+
+    def refused(self, method: str, peer: str, reason: str, error: BaseException,
+                metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            summary = self._roll(now)
+            logged = self._lines < self.burst
+            if logged:
+                self._lines += 1
+            else:
+                self._suppressed += 1
+                self._schedule_summary(self._window_end - now)
+        if summary:
+            self._log_summary(summary)
+        if logged:
+            self.logger.warning("refused %s from %s: %s (%s; metadata keys: %s)", method, peer, reason,
+                                error, metadata_keys(metadata))
+
+    def _roll(self, now: float) -> int:
+        """Start a new interval once the current one has ended; the count it suppressed."""
+        if now < self._window_end:
+            return 0
+        suppressed, self._suppressed = self._suppressed, 0
+        self._window_end, self._lines = now + self.interval, 0
+        return suppressed
+
+    def _schedule_summary(self, delay: float) -> None:
+        if self._summary_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here: the next line logged brings the summary
+            return
+        self._summary_due = True
+        loop.call_later(max(0.0, delay), self._summarize)
+
+    def _summarize(self) -> None:
+        with self._lock:
+            self._summary_due = False
+            suppressed, self._suppressed = self._suppressed, 0
+        if suppressed:
+            self._log_summary(suppressed)
+
+    def _log_summary(self, suppressed: int) -> None:
+        self.logger.warning("suppressed %d refusal log lines (at most %d per %.0fs; wara_refusals_total counts "
+                            "every refusal)", suppressed, self.burst, self.interval)
 
 
 class Authenticator:
-    """Maps a call's credentials to its `Tenant`. Auth is on when any tenant is configured."""
+    """Maps a call's credentials to its `Tenant`. Auth is on when any tenant is configured.
+    ``refusals`` logs the calls refused (`RefusalLog`, shared by the edge's interceptor and
+    handlers)."""
 
     def __init__(self, tenants: Sequence[Tenant]) -> None:
         self.tenants = tuple(tenants)
+        self.refusals = RefusalLog(logging.getLogger("wara.serve"))
         self._by_name: dict[str, Tenant] = {}
         self._by_hash: dict[str, Tenant] = {}
         self._by_subject: dict[str, Tenant] = {}
@@ -285,9 +350,28 @@ class Authenticator:
         tenant = None if subject is None else self._by_subject.get(subject.canonical) or (
             self._by_cn.get(subject.common_name) if subject.common_name is not None else None)
         if tenant is None:
-            shown = f" {clip(subject.canonical)}" if subject is not None else ""
-            raise Unauthenticated("unknown_subject", f"no tenant lists the client certificate subject{shown}")
+            raise _unknown_subject(subject)
         return tenant
+
+    def screen(self, metadata: Iterable[tuple[str, str | bytes]], *, certificates: bool) -> Tenant | None:
+        """What a call's metadata alone says, before its body is read: its tenant, or None when
+        only its client certificate can tell (``certificates``: the transport verifies client
+        certificates, which `identify` sees and this does not). Raises Unauthenticated exactly
+        where `identify` would: a malformed or unknown bearer token, no credential on a
+        transport without client certificates, a certificate when no tenant lists a subject."""
+        if not self.enabled:
+            return OPEN
+        metadata = tuple(metadata)
+        if certificates and not any(k.lower() == "authorization" for k, _ in metadata):
+            if self._by_subject:
+                return None
+            raise _unknown_subject(None)
+        return self.identify(metadata, {})
+
+
+def _unknown_subject(subject: Subject | None) -> Unauthenticated:
+    shown = f" {clip(subject.canonical)}" if subject is not None else ""
+    return Unauthenticated("unknown_subject", f"no tenant lists the client certificate subject{shown}")
 
 
 def has_client_certificate(auth_context: Mapping[str, Sequence[bytes]]) -> bool:

@@ -21,15 +21,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 import torch
 
-from .engine import TorchEngine
 from .errors import DeadlineExceeded, Draining, Overloaded
-from .registry import Registry, Version
 
 
 @dataclass(eq=False)
 class Request:
     inputs: tuple[torch.Tensor, ...]  # each (rows, ...)
-    version: Version | None  # None: the base model
+    version: object | None  # a leased `runtime.adapters.host.Version`; None: the base model
     model: str = ""  # the name the client asked for (metrics)
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.perf_counter)
@@ -56,10 +54,10 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(self, engine: TorchEngine, registry: Registry, *, max_batch: int = 32, max_delay_ms: float = 5.0,
+    def __init__(self, engine, device, *, max_batch: int = 32, max_delay_ms: float = 5.0,
                  max_queue: int = 1024, max_queued_bytes: int = 1 << 30, resident_wait_ms: float = 50.0, on_batch=None, on_start=None, on_end=None, on_expire=None) -> None:
-        self.engine = engine
-        self.registry = registry
+        self.engine = engine  # forward(inputs, slots), forward_merged, base_model, pages
+        self.device = device  # the base's device tier: place(versions) -> (slots, deferred, failed)
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
@@ -146,7 +144,7 @@ class Batcher:
         """``order`` regrouped, each group keeping the tenants' turns: requests that have waited
         ``resident_wait`` first (none starves), then those that cost no slot miss (the base, an
         adapter in a slot), then the rest. Reading ``slot`` unlocked is a hint:
-        `Registry.assign_slots` decides under its lock."""
+        `DeviceTier.place` decides under its lock."""
         now = time.perf_counter()
         waited, resident, rest = [], [], []
         for r in order:
@@ -208,12 +206,14 @@ class Batcher:
             self.queued_bytes += sum(r.nbytes for r in requests)
 
     def _place(self, batch: list[Request]) -> tuple[list[Request], dict[int, int] | None, bool]:
-        """(requests that run now, their slots or None for the merged copy, merged)."""
+        """(requests that run now, their slots or None for the merged copy, merged). Requests
+        whose adapter could not be made ready fail here, alone."""
         first = batch[0].version
         if first is not None and first.merged is not None and all(r.version is first for r in batch):
             return batch, None, True
         versions = [r.version for r in batch if r.version is not None]
-        slot_of, deferred = self.registry.assign_slots(self.engine.base_model, versions) if versions else ({}, [])
+        slot_of, deferred, failed = self.device.place(versions) if versions else ({}, [], {})
+        batch = self._fail(batch, failed)
         if not deferred:
             return batch, slot_of, False
         later = {id(v) for v in deferred}
@@ -223,7 +223,8 @@ class Batcher:
         # adapters can make room for the deferred ones once no request holds them.
         extra = self._take_resident(sum(r.rows for r in now), now[0] if now else None)
         if extra:
-            more, still = self.registry.assign_slots(self.engine.base_model, [r.version for r in extra if r.version])
+            more, still, failed = self.device.place([r.version for r in extra if r.version])
+            extra = self._fail(extra, failed)
             slot_of.update(more)
             if still:  # not resident after all (evicted meanwhile): back to the queue
                 gone = {id(v) for v in still}
@@ -233,6 +234,18 @@ class Batcher:
         if not now:
             time.sleep(0.001)
         return now, slot_of, False
+
+    def _fail(self, requests: list[Request], failed: dict[int, BaseException]) -> list[Request]:
+        """Fail the requests whose adapter is in ``failed`` (id(version) -> error); the rest."""
+        if not failed:
+            return requests
+        gone = [r for r in requests if r.version is not None and id(r.version) in failed]
+        if self.on_expire is not None:
+            self.on_expire(gone)  # no longer waiting
+        for r in gone:
+            if not r.future.done():
+                r.future.set_exception(failed[id(r.version)])
+        return [r for r in requests if r.version is None or id(r.version) not in failed]
 
     def _take_resident(self, rows: int, like: Request | None) -> list[Request]:
         """Queued requests whose adapter is in the pool (or the base), up to a full batch."""
@@ -255,7 +268,7 @@ class Batcher:
         client that has its answer never sees its request still counted as running."""
         try:
             batch, slot_of, merged = self._place(batch)
-        except Exception as e:  # a failed placement (an unreadable adapter) fails its batch
+        except Exception as e:  # a broken placement fails its batch, never the worker
             if self.on_expire is not None:
                 self.on_expire(batch)  # no longer waiting
             for r in batch:
@@ -290,7 +303,9 @@ class Batcher:
             return self.engine.forward_merged(copy, first.head, _concat([r.inputs for r in batch])), True
         if slot_of is None:  # the merged copy went since `_place`: place the batch now
             versions = [r.version for r in batch if r.version is not None]
-            slot_of, deferred = self.registry.assign_slots(self.engine.base_model, versions)
+            slot_of, deferred, failed = self.device.place(versions)
+            if failed:
+                raise next(iter(failed.values()))
             if deferred:
                 raise Overloaded("the device pool has no room for this batch's adapters; retry")
         slots: list[int] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import asyncio
 import os
 import signal
 import sys
@@ -24,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "or py:package.module:function; TASK: feature-extraction, text-classification, "
                         "image-classification. Repeat for several (default: every built-in base)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (on 127.0.0.1 unless "
-                                                    "metrics_host says otherwise)")
+                                                    "metrics_host says otherwise; no authentication, and its labels "
+                                                    "name every tenant and adapter)")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
                    help="engine: auto (default: onnxruntime for MiniLM on CPU, else PyTorch), torch, onnxruntime")
     ray = p.add_argument_group("scale-out on Ray Serve (the ray extra)")
@@ -80,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(server,), daemon=True).start())
-    loaded = [name for name, _, state, _ in service.index() if state == "READY" and name not in service.engines]
-    bases = ", ".join(f"{b} ({e.platform.removeprefix('wara_')})" for b, e in service.engines.items())
+    loaded, bases = asyncio.run(_summary(service, [b.name for b in config.bases]))
     security = ("TLS" + (" + client certificates" if config.tls_client_ca else "") if config.tls else "plaintext") + \
         (f", {len(config.tenants)} tenants" if config.tenants else ", no authentication")
     print(f"adapters: {', '.join(loaded) or 'none'}; bases: {bases}; {security}", file=sys.stderr)
@@ -92,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
     server.stop(config.grace_s)
     print("stopped", file=sys.stderr, flush=True)
     return 0
+
+
+async def _summary(core, base_names: list[str]) -> tuple[list[str], str]:
+    """(adapters loaded, "base (engine), ...") from the serving core."""
+    rows = await core.index(ready_only=True)
+    loaded = [r.name for r in rows if r.name not in base_names]
+    infos = [await core.metadata(b) for b in base_names]
+    return loaded, ", ".join(f"{i.name} ({i.platform.split(':')[0].removeprefix('wara_')})" for i in infos)
 
 
 def _reload(server) -> None:

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from wara_train.bases import BUILTINS
-from wara_train.basespec import BaseSpec, parse_source
+from wara_train.basespec import parse_source
 from wara_train.errors import ConfigError
 
 from .auth import Authenticator, Tenant
+from .names import RULE, is_model_name
 from .tls import TlsConfig
 
 BACKENDS = ("auto", "torch", "onnxruntime")
-BASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,8 @@ class BaseEntry:
     task: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not BASE_NAME.match(self.name):
-            raise ConfigError(f"base name {self.name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+        if not is_model_name(self.name):
+            raise ConfigError(f"base name {self.name!r}: {RULE}")
         kind, _, suffix_task = parse_source(self.source)  # checks the syntax and any @TASK
         if self.task is not None and kind != "hf":
             raise ConfigError(f"base {self.name!r}: a task applies to hf: sources only")
@@ -83,8 +82,8 @@ class RayConfig:
         if self.address is not None and (not isinstance(self.address, str) or not self.address):
             raise ConfigError(f"ray address must be a cluster address such as 'auto' or 'HOST:6379', "
                               f"got {self.address!r}")
-        if not isinstance(self.app_name, str) or not BASE_NAME.match(self.app_name):
-            raise ConfigError(f"ray app_name {self.app_name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+        if not is_model_name(self.app_name):
+            raise ConfigError(f"ray app_name {self.app_name!r}: {RULE}")
 
     @classmethod
     def from_table(cls, table: Any) -> "RayConfig":
@@ -97,7 +96,7 @@ class RayConfig:
 
 # What a slot of the PyTorch engine holds: the folded LoRA (``wara::sgmv`` or the GEMM pair), the
 # adapter's own WaRA factors (``wara::wavelet_lowrank``: half the multiply-adds and, at J = 1,
-# half the pages), or per adapter whichever `runtime.kernels.own_form_wins` measured faster.
+# half the pages), or per adapter whichever `runtime.selection.own_form_wins` measured faster.
 SlotForm = Literal["auto", "folded", "own"]
 SLOT_FORMS: tuple[str, ...] = ("auto", "folded", "own")
 
@@ -112,7 +111,7 @@ class ServeConfig:
     preload: bool = False
     bases: tuple[BaseEntry, ...] = tuple(BaseEntry(b, b) for b in BUILTINS)  # served bases; default: the built-ins
     # "torch", "onnxruntime" (the exporter's multi graph, slot factors as inputs), or "auto":
-    # per base, the one that is faster here (see `resolve_backend`).
+    # per base, the one that is faster here (`runtime.selection.engine_backend`).
     backend: str = "auto"
     device: str | None = None  # default: cuda when present, else cpu
     # The device tier per base: a pool of this many MB, cut into pages of one rank of every
@@ -121,7 +120,7 @@ class ServeConfig:
     max_rank: int = 128  # the largest folded rank an adapter may have (rank x (3 levels + 1))
     # What a slot of the PyTorch engine holds: "folded" LoRA factors, the adapter's "own" WaRA
     # factors (the fused wavelet op; fewer pages), or "auto": per adapter, the form measured
-    # faster (`runtime.kernels.own_form_wins`). Own factors need the native kernels; the
+    # faster (`runtime.selection.own_form_wins`). Own factors need the native kernels; the
     # onnxruntime engine always folds.
     slot_form: str = "auto"
     max_batch: int = 32  # rows per forward pass
@@ -280,32 +279,3 @@ class ServeConfig:
             return cls(**section)
         except TypeError as e:
             raise ConfigError(f"{path}: {e}") from None
-
-
-def resolve_backend(config: ServeConfig, spec: BaseSpec) -> str:
-    """The engine backend for one base. "auto": the first of the spec's ``backends`` (its
-    preference order) that is installed and can serve every input the base accepts: PyTorch on
-    CUDA, and onnxruntime only for a graph whose every variable axis is a dynamic ONNX axis (an
-    image base that takes any size stays on PyTorch, as onnxruntime's graph is exported at one
-    size). Text bases list onnxruntime first (3-4x lower batch-1 latency than PyTorch eager for
-    MiniLM on the 2-core machine, README Benchmarks). Where the onnxruntime engine cannot be
-    built or disagrees with PyTorch, the service falls back to PyTorch
-    (`runtime.service.make_engine`). An explicit backend must be one the spec supports."""
-    if config.backend != "auto":
-        if config.backend not in spec.backends:
-            raise ConfigError(f"base {spec.name!r} supports the backends {', '.join(spec.backends)}, "
-                              f"not {config.backend!r}")
-        return config.backend
-    import importlib.util
-
-    import torch
-
-    on_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    has_ort = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript"))
-    any_size = all(axis in dyn for t, dyn in zip(spec.inputs, spec.onnx_dynamic or ({},) * len(spec.inputs))
-                   for axis, size in enumerate(t.shape) if size < 0)
-
-    def usable(backend: str) -> bool:
-        return backend == "torch" or (backend == "onnxruntime" and has_ort and not on_cuda and any_size)
-
-    return next((b for b in spec.backends if usable(b)), "torch")

@@ -1,10 +1,21 @@
-"""Runtime errors and the one place that maps every project error to a gRPC status code."""
+"""Every runtime error, and the one place that maps an error to a gRPC status code.
+
+Client errors (the client can fix the request): InvalidRequest, RequestTooLarge, ModelNotFound,
+Unauthenticated, PermissionDenied, and the artifact's AdapterError / ConfigError for what a
+client sent. Server states: Overloaded, Draining, DeadlineExceeded, AdapterUnavailable (an
+adapter the server can no longer read), IncompatibleAdapterError. InternalError is a broken
+invariant: the client did nothing wrong, so it is never INVALID_ARGUMENT.
+"""
 
 from __future__ import annotations
 
 import grpc
 
+from typing import Literal
+
 from wara_train.errors import AdapterError, ConfigError, IncompatibleAdapterError, WaraError
+
+Reason = Literal["missing_credentials", "malformed_header", "unknown_token", "unknown_subject", "not_admin"]
 
 
 class InvalidRequest(WaraError, ValueError):
@@ -32,6 +43,32 @@ class DeadlineExceeded(WaraError):
     """The request's deadline passed before its batch ran."""
 
 
+class AdapterUnavailable(WaraError):
+    """A loaded adapter the server can no longer serve: its files under the adapter root changed
+    or vanished since it was loaded (FAILED_PRECONDITION: an admin must load it again)."""
+
+
+class InternalError(WaraError):
+    """A broken invariant inside the server (INTERNAL): never the client's fault."""
+
+
+class Unauthenticated(WaraError):
+    """No valid credentials (UNAUTHENTICATED). ``reason`` is a metrics label; the message never
+    holds a token or any part of one."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PermissionDenied(WaraError):
+    """Valid credentials that do not allow this call (PERMISSION_DENIED); ``reason`` as above."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 CLIP = 64  # characters of a client-supplied string an error message may quote
 MAX_MESSAGE = 1024  # characters of any status message
 
@@ -53,9 +90,10 @@ def status_message(error: BaseException) -> str:
 
 
 def status_code(error: BaseException) -> grpc.StatusCode:
-    """The gRPC status for an error: the only mapping in the project."""
-    from .auth import PermissionDenied, Unauthenticated
-
+    """The gRPC status for an error: the only mapping in the project (an HTTP edge derives its
+    statuses from these codes)."""
+    if isinstance(error, InternalError):
+        return grpc.StatusCode.INTERNAL
     if isinstance(error, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(error, PermissionDenied):
@@ -64,7 +102,7 @@ def status_code(error: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, IncompatibleAdapterError):
+    if isinstance(error, (IncompatibleAdapterError, AdapterUnavailable)):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(error, (InvalidRequest, AdapterError, ConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT

@@ -10,17 +10,57 @@ views A (r, n), B (m, r) at the slot's own rank) or, for a kernel marked
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 from torch.nn.modules import module as _nn_module
 
-if TYPE_CHECKING:
-    from .engine import SlotLayer
+
+@dataclass
+class Routing:
+    """Which slot each row of the current batch uses; set by the engine before a forward."""
+
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (slot, row indices), base rows in none
+    rows: int = 0  # the batch size: every adapted layer's input must lead with it
+    cache: dict = field(default_factory=dict)  # what a kernel computes once per forward (token slots)
+
+
+class KernelLayer(Protocol):
+    """What a kernel reads of an adapted layer (`runtime.slots.SlotLayer` is the one implementation).
+
+        m, n                    out and in features of the base layer
+        base                    the base module (its weight and bias)
+        conv                    the base is a 1x1 Conv2d (rows of features are its pixels)
+        pool                    the flat page pool every slot's factors live in
+        rank[slot]              the slot's rank in this layer (0 or absent: it skips the layer)
+        own[slot]               (levels, wavelet) of a slot that holds its own WaRA factors
+        factors(slot)           views (A (r, n), B (m, r)) of a folded slot in the pool; None at rank 0
+        tables(slots, form)     (offset, rank) tensors over ``slots`` for a native op; cached
+        memoized(key, make)     make() once until a slot here changes
+        shared                  layers fed the same input whose outputs this layer's call computes
+        routing                 the batch's `Routing`
+    """
+
+    m: int
+    n: int
+    base: Any
+    conv: bool
+    pool: torch.Tensor
+    rank: dict[int, int]
+    own: dict[int, tuple[int, str]]
+    shared: list
+    routing: Routing
+
+    def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def tables(self, slots: tuple[int, ...], form: tuple[int, str] | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def memoized(self, key: tuple, make: Callable[[], Any]) -> Any: ...
 
 
 class LoraKernel(Protocol):
-    def __call__(self, x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch.Tensor]],
+    def __call__(self, x: torch.Tensor, layer: "KernelLayer", groups: list[tuple[int, torch.Tensor]],
                  out: torch.Tensor | None = None) -> torch.Tensor | None:
         """x (B, T, n); groups: (slot, row indices) for every non-base slot in the batch; the
         slot's factors from ``layer.factors(slot)`` (or its own factors, see the module). With ``out`` (B, T, m), contiguous: add
@@ -28,7 +68,7 @@ class LoraKernel(Protocol):
         has an adapter and no ``out`` was given."""
 
 
-def grouped_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch.Tensor]],
+def grouped_lora(x: torch.Tensor, layer: "KernelLayer", groups: list[tuple[int, torch.Tensor]],
                  out: torch.Tensor | None = None) -> torch.Tensor | None:
     """CPU/GPU kernel on each slot's real rank.
 
@@ -64,28 +104,45 @@ def grouped_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, to
     return out.baddbmm_(torch.bmm(x, ga.transpose(1, 2)), gb.transpose(1, 2))
 
 
-def native_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, torch.Tensor]],
+def native_lora(x: torch.Tensor, layer: "KernelLayer", groups: list[tuple[int, torch.Tensor]],
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The native ops (`runtime.native`) on the page pool as it is: per-token slot indices,
-    each slot at its own rank, base rows free, no factor copies. Folded slots go to
+    """The native ops (``torch.ops.wara``, `runtime.native`) on the page pool as it is: per-token
+    slot indices, each slot at its own rank, base rows free, no factor copies. Folded slots go to
     ``wara::sgmv``, slots holding own factors to ``wara::wavelet_lowrank`` (one call per
     (levels, wavelet) in the batch), each call skipping the other form's rows. One folded
     adapter on the whole batch stays on `grouped_lora`'s GEMM pair, which sgmv does not beat
-    there (benchmarks/results/kernels.json). `default_kernel` picks this only where the library
-    is loaded.
+    there (benchmarks/results/kernels.json). `runtime.selection.adapter_kernel` picks this only
+    where the library is loaded (with CUDA kernels, for a CUDA device).
 
     It runs once per adapted layer, so the Python is kept to a few lookups: what depends only
     on the batch (the slots, the per-token slot index) is made once per forward and kept in
     ``layer.routing.cache``; what depends on the batch's slots and this layer's pool (the calls
     and their index tables, or the pair's factor views) once per slot set, in ``layer.memo``,
-    which the layer clears when a slot changes. (MiniLM, B=1, seq 64: the per-call Python was
-    ~30 us a layer, a third of the served path's cost over its base.)"""
+    which the layer clears when a slot changes."""
+    return _fused(x, layer, groups, out, "native")
+
+
+def triton_lora(x: torch.Tensor, layer: "KernelLayer", groups: list[tuple[int, torch.Tensor]],
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`native_lora`'s plan run by the Triton implementation of the two ops, through
+    `runtime.native.sgmv` and `runtime.native.wavelet_lowrank` (``backend="triton"``): the GPU
+    kernel where the native library has no CUDA kernels (`runtime.selection.adapter_kernel`),
+    and under ``TRITON_INTERPRET=1`` on CPU tensors too. It calls no ``torch.ops.wara`` op and
+    has no whole-layer entry (``linear``): the base runs as it is, and the update adds into its
+    output."""
+    return _fused(x, layer, groups, out, "triton")
+
+
+def _fused(x: torch.Tensor, layer: "KernelLayer", groups: list[tuple[int, torch.Tensor]],
+           out: torch.Tensor | None, impl: str) -> torch.Tensor | None:
+    """The body of `native_lora` and `triton_lora`, whose plans call the ops of ``impl``
+    (`_OPS`)."""
     rows, tokens, n = x.shape
     cache = layer.routing.cache
-    batch = cache.get(("native", tokens))
+    batch = cache.get((impl, tokens))
     if batch is None or batch[0] is not groups:  # the first layer of a forward with this many tokens
-        batch = cache[("native", tokens)] = _route(groups, rows, tokens, x.device)
-    plan = layer.memoized(batch[1], lambda: _plan(layer, *batch[1][1:]))
+        batch = cache[(impl, tokens)] = _route(groups, rows, tokens, x.device, impl)
+    plan = layer.memoized(batch[1], lambda: _plan(layer, *batch[1][1:], impl))
     if not plan:
         return out
     m = layer.m
@@ -107,11 +164,28 @@ def native_lora(x: torch.Tensor, layer: "SlotLayer", groups: list[tuple[int, tor
     return out
 
 
+def _native_ops() -> tuple[Callable, Callable]:
+    return torch.ops.wara.sgmv.default, torch.ops.wara.wavelet_lowrank.default
+
+
+def _triton_ops() -> tuple[Callable, Callable]:
+    from functools import partial
+
+    from runtime import native
+
+    return partial(native.sgmv, backend="triton"), partial(native.wavelet_lowrank, backend="triton")
+
+
+# (sgmv, wavelet_lowrank) of each implementation a fused kernel's plan calls, looked up when a
+# plan is made (the native library may load after this module).
+_OPS: dict[str, Callable[[], tuple[Callable, Callable]]] = {"native": _native_ops, "triton": _triton_ops}
+
+
 _PAIR = object()  # a plan's marker: the GEMM pair on one folded adapter's (A^T, B^T) views
 
 
-def _route(groups: list[tuple[int, torch.Tensor]], rows: int, tokens: int,
-           device: torch.device) -> tuple[list, tuple, torch.Tensor | None]:
+def _route(groups: list[tuple[int, torch.Tensor]], rows: int, tokens: int, device: torch.device,
+           impl: str = "native") -> tuple[list, tuple, torch.Tensor | None]:
     """(groups, plan key, per-token slot index) of one forward's batch at ``tokens`` tokens a
     row: the same for every layer that sees that many tokens."""
     slots = tuple(s for s, _ in groups)
@@ -124,36 +198,37 @@ def _route(groups: list[tuple[int, torch.Tensor]], rows: int, tokens: int,
         token_slot = row_slot.repeat_interleave(tokens)
     elif groups:
         token_slot = torch.zeros(rows * tokens, dtype=torch.long, device=device)
-    return groups, ("native", slots, whole), token_slot
+    return groups, (impl, slots, whole), token_slot
 
 
-def _plan(layer: "SlotLayer", slots: tuple[int, ...], whole: bool) -> tuple:
-    """What `native_lora` runs on ``layer`` for a batch of ``slots`` (``whole``: one slot on
-    every row): () for nothing, (_PAIR, (A^T, B^T)), or the op calls, each (op, its trailing
-    arguments)."""
+def _plan(layer: "KernelLayer", slots: tuple[int, ...], whole: bool, impl: str = "native") -> tuple:
+    """What `native_lora` (``impl`` "native") or `triton_lora` ("triton") runs on ``layer`` for a
+    batch of ``slots`` (``whole``: one slot on every row): () for nothing, (_PAIR, (A^T, B^T)),
+    or the op calls, each (op, its trailing arguments)."""
     live = [s for s in slots if layer.rank.get(s, 0)]
     if not live:
         return ()
     if whole and live[0] not in layer.own:
         a, b = layer.factors(live[0])
         return (_PAIR, (a.T, b.T))
-    ops = torch.ops.wara
+    sgmv, wavelet_lowrank = _OPS[impl]()
     forms = {layer.own.get(s) for s in live}
     calls = []
     if None in forms:
-        calls.append((ops.sgmv.default, layer.tables(slots, None)))
+        calls.append((sgmv, layer.tables(slots, None)))
         forms.discard(None)
     for form in sorted(forms):
         levels, wavelet = form
-        calls.append((ops.wavelet_lowrank.default,
+        calls.append((wavelet_lowrank,
                        (*layer.tables(slots, form), levels, *wavelet_filters(wavelet, layer.pool.device))))
     return tuple(calls)
 
 
 native_lora.reads_own_factors = True  # the engine may keep adapters' own factors in its slots
+triton_lora.reads_own_factors = True
 
 
-def native_linear(x: torch.Tensor, layer: "SlotLayer") -> torch.Tensor | None:
+def native_linear(x: torch.Tensor, layer: "KernelLayer") -> torch.Tensor | None:
     """The whole adapted layer, ``y = x W^T + b + ΔW_s x`` for each row's slot s, for a batch with
     slots holding own factors, on the CPU, in one native call; with the layers fed the same
     input after it (``layer.shared``: a query's key and value), whose outputs it leaves in the
@@ -180,7 +255,7 @@ def native_linear(x: torch.Tensor, layer: "SlotLayer") -> torch.Tensor | None:
     return _linear(x, layer, bool(layer.shared) and not x.is_inference())  # no version counter: no sharing
 
 
-def _linear(x: torch.Tensor, layer: "SlotLayer", share: bool) -> torch.Tensor | None:
+def _linear(x: torch.Tensor, layer: "KernelLayer", share: bool) -> torch.Tensor | None:
     routing = layer.routing
     rows, n = routing.rows, x.shape[-1]
     tokens = x.numel() // (rows * n) if n else 0
@@ -230,7 +305,7 @@ def _current(held: tuple) -> bool:
 _SET_DTYPES = (torch.float32, torch.bfloat16)  # what the native ops take
 
 
-def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) -> tuple | None:
+def _linear_plan(layers: list["KernelLayer"], key: tuple, device: torch.device) -> tuple | None:
     """`native_linear`'s plan for a batch of plan ``key``: (the dtype x must have, the op, its
     arguments before and after the token slots, (index, pool, calls) of each layer with other
     calls in its `native_lora` plan, run after the op: sgmv adds; the (layer, base, weight,
@@ -284,6 +359,9 @@ def _linear_plan(layers: list["SlotLayer"], key: tuple, device: torch.device) ->
 
 native_lora.linear = native_linear  # SlotLayer runs the whole layer through it where it applies
 
+# The engine's adapter kernels by name (`runtime.selection.adapter_kernel` names one).
+KERNELS: dict[str, LoraKernel] = {"native_lora": native_lora, "triton_lora": triton_lora, "grouped_lora": grouped_lora}
+
 _filters: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -295,35 +373,3 @@ def wavelet_filters(wavelet: str, device: torch.device) -> tuple[torch.Tensor, t
 
         got = _filters[(wavelet, device)] = tuple(t.to(device) for t in make(wavelet))
     return got
-
-
-def own_form_wins(*, wavelet: str, levels: int, rank: int, shapes: list[tuple[int, int]]) -> bool:
-    """Whether a WaRA adapter (``wavelet``, ``levels``, ``rank``) on layers of ``shapes`` (m, n)
-    is served faster from its own factors by ``wara::wavelet_lowrank`` than folded by the GEMM
-    pair. The narrowest layer decides. Measured on the 2-core VM (AVX2), one adapter on 64 and
-    on 2048 tokens, own / pair time (``python -m benchmarks.kernels --rule`` ->
-    benchmarks/results/kernels_rule.json; this VM's run-to-run noise is about 10%):
-
-    * haar, two runs: 0.48-0.96 from width 256 at J = 1-3 (one cell of 384 at 1.05); width 128:
-      0.72-1.10 at J >= 2 (ties, where the fewer pages decide), 0.86-1.25 at J = 1 (rank 8 won
-      one run, 0.86-0.87, and tied the other: left folded); width 64: 0.87-1.45.
-    * db2 (the generic filter path, not vectorised like haar's): 0.62-1.02 at J >= 2 with rank
-      >= 8 from width 256; 0.75-2.7 at rank 4 or J = 1, and on narrower layers.
-
-    Own factors also take fewer pages ((3 - 2^(1-J)) r instead of (3J + 1) r), so where they
-    tie, they still win the pool."""
-    width = min((min(m, n) for m, n in shapes), default=0)
-    if wavelet == "haar":
-        return width >= 256 or (width >= 128 and levels >= 2)
-    return width >= 256 and levels >= 2 and rank >= 8
-
-
-def default_kernel(device: torch.device) -> tuple[LoraKernel, str]:
-    """(kernel, what serves) for an engine on ``device``: the native op where its library is
-    built and loaded (`make test` and `make demo` build it), else `grouped_lora`, and why."""
-    from runtime import native
-
-    st = native.load(build=False)
-    if native.backend_for(device) == "native":
-        return native_lora, f"native sgmv + wavelet_lowrank ({st.info})"
-    return grouped_lora, f"pure PyTorch grouped_lora ({st.reason or 'no native kernel for ' + device.type})"

@@ -127,5 +127,11 @@ class Metrics:
         return generate_latest(self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
-        """Expose /metrics over HTTP; returns (server, thread)."""
+        """Expose /metrics over plain HTTP on ``host:port``; returns (server, thread).
+
+        The endpoint has no authentication and no TLS, and its labels name every tenant
+        (``wara_tenant_requests_inflight``) and every loaded adapter (``wara_requests``,
+        ``wara_lora_requests_info``: which ones run or wait now). Keep ``host`` loopback and
+        scrape from the same host or through an authenticating proxy; the server logs a warning
+        at start when ``metrics_host`` is not loopback (`runtime.server.Server._warn_if_open`)."""
         return start_http_server(port, addr=host, registry=self.registry)

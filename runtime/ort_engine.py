@@ -24,7 +24,7 @@ from wara_train.errors import ConfigError
 from wara_train.layer import layer_shape
 
 from .engine import DEFAULT_DEVICE_BUDGET_MB, TorchEngine
-from .errors import InvalidRequest
+from .errors import InternalError, InvalidRequest
 
 
 class OrtEngine(TorchEngine):
@@ -58,7 +58,7 @@ class OrtEngine(TorchEngine):
         self._resident_rank = 0
         missing = [n for n in self.input_names if n.startswith("wara.") and n not in self._base_feeds]
         if missing:
-            raise ConfigError(f"internal: the multi graph wants unknown slot inputs {missing[:3]}")
+            raise InternalError(f"the multi graph wants unknown slot inputs {missing[:3]}")
         self._check_against_torch()
 
     def _check_against_torch(self) -> None:
@@ -97,7 +97,7 @@ class OrtEngine(TorchEngine):
     def _fill_row(self, feeds: dict[str, np.ndarray], row: int, slot: int, *, zeroed: bool = False) -> None:
         """Row ``row`` of ``feeds``: slot ``slot``'s factors zero-padded to the stacks' rank
         (all zeros if the slot holds nothing; ``zeroed``: the row is all zeros already)."""
-        held = slot in self.pool.runs
+        held = slot in self.slot_pages
         for name, layer in self.layers.items():
             a_name, b_name = self._slot_names(name)
             a, b = feeds[a_name], feeds[b_name]
@@ -124,7 +124,7 @@ class OrtEngine(TorchEngine):
                     feeds[a_name], feeds[b_name] = f[0].numpy()[None], f[1].numpy()[None]
             return feeds, np.zeros(slot_t.shape[0], dtype=np.int64)
         slots = [s for s, _ in groups]
-        rank = max(1, max(self.pool.runs[s][1] for s in slots))
+        rank = max(1, max(self.slot_pages[s] for s in slots))
         index = np.zeros(slot_t.shape[0], dtype=np.int64)
         if self._resident and rank * 2 >= self._resident_rank:  # the resident stacks, row s = slot s
             for s, rows in groups:
@@ -138,9 +138,9 @@ class OrtEngine(TorchEngine):
         """Keep the resident stacks in step with the pool (under the engine's lock): write the
         slot's row, or rebuild the stacks (rows doubled, or the rank raised) when it does not
         fit; drop them while they would take more than twice the pool."""
-        runs = self.pool.runs
+        runs = self.slot_pages
         top = max(runs, default=0) + 1
-        rank = max((n for _, n in runs.values()), default=0)
+        rank = max(runs.values(), default=0)
         rows = next(iter(self._resident.values())).shape[0] if self._resident else 0
         if self._resident and top <= rows and rank <= self._resident_rank:
             self._fill_row(self._resident, slot, slot)  # row s = slot s

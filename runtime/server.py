@@ -1,20 +1,24 @@
 """The gRPC edge: an asyncio KServe v2 servicer, health, reflection, authentication, admission
-and drain. It only translates protobuf to `Service` calls and back; errors become status codes
-in `runtime.errors.status_code`.
+and drain. It only translates protobuf to calls of the serving core (`runtime.core.ServingCore`: a
+`Service`, or a Ray `Cluster`) and back; errors become status codes in
+`runtime.errors.status_code`.
 
 The edge runs `grpc.aio` on one event loop thread (`Server`), so an RPC costs a coroutine, not a
 worker thread: there is no thread-pool ceiling behind which accepted requests wait, and every
 accepted request is one the server has counted. In order, an inference RPC is:
 
+0. screened from its metadata before its body is read (`runtime.grpc_auth.AuthInterceptor`):
+   a missing or unknown token is UNAUTHENTICATED, a tenant's token on load/unload
+   PERMISSION_DENIED, and the request's bytes are never read;
 1. decoded leniently (bytes that do not parse: INVALID_ARGUMENT, see `wire`);
 2. refused with UNAVAILABLE once a drain has begun;
 3. authenticated (`runtime.auth`: a bearer token or a client certificate maps to a tenant;
    UNAUTHENTICATED without one when tenants are configured);
 4. admitted (`runtime.admission.Admission`): at most the tenant's ``max_queue`` and the server's ``max_inflight``
    requests and ``max_queued_mb`` bytes at once, else RESOURCE_EXHAUSTED at once;
-5. checked and decoded (`wire.decode_inputs`), tokenized and queued for a batch: on the event
-   loop for a small request, on one of ``decode_workers`` threads for a big one;
-6. awaited, and encoded.
+5. checked and decoded (`wire.decode_inputs`): on the event loop for a small request, on one of
+   ``decode_workers`` threads for a big one;
+6. handed to the core (`ServingCore.infer`), awaited, and encoded.
 
 A drain (SIGTERM) refuses new requests and completes every admitted one within the grace period.
 INTERNAL is kept for server bugs: its message carries an error id, the traceback goes to the
@@ -30,7 +34,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,11 +43,13 @@ from grpc_reflection.v1alpha import reflection
 from wara_train.errors import WaraError
 
 from .admission import Admission, Refused
-from .auth import OPEN, Authenticator, PermissionDenied, Tenant, Unauthenticated, redact, require_admin
-from .errors import DeadlineExceeded, InvalidRequest, ModelNotFound, clip, status_code, status_message
+from .auth import OPEN, Authenticator, PermissionDenied, Tenant, Unauthenticated, require_admin
+from .core import EXTENSIONS, SERVER_NAME, SERVER_VERSION, ServingCore
+from .service import Service
+from .errors import InvalidRequest, ModelNotFound, clip, status_code, status_message
 from .config import ServeConfig
+from .grpc_auth import AuthInterceptor
 from .kserve import inference_pb2 as pb
-from .service import SERVER_NAME, SERVER_VERSION, Service
 from .tls import ReloadableCredentials
 from .wire import MAX_NAME, Undecodable, decode_inputs, decode_outputs, encode_outputs, lenient_deserializer
 
@@ -55,7 +61,7 @@ def outcome(error: BaseException, where: str) -> tuple[grpc.StatusCode, str]:
     """(status, message) for an error raised while serving ``where``. A project error maps
     through `errors.status_code`; anything else is a server bug: INTERNAL with an error id that
     finds its traceback in the server log (the client never sees a traceback or a path)."""
-    if isinstance(error, WaraError):
+    if isinstance(error, WaraError) and status_code(error) != grpc.StatusCode.INTERNAL:
         return status_code(error), status_message(error)
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error %s in %s", error_id, where, exc_info=error)
@@ -83,40 +89,6 @@ def _version(name: str, version: str) -> str:
     return version
 
 
-async def _result(future: concurrent.futures.Future, timeout: float) -> Any:
-    """Await a batcher future without ever cancelling it (the batch sets its result later)."""
-    loop = asyncio.get_running_loop()
-    waiter = loop.create_future()
-
-    def done(f: concurrent.futures.Future) -> None:
-        loop.call_soon_threadsafe(_copy, f, waiter)
-
-    future.add_done_callback(done)
-    return await asyncio.wait_for(asyncio.shield(waiter), timeout)
-
-
-async def answer(pending) -> tuple[str, dict]:
-    """(version, outputs) of an accepted request (`Service.start`), awaited off the batcher
-    without cancelling it; its deadline and failures are counted by ``pending``."""
-    try:
-        rows = await _result(pending.future, pending.wait_s)
-    except asyncio.TimeoutError:
-        pending.fail(DeadlineExceeded(f"no answer within {pending.timeout:.1f}s"))
-    except Exception as e:
-        pending.fail(e)
-    return pending.finish(rows)
-
-
-def _copy(source: concurrent.futures.Future, target: asyncio.Future) -> None:
-    if target.done():
-        return
-    error = source.exception()
-    if error is not None:
-        target.set_exception(error)
-    else:
-        target.set_result(source.result())
-
-
 class ModelHealth(health.aio.HealthServicer):
     """grpc's health service, plus `forget`: an unloaded adapter's entry goes (NOT_FOUND, as for
     a name never loaded), so the table holds loaded models only."""
@@ -132,7 +104,7 @@ class InferenceServicer:
 
     OPEN_METHODS = {"ServerLive", "ServerReady", "ServerMetadata"}
 
-    def __init__(self, service: Service, health_servicer: ModelHealth, auth: Authenticator,
+    def __init__(self, service: ServingCore, health_servicer: ModelHealth, auth: Authenticator,
                  pool: concurrent.futures.ThreadPoolExecutor) -> None:
         self.service = service
         self.health = health_servicer
@@ -149,12 +121,12 @@ class InferenceServicer:
         return self.auth.identify(context.invocation_metadata() or (), context.auth_context() or {})
 
     def _refused(self, error: BaseException, method: str, context) -> None:
-        """Count (and, for auth, log) a refusal; never log the credential."""
+        """Count a refusal and, for auth, log it through ``auth.refusals`` (metadata keys only,
+        never a value; a bounded number of lines). The auth interceptor reports here too."""
         reason = refusal_reason(error)
         self.service.metrics.refusals.labels(reason).inc()
         if isinstance(error, (Unauthenticated, PermissionDenied)):
-            log.warning("refused %s from %s: %s (%s; metadata %s)", method, context.peer(), reason, error,
-                        redact(context.invocation_metadata() or ()))
+            self.auth.refusals.refused(method, context.peer(), reason, error, context.invocation_metadata() or ())
 
     def handler(self, method: str) -> Callable:
         fn = getattr(self, "_" + method)
@@ -219,28 +191,22 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self.service.ready and not self.admission.closing)
 
     async def _ServerMetadata(self, request, context, tenant):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_repository"])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
 
     async def _ModelReady(self, request, context, tenant):
         try:
             name = _model_name(request.name)
-            if not request.version and self.service.needs_load(name, tenant):  # on disk: served on its first request
-                return pb.ModelReadyResponse(ready=self.service.ready and self.service.loadable(name))
-            _, versions, _, _ = self.service.describe(name, tenant)
+            ready = await self.service.model_ready(name, _version(name, request.version), tenant=tenant)
         except WaraError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.service.ready and (not request.version or request.version in versions))
+        return pb.ModelReadyResponse(ready=ready and not self.admission.closing)
 
     async def _ModelMetadata(self, request, context, tenant):
-        name = _model_name(request.name)
-        if self.service.needs_load(name, tenant):  # its outputs depend on its head: load it, off the loop
-            await asyncio.get_running_loop().run_in_executor(self.pool, self.service.ensure_loaded, name, tenant)
-        base, versions, inputs, outputs = self.service.describe(name, tenant)
-        resp = pb.ModelMetadataResponse(name=request.name, versions=versions,
-                                        platform=f"{self.service.engines[base].platform}:{base}")
-        for spec in inputs:
+        info = await self.service.metadata(_model_name(request.name), tenant=tenant)
+        resp = pb.ModelMetadataResponse(name=request.name, versions=info.versions, platform=info.platform)
+        for spec in info.inputs:
             resp.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
-        for spec in outputs:
+        for spec in info.outputs:
             resp.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         return resp
 
@@ -261,39 +227,27 @@ class InferenceServicer:
         remaining = context.time_remaining() if context is not None else None
         if remaining is not None and remaining > 1e6:  # no client deadline: the server's default
             remaining = None
-        config = self.service.config
-
-        if self.service.needs_load(name, tenant):  # load it first, off the event loop (once for all)
-            await asyncio.get_running_loop().run_in_executor(self.pool, self.service.ensure_loaded, name, tenant)
-
-        def start():
-            return self.service.start(name, decode_inputs(request, config), timeout=remaining,
-                                      requested_version=requested, tenant=tenant)
-
         if nbytes <= self.inline_bytes:
-            pending = start()
-        else:  # big: decode and tokenize off the event loop, so small requests keep flowing
-            pending = await asyncio.get_running_loop().run_in_executor(self.pool, start)
-        version, outputs = await answer(pending)
-        resp = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
-        if pending.truncated:  # stated, not silent: which texts were cut, and to how many tokens
-            resp.parameters["truncated_rows"].string_param = ",".join(map(str, pending.truncated))
-            resp.parameters["max_text_length"].int64_param = self.service.converters[pending.base].text_tokens
-        encode_outputs(resp, outputs, [o.name for o in request.outputs])
+            inputs = decode_inputs(request, self.service.config)
+        else:  # big: decode off the event loop, so small requests keep flowing
+            inputs = await asyncio.get_running_loop().run_in_executor(self.pool, decode_inputs, request,
+                                                                      self.service.config)
+        answer = await self.service.infer(name, inputs, tenant=tenant, timeout=remaining, version=requested)
+        resp = pb.ModelInferResponse(model_name=request.model_name, model_version=answer.version, id=request.id)
+        if answer.truncated:  # stated, not silent: which texts were cut, and to how many tokens
+            resp.parameters["truncated_rows"].string_param = ",".join(map(str, answer.truncated))
+            resp.parameters["max_text_length"].int64_param = answer.text_tokens
+        encode_outputs(resp, answer.outputs, [o.name for o in request.outputs])
         return resp
 
     async def _RepositoryIndex(self, request, context, tenant):
         resp = pb.RepositoryIndexResponse()
-        for name, version, state, reason in self.service.index():
-            if request.ready and state != "READY":
-                continue
-            if name not in self.service.engines and not tenant.may_use(name):
-                continue
-            resp.models.add(name=name, version=version, state=state, reason=reason)
+        for row in await self.service.index(tenant=tenant, ready_only=request.ready):
+            resp.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
         return resp
 
     async def _RepositoryModelLoad(self, request, context, tenant):
-        require_admin(tenant)
+        require_admin(tenant)  # before the files are looked at
         files = {}
         for key, param in request.parameters.items():
             if key.startswith("file:"):
@@ -301,15 +255,13 @@ class InferenceServicer:
             elif key == "config" and param.string_param:
                 files["adapter_config.json"] = param.string_param.encode()
         name = _model_name(request.model_name, load=True)
-        # Reading, validating and folding take milliseconds to seconds: off the event loop.
-        await asyncio.get_running_loop().run_in_executor(self.pool, lambda: self.service.load(name, files or None))
+        await self.service.load(name, files or None, tenant=tenant)
         await self._set_health(name, True)
         return pb.RepositoryModelLoadResponse()
 
     async def _RepositoryModelUnload(self, request, context, tenant):
-        require_admin(tenant)
         name = _model_name(request.model_name)
-        self.service.unload(name)
+        await self.service.unload(name, tenant=tenant)
         await self._set_health(name, False)
         return pb.RepositoryModelUnloadResponse()
 
@@ -352,9 +304,8 @@ class Server:
     """A running server: the asyncio gRPC server on its own event-loop thread, and the serving
     core behind it (``service``). `create_server` builds and starts one."""
 
-    servicer_class: type[InferenceServicer] = InferenceServicer  # the scale-out edge serves a subclass (runtime.ray_serve)
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: ServingCore) -> None:
         self.service = service
         self.config = service.config
         self.auth = Authenticator(self.config.tenants)
@@ -378,12 +329,18 @@ class Server:
     async def _start(self) -> int:
         config = self.config
         limit = config.max_message_mb << 20
+        interceptor = AuthInterceptor(  # refuses a call without a valid credential before its body is read
+            self.auth, INFERENCE_SERVICE.full_name, open_methods=InferenceServicer.OPEN_METHODS,
+            admin_methods=("RepositoryModelLoad", "RepositoryModelUnload"),
+            certificates=config.tls is not None and config.tls.client_auth,
+            refused=lambda error, method, context: self.servicer._refused(error, method, context))
         self.grpc_server = grpc.aio.server(
+            interceptors=(interceptor,),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", config.max_streams_per_connection),
                      ("grpc.http.overload_protection", 0)])  # count streams as HTTP/2 does: excess waits at the client
         self.health = ModelHealth()
-        self.servicer = self.servicer_class(self.service, self.health, self.auth, self.pool)
+        self.servicer = InferenceServicer(self.service, self.health, self.auth, self.pool)
         add_inference_service(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         names = (INFERENCE_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -400,13 +357,25 @@ class Server:
         if port == 0:
             raise WaraError(f"could not bind {address}")
         await self.grpc_server.start()
-        for name, _, state, _ in self.service.index():
-            if state == "READY":
-                await self.servicer._set_health(name, True)
+        for row in await self.service.index(ready_only=True):
+            await self.servicer._set_health(row.name, True)
         return port
 
     def _warn_if_open(self) -> None:
+        """Warn, in a banner in the log, of a port that is open beyond this host unprotected: the
+        gRPC port off loopback without TLS or without tenants, and the Prometheus port
+        (``metrics_port``) whenever ``metrics_host`` is not loopback, since /metrics has no
+        authentication and no TLS and its labels name every tenant and loaded adapter (and which
+        adapters are running or waiting now)."""
         config = self.config
+        if config.metrics_port is not None and not is_loopback(config.metrics_host):
+            log.warning("!" * 78)
+            log.warning("METRICS ON %s:%d WITHOUT AUTHENTICATION OR TLS: any host that reaches this port reads the "
+                        "name of every tenant and loaded adapter, and their traffic", config.metrics_host,
+                        config.metrics_port)
+            log.warning("keep metrics_host = \"127.0.0.1\" and scrape from this host (or through a proxy that "
+                        "authenticates), or firewall the port to the scraper")
+            log.warning("!" * 78)
         if is_loopback(config.host):
             return
         missing = [what for what, ok in (("TLS", self.credentials is not None), ("authentication", self.auth.enabled))
@@ -440,7 +409,6 @@ class Server:
         t0 = time.monotonic()
         admission = self.servicer.admission
         admission.closing = True
-        self.service.ready = False
         await self.health.enter_graceful_shutdown()
         try:
             await asyncio.wait_for(admission.idle.wait(), grace)
@@ -455,12 +423,8 @@ class Server:
         self._thread.join(timeout=5)
         self.pool.shutdown(wait=False)
 
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
-
-def create_server(config: ServeConfig, *, service: Service | None = None) -> tuple[Server, int]:
+def create_server(config: ServeConfig, *, service: ServingCore | None = None) -> tuple[Server, int]:
     """Build and start a server; ``port=0`` in the config picks a free port (for tests).
     Returns (server, bound port); ``server.service`` is the in-process core."""
     service = service or Service(config)

@@ -1,43 +1,44 @@
-"""The serving core, independent of gRPC: models, inputs, outputs, load/unload, drain.
+"""`Service`: the serving core of one process (`runtime.core.ServingCore`).
 
-The gRPC servicer only translates protobuf to these calls and back; tests and benchmarks can
-call the same methods in-process.
+It holds the served bases (one engine, one input converter and one batcher each) and the
+adapter repository (`runtime.adapters`), and answers the core's calls: an inference request is
+resolved to a leased adapter version (loaded from the root first if it is on disk), converted to
+tensors, queued for its base's batcher and answered with its own rows. Blocking work (loading,
+tokenizing a big request) runs on the service's threads, never on a caller's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
-import re
-import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 import torch
 
-from wara_train.artifact import CONFIG_NAME
 from wara_train.basespec import BaseSpec, TensorSpec, resolve_base
 from wara_train.errors import ConfigError
 
-from .auth import OPEN, Tenant
-from .batcher import Batcher, Request
-from .config import BaseEntry, ServeConfig, resolve_backend
-from .engine import TorchEngine
-from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, Overloaded, clip
-from .inputs import InputConverter, input_specs
 from . import native
+from .adapters import Repository
+from .adapters.host import Version
+from .auth import OPEN, Tenant, require_admin
+from .automerge import AutoMerge
+from .batcher import Batcher, Request
+from .config import BaseEntry, ServeConfig
+from .core import Answer, IndexRow, ModelInfo, Piece
+from .engine import TorchEngine
+from .errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound
+from .gauges import ModelGauges
+from .inputs import InputConverter, input_specs
 from .metrics import Metrics
-from .catalog import Catalog
-from .registry import Registry, Version, read_dir, unknown_model
+from .names import unknown_model
+from .selection import engine_backend
 
 log = logging.getLogger("wara.serve")
-SERVER_NAME = "wara-serve"
-SERVER_VERSION = "0.1.0"
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def output_specs(engine: TorchEngine, version: Version | None) -> list[TensorSpec]:
@@ -60,7 +61,7 @@ def make_engine(config: ServeConfig, spec: BaseSpec) -> TorchEngine:
     """The configured backend for one base. Under ``auto``, a base onnxruntime cannot serve
     (its export fails) is served by PyTorch instead, with a warning; ModelMetadata's platform
     says which engine serves it."""
-    backend = resolve_backend(config, spec)
+    backend = engine_backend(config, spec)
     if backend == "onnxruntime":
         from .ort_engine import OrtEngine
 
@@ -80,22 +81,14 @@ def resolve_entry(entry: BaseEntry) -> BaseSpec:
     return resolve_base(entry.source, task=entry.task, name=entry.name)
 
 
-def tier(version: Version) -> str:
-    """Where a loaded adapter's data is: on the device (its pages in the pool), in host memory
-    (its own factors), or only on disk (read again on its next request)."""
-    if version.slot is not None:
-        return f"on device (slot {version.slot}, {version.pages} pages{', own factors' if version.own else ''})"
-    return "in host" if version.adapter is not None else "on disk (read again on its next request)"
-
-
 class Pending:
-    """One accepted request: its batch future, and how to turn its rows into outputs."""
+    """One accepted request: its batch future, and how to turn its rows into an `Answer`."""
 
     def __init__(self, service: "Service", name: str, base: str, version: Version | None, future, t0: float,
-                 timeout: float, deadline: float) -> None:
+                 timeout: float, deadline: float, truncated: list[int]) -> None:
         self.service, self.name, self.base, self.version = service, name, base, version
         self.future, self.t0, self.timeout, self.deadline = future, t0, timeout, deadline
-        self.truncated: list[int] = []  # rows whose text was cut to max_text_length tokens
+        self.truncated = truncated  # rows whose text was cut to max_text_length tokens
 
     @property
     def wait_s(self) -> float:
@@ -104,18 +97,21 @@ class Pending:
 
     def fail(self, error: BaseException) -> None:
         """Count the failure and raise it."""
-        self.service.metrics.requests.labels(self.service.label(self.name), type(error).__name__).inc()
+        self.service.metrics.requests.labels(self.service.gauges.label(self.name), type(error).__name__).inc()
         raise error
 
-    def finish(self, rows: list) -> tuple[str, dict[str, np.ndarray]]:
+    def finish(self, rows: list) -> Answer:
         service, version = self.service, self.version
         outputs = service._outputs(rows, self.base, version)
-        service.metrics.requests.labels(service.label(self.name), "ok").inc()
+        service.metrics.requests.labels(service.gauges.label(self.name), "ok").inc()
         service.metrics.latency.observe(time.perf_counter() - self.t0)
-        return (version.version if version else "1"), outputs
+        return Answer(version.version if version else "1", outputs, tuple(self.truncated),
+                      service.converters[self.base].text_tokens if self.truncated else 0)
 
 
 class Service:
+    """The serving core of one process; see `runtime.core.ServingCore` for the contract."""
+
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.metrics = Metrics()
@@ -128,344 +124,206 @@ class Service:
                                                 max_text_bytes=config.max_text_bytes,
                                                 max_request_text_bytes=config.max_request_text_bytes)
                            for name, spec in self.specs.items()}
-        self.registry = Registry(self.engines, host_budget_bytes=int(config.host_budget_mb * (1 << 20)),
-                                 max_adapters=config.max_adapters, observe=self.metrics.observe_tier_load)
-        self.batchers = {b: Batcher(e, self.registry, max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
-                                    max_queue=config.max_queue, max_queued_bytes=config.max_queued_mb << 20,
-                                    resident_wait_ms=config.resident_wait_ms,
-                                    on_batch=self._on_batch,
-                                    on_start=self._on_start, on_end=self._on_end, on_expire=self._on_expire)
+        self.repository = Repository(self.engines, root=config.adapter_root,
+                                     host_budget_bytes=int(config.host_budget_mb * (1 << 20)),
+                                     max_adapters=config.max_adapters, tenants=config.tenants, pinned=config.pinned,
+                                     merged=config.merged, observe=self.metrics.observe_tier_load)
+        self.gauges = ModelGauges(self.metrics, self.engines, self.repository)
+        self.batchers = {b: Batcher(e, self.repository.device[b], max_batch=config.max_batch,
+                                    max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
+                                    max_queued_bytes=config.max_queued_mb << 20,
+                                    resident_wait_ms=config.resident_wait_ms, on_batch=self._on_batch,
+                                    on_start=self.gauges.on_start, on_end=self.gauges.on_end,
+                                    on_expire=self.gauges.on_expire)
                          for b, e in self.engines.items()}
-        self._recent: deque = deque(maxlen=config.auto_merge_window)
-        self._auto_merged: dict[str, Version] = {}
-        self._merge_lock = threading.Lock()
-        self._gauge_lock = threading.Lock()
-        self._gauges: dict[tuple[int, str], int] = {}  # (gauge, label) -> value
-        self.metrics.add_lora_info(self._lora_snapshot)
-        self.metrics.add_tiers(self._tier_snapshot)
+        self.automerge = AutoMerge(self.repository, window=config.auto_merge_window, share=config.auto_merge_share,
+                                   configured=set(config.merged), pinned=set(config.pinned)) if config.auto_merge else None
+        self.metrics.add_lora_info(self.gauges.lora_snapshot)
+        self.metrics.add_tiers(self.repository.tiers)
         self.metrics.add_pack_cache(native.pack_cache_stats)
-        self.ready = False
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, config.decode_workers), thread_name_prefix="wara-core")
+        self.inline_bytes = config.inline_decode_kb << 10
+        self._ready = False
         self.draining = False
-        # Lazy loading: a request for an adapter under the root that is not loaded loads it
-        # first, once however many requests ask at the same time; an explicit unload keeps the
-        # name NOT_FOUND until an explicit load.
-        self._loading: dict[str, Future] = {}
-        self._loading_lock = threading.Lock()
-        self._unloaded: set[str] = set()
-        # The disk tier: the root indexed from configs and header sizes; tensors on first use.
-        self.catalog = Catalog(config.adapter_root).scan() if config.adapter_root else None
-        if self.catalog is not None and config.preload:
-            for name in self.catalog.names():
-                problem = self.catalog.entries[name].problem
+        catalog = self.repository.catalog
+        if catalog is not None and config.preload:
+            for name in catalog.names():
+                problem = catalog.entries[name].problem
                 if problem is not None:
                     log.warning("skipping adapter %s: %s", name, problem)
                     continue
                 try:
-                    self.load(name)
+                    self.load_now(name)
                 except Exception as e:  # one bad adapter must not stop the server
                     log.warning("skipping adapter %s: %s", name, e)
-        self.ready = True
+        self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self.draining
 
     def _on_batch(self, base: str, rows: int) -> None:
         self.metrics.observe_batch(base, rows)
-        self.metrics.evictions.labels("host").set(self.registry.stats["host_evictions"])
-        self.metrics.evictions.labels("slot").set(self.registry.stats["slot_evictions"])
+        self.metrics.evictions.labels("host").set(self.repository.stats["host_evictions"])
+        self.metrics.evictions.labels("slot").set(self.repository.stats["slot_evictions"])
 
-    def label(self, name: str) -> str:
-        """A model's metric label: its name while it is served, else ``<unknown>`` (so neither
-        unknown names nor unloaded adapters grow the metrics)."""
-        return name if name in self.engines or name in self.registry.current else "<unknown>"
-
-    def _gauge(self, gauge, label: str, delta: int) -> None:
-        """Move a per-model gauge (waiting, running) by ``delta`` under the label the request got
-        when it was queued. A series of a model no longer served goes once it is back at 0, so
-        a request in flight across an unload neither goes negative nor leaves a series behind."""
-        with self._gauge_lock:
-            key = (id(gauge), label)
-            value = self._gauges.get(key, 0) + delta
-            if value == 0 and label != "<unknown>" and self.label(label) != label:
-                self._gauges.pop(key, None)
-                try:
-                    gauge.remove(label)
-                except KeyError:
-                    pass
-                return
-            self._gauges[key] = value
-            gauge.labels(label).set(value)
-
-    def _tier_snapshot(self) -> tuple[dict[str, tuple[int, int | None]], dict[str, int]]:
-        tiers: dict[str, tuple[int, int | None]] = dict(self.registry.tiers())
-        if self.catalog is not None:
-            loaded = self.registry.current
-            on_disk = [e for name, e in list(self.catalog.entries.items()) if name not in loaded]
-            tiers["disk"] = (len(on_disk), sum(e.file_bytes for e in on_disk))
-        return tiers, dict(self.registry.stats)
-
-    def _lora_snapshot(self) -> tuple[list[str], list[str], int]:
-        """(adapters with requests running, adapters with requests waiting, device slots for
-        adapters per base) for `Metrics.add_lora_info`."""
-        with self._gauge_lock:
-            items = list(self._gauges.items())
-        running = [label for (g, label), v in items if g == id(self.metrics.running) and v > 0 and label not in self.engines]
-        waiting = [label for (g, label), v in items if g == id(self.metrics.waiting) and v > 0 and label not in self.engines]
-        return running, waiting, min(e.capacity() for e in self.engines.values())
-
-    def _on_start(self, batch: list[Request]) -> None:
-        for r in batch:
-            self._gauge(self.metrics.waiting, r.model, -1)
-            self._gauge(self.metrics.running, r.model, +1)
-
-    def _on_expire(self, requests: list[Request]) -> None:
-        for r in requests:
-            self._gauge(self.metrics.waiting, r.model, -1)
-
-    def _on_end(self, batch: list[Request]) -> None:
-        for r in batch:
-            self._gauge(self.metrics.running, r.model, -1)
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # --- repository -------------------------------------------------------------------------
-    def load(self, name: str, files: dict[str, bytes] | None = None, *, keep_folded: bool = False) -> Version:
+    def load_now(self, name: str, files: dict[str, bytes] | None = None) -> Version:
+        """Load a version of ``name`` (blocking; no tenant check: the in-process API)."""
         t0 = time.perf_counter()
-        if not ADAPTER_NAME.match(name) or ".." in name:
-            raise InvalidRequest(f"invalid adapter name {clip(name)}: use letters, digits, '.', '_' and '-' (at most 128)")
-        reread = None
-        if files is None:
-            if not self.config.adapter_root:
-                raise ModelNotFound(f"no adapter root is configured to load {name!r} from; send the files instead")
-            root = Path(self.config.adapter_root)
-            try:
-                files = read_dir(root, name)
-            except ModelNotFound:
-                if self.catalog is not None:
-                    self.catalog.forget(name)
-                raise
-            reread = lambda: read_dir(root, name)  # noqa: E731 - the host tier keeps no copy of the files
-        self._check_tenant_room(name)
-        version = self.registry.load(name, files, pinned=name in self.config.pinned, merged=name in self.config.merged,
-                                     reread=reread, keep_folded=keep_folded)
-        if reread is not None and self.registry.observe is not None:  # root -> host tier (read, checked, fold-checked)
-            self.registry.observe("host", time.perf_counter() - t0)
-        if self.catalog is not None and reread is not None:
-            self.catalog.get(name)  # indexed (a directory added since start)
-        self._unloaded.discard(name)
+        version = self.repository.load(name, files)
         self.metrics.loads.inc()
         self.metrics.load_latency.observe(time.perf_counter() - t0)
         return version
 
-    def _check_tenant_room(self, name: str) -> None:
-        """RESOURCE_EXHAUSTED when ``name`` is new and a tenant whose patterns it matches
-        already has its ``max_adapters`` loaded."""
-        if name in self.registry.current:
-            return
-        for t in self.config.tenants:
-            if t.admin or t.max_adapters is None or not t.may_use(name):
-                continue
-            n = sum(1 for loaded in list(self.registry.current) if t.may_use(loaded))
-            if n >= t.max_adapters:
-                raise Overloaded(f"adapter {name!r}: tenant {t.name!r} has {n} adapters loaded, its max_adapters; "
-                                 "unload one first")
-
-    def unload(self, name: str) -> None:
-        if name in self.engines:
-            raise InvalidRequest(f"{name!r} is a base model; only adapters can be unloaded")
-        self.registry.unload(name)
-        if self.config.adapter_root:
-            self._unloaded.add(name)
-        self.metrics.forget(name)  # its request counts; its gauges go when they are back at 0 (`_gauge`)
-        with self._gauge_lock:
-            for gauge in (self.metrics.waiting, self.metrics.running):
-                if self._gauges.get((id(gauge), name), 0) == 0:
-                    self._gauges.pop((id(gauge), name), None)
-                    try:
-                        gauge.remove(name)
-                    except KeyError:
-                        pass
+    def unload_now(self, name: str) -> None:
+        """Unload ``name`` (no tenant check: the in-process API)."""
+        self.repository.unload(name)
+        self.metrics.forget(name)  # its request counts; its gauges go when they are back at 0
+        self.gauges.forget(name)
         self.metrics.unloads.inc()
 
-    def index(self) -> list[tuple[str, str, str, str]]:
-        """(name, version, state, reason) for bases, loaded adapters and unloaded ones on disk."""
-        rows = [(b, "1", "READY", "") for b in self.engines]
-        loaded = {v.name: v for v in self.registry.index()}
-        rows += [(v.name, v.version, "READY", tier(v)) for v in loaded.values()]
-        if self.catalog is not None:
-            for name, e in list(self.catalog.entries.items()):
-                if name in loaded:
-                    continue
-                if name in self._unloaded:
-                    reason = "unloaded"
-                elif e.problem:
-                    reason = f"on disk, not servable: {e.problem}"
-                else:
-                    reason = f"on disk (loads on its first request; rank {e.rank}, {e.pages} pages)"
-                rows.append((name, "", "UNAVAILABLE", reason))
-        return rows
+    async def load(self, name: str, files: dict[str, bytes] | None = None, *, tenant: Tenant = OPEN) -> str:
+        require_admin(tenant)
+        return (await self._off_loop(self.load_now, name, files)).version
 
-    def needs_load(self, name: str, tenant: Tenant = OPEN) -> bool:
-        """Whether a request for ``name`` would load it from the adapter root first: an adapter
-        directory there, not loaded, not unloaded on purpose, and one the tenant may use."""
-        if self.catalog is None or name in self.engines or name in self.registry.current or name in self._unloaded:
-            return False
-        if not tenant.may_use(name) or not ADAPTER_NAME.match(name) or ".." in name:
-            return False
-        return self.catalog.get(name) is not None
+    async def unload(self, name: str, *, tenant: Tenant = OPEN) -> None:
+        require_admin(tenant)
+        self.unload_now(name)
 
-    def loadable(self, name: str) -> bool:
-        """Whether an adapter on disk looks servable as far as the index can tell (ModelReady of
-        an adapter not loaded yet): its first request still runs every check."""
-        entry = self.catalog.get(name) if self.catalog is not None else None
-        return entry is not None and entry.problem is None
+    def index_rows(self, tenant: Tenant = OPEN) -> list[IndexRow]:
+        rows = [IndexRow(b, "1", "READY") for b in self.engines]
+        return rows + [IndexRow(*row) for row in self.repository.index(tenant)]
 
-    def ensure_loaded(self, name: str, tenant: Tenant = OPEN) -> None:
-        """Load ``name`` from the adapter root if `needs_load`; concurrent callers wait for the
-        one load (single flight). Blocking: the edge calls it off its event loop. A load that
-        fails raises its error to every waiter, and the next request tries again."""
-        if not self.needs_load(name, tenant):
-            return
-        with self._loading_lock:
-            future = self._loading.get(name)
-            owner = future is None
-            if owner:
-                future = self._loading[name] = Future()
-        if owner:
-            try:
-                if self.needs_load(name, tenant):  # not loaded meanwhile
-                    self.load(name, keep_folded=True)  # its fold serves the request that asked
-                future.set_result(None)
-            except BaseException as e:
-                future.set_exception(e)
-            finally:
-                with self._loading_lock:
-                    self._loading.pop(name, None)
-        future.result()
+    async def index(self, *, tenant: Tenant = OPEN, ready_only: bool = False) -> list[IndexRow]:
+        return [r for r in self.index_rows(tenant) if not ready_only or r.state == "READY"]
 
-    def resolve(self, name: str, tenant: Tenant = OPEN, *, load: bool = True) -> tuple[str, Version | None]:
-        """(base model, leased version or None for the base). Caller must `release`. An adapter
-        the tenant may not use is NOT_FOUND with the same message as one that does not exist,
-        so a tenant cannot probe another's names. One under the adapter root that is not loaded
-        is loaded first (`ensure_loaded`), unless ``load`` is false (metadata and readiness
-        describe what is loaded)."""
-        if name in self.engines:
-            return name, None
-        if not tenant.may_use(name):
-            raise ModelNotFound(unknown_model(name))
-        if load:
-            self.ensure_loaded(name, tenant)
-        version = self.registry.lease(name)
-        return version.base_model, version
-
-    def describe(self, name: str, tenant: Tenant = OPEN) -> tuple[str, list[str], list[TensorSpec], list[TensorSpec]]:
-        base, version = self.resolve(name, tenant, load=False)
+    # --- metadata ---------------------------------------------------------------------------
+    def describe(self, name: str, tenant: Tenant = OPEN, *, load: bool = False) -> ModelInfo:
+        """The model's description; an adapter on disk is loaded first when ``load``."""
+        base, version = self.resolve(name, tenant, load=load)
         try:
-            versions = [version.version] if version else ["1"]
-            return base, versions, input_specs(self.specs[base]), output_specs(self.engines[base], version)
+            engine = self.engines[base]
+            return ModelInfo(name, base, f"{engine.platform}:{base}", [version.version] if version else ["1"],
+                             input_specs(self.specs[base]), output_specs(engine, version))
         finally:
             if version is not None:
-                self.registry.release(version)
+                self.repository.release(version)
 
-    # --- inference ------------------------------------------------------------------------
-    def infer(self, name: str, inputs: dict[str, np.ndarray], *, timeout: float | None = None,
-              requested_version: str = "", tenant: Tenant = OPEN) -> tuple[str, dict[str, np.ndarray]]:
-        """Run one request; returns (version that ran, outputs)."""
+    async def metadata(self, name: str, *, tenant: Tenant = OPEN) -> ModelInfo:
+        if self.repository.needs_load(name, tenant):  # its outputs depend on its head: load it first
+            return await self._off_loop(lambda: self.describe(name, tenant, load=True))
+        return self.describe(name, tenant)
+
+    async def model_ready(self, name: str, version: str = "", *, tenant: Tenant = OPEN) -> bool:
+        """Whether ``name`` answers: a base; a loaded adapter whose data can still be read; or,
+        without a version, one on disk that its first request will load."""
+        if not self.ready:
+            return False
+        if name in self.engines:
+            return version in ("", "1")
+        repo = self.repository
+        if not version and repo.needs_load(name, tenant):
+            return repo.loadable(name)
+        if not repo.may_use(name, tenant):
+            return False
+        v = repo.current.get(name)
+        return v is not None and v.readable and (not version or version == v.version)
+
+    # --- inference --------------------------------------------------------------------------
+    def resolve(self, name: str, tenant: Tenant = OPEN, *, load: bool = True) -> tuple[str, Version | None]:
+        """(base model, leased version or None for the base). Caller must release the version."""
+        if name in self.engines:
+            return name, None
+        version = self.repository.lease(name, tenant, load=load)
+        return version.base_model, version
+
+    def start(self, name: str, inputs: Mapping[str, np.ndarray], *, timeout: float | None = None,
+              version: str = "", tenant: Tenant = OPEN) -> Pending:
+        """Resolve (loading from the root if needed: blocking), convert and queue one request;
+        it is accepted once this returns."""
+        t0 = time.perf_counter()
+        try:
+            base, leased = self.resolve(name, tenant)
+        except ModelNotFound:  # one label for every unknown name: clients cannot grow the metric
+            self.metrics.requests.labels("<unknown>", "ModelNotFound").inc()
+            raise
+        submitted = False
+        try:
+            if version and version != (leased.version if leased else "1"):
+                raise ModelNotFound(f"model {name!r} has no version {version!r}")
+            tensors, truncated = self.converters[base].convert(dict(inputs))
+            wait = self.config.request_timeout_s if timeout is None else timeout
+            deadline = time.perf_counter() + wait
+            req = Request(tensors, leased, model=self.gauges.label(name), deadline=deadline, tenant=tenant.name)
+            self.gauges.waiting(req.model, +1)
+            try:
+                future = self.batchers[base].submit(req)
+            except Exception:
+                self.gauges.waiting(req.model, -1)
+                raise
+            submitted = True
+            if leased is not None:
+                # The lease ends when the batch is done with it, not when this caller stops
+                # waiting: a timed-out request may still be queued or running.
+                future.add_done_callback(lambda _f, v=leased: self.repository.release(v))
+            if self.automerge is not None:
+                self.automerge.track(leased)
+        except Exception as e:
+            self.metrics.requests.labels(self.gauges.label(name), type(e).__name__).inc()
+            raise
+        finally:
+            if leased is not None and not submitted:
+                self.repository.release(leased)
+        return Pending(self, name, base, leased, future, t0, wait, deadline, truncated)
+
+    def predict(self, name: str, inputs: Mapping[str, np.ndarray], *, timeout: float | None = None,
+                version: str = "", tenant: Tenant = OPEN) -> tuple[str, dict[str, np.ndarray]]:
+        """One request, in process and blocking: (version that ran, outputs)."""
         if self.draining:
             raise Draining("the server is draining and takes no new requests")
-        pending = self.start(name, inputs, timeout=timeout, requested_version=requested_version, tenant=tenant)
+        pending = self.start(name, inputs, timeout=timeout, version=version, tenant=tenant)
         try:
             rows = pending.future.result(timeout=pending.wait_s)
         except FutureTimeout:
             pending.fail(DeadlineExceeded(f"no answer within {pending.timeout:.1f}s"))
         except Exception as e:
             pending.fail(e)
+        answer = pending.finish(rows)
+        return answer.version, answer.outputs
+
+    async def infer(self, name: str, inputs: Mapping[str, np.ndarray], *, tenant: Tenant = OPEN,
+                    timeout: float | None = None, version: str = "") -> Answer:
+        """Draining does not refuse here: the edge refuses new requests, and one it accepted
+        before the drain began still runs."""
+        def start() -> Pending:
+            return self.start(name, inputs, timeout=timeout, version=version, tenant=tenant)
+
+        big = _nbytes(inputs) > self.inline_bytes
+        if big or self.repository.needs_load(name, tenant):  # tokenize or load off the caller's loop
+            pending = await self._off_loop(start)
+        else:
+            pending = start()
+        try:
+            rows = await _result(pending.future, pending.wait_s)
+        except asyncio.TimeoutError:
+            pending.fail(DeadlineExceeded(f"no answer within {pending.timeout:.1f}s"))
+        except Exception as e:
+            pending.fail(e)
         return pending.finish(rows)
 
-    def start(self, name: str, inputs: dict[str, np.ndarray], *, timeout: float | None = None,
-              requested_version: str = "", tenant: Tenant = OPEN) -> "Pending":
-        """Resolve, convert and queue one request (it is accepted once this returns); the
-        caller waits on ``pending.future`` and calls ``pending.finish(rows)``, or
-        ``pending.fail(error)``. Draining does not refuse here: the edge refuses new requests,
-        and one it accepted before the drain began still runs."""
-        t0 = time.perf_counter()
-        try:
-            base, version = self.resolve(name, tenant)
-        except ModelNotFound:  # one label for every unknown name: clients cannot grow the metric
-            self.metrics.requests.labels("<unknown>", "ModelNotFound").inc()
-            raise
-        submitted = False
-        try:
-            if requested_version and requested_version != (version.version if version else "1"):
-                raise ModelNotFound(f"model {name!r} has no version {requested_version!r}")
-            tensors, truncated = self.converters[base].convert(inputs)
-            wait = self.config.request_timeout_s if timeout is None else timeout
-            deadline = time.perf_counter() + wait
-            req = Request(tensors, version, model=self.label(name), deadline=deadline, tenant=tenant.name)
-            self._gauge(self.metrics.waiting, req.model, +1)
-            try:
-                future = self.batchers[base].submit(req)
-            except Exception:
-                self._gauge(self.metrics.waiting, req.model, -1)
-                raise
-            submitted = True
-            if version is not None:
-                # The lease ends when the batch is done with it, not when this caller stops
-                # waiting: a timed-out request may still be queued or running.
-                future.add_done_callback(lambda _f, v=version: self.registry.release(v))
-            self._track(version)
-        except Exception as e:
-            self.metrics.requests.labels(self.label(name), type(e).__name__).inc()
-            raise
-        finally:
-            if version is not None and not submitted:
-                self.registry.release(version)
-        pending = Pending(self, name, base, version, future, t0, wait, deadline)
-        pending.truncated = truncated
-        return pending
-
-    def _track(self, version: Version | None) -> None:
-        """Automatic merged fast path: when one adapter has `auto_merge_share` of the last
-        `auto_merge_window` requests, build its merged copy in the background (one per base);
-        the previous one's copy is dropped."""
-        if not self.config.auto_merge:
-            return
-        with self._merge_lock, self.registry.lock:
-            self._recent.append(version)
-            if len(self._recent) < self._recent.maxlen:
-                return
-            counts = Counter(id(v) for v in self._recent if v is not None)
-            if not counts:
-                return
-            vid, n = counts.most_common(1)[0]
-            if n < self.config.auto_merge_share * len(self._recent):
-                return
-            dominant = next(v for v in self._recent if v is not None and id(v) == vid)
-            previous = self._auto_merged.get(dominant.base_model)
-            if previous is dominant or dominant.merged is not None or dominant.retired:
-                return
-            if previous is not None:
-                self._demote(previous)
-            self._auto_merged[dominant.base_model] = dominant
-            dominant.pinned = True  # its folded factors and head must stay while the copy serves
-            engine = self.engines[dominant.base_model]
-
-        def build() -> None:
-            try:
-                merged = engine.build_merged(self.registry.fold(dominant))
-            except Exception:
-                log.exception("auto-merge of %s failed", dominant.name)
-                merged = None
-            with self._merge_lock, self.registry.lock:
-                if merged is not None and not dominant.retired and self._auto_merged.get(dominant.base_model) is dominant:
-                    dominant.merged = merged
-                    log.info("auto-merged %s (%d of the last %d requests)", dominant.name, n, len(self._recent))
-                elif self._auto_merged.get(dominant.base_model) is dominant:
-                    self._demote(dominant)
-                    del self._auto_merged[dominant.base_model]
-
-        threading.Thread(target=build, name="auto-merge", daemon=True).start()
-
-    def _demote(self, version: Version) -> None:
-        """Drop an automatic merged copy (configured ones stay)."""
-        if version.name not in self.config.merged:
-            version.merged = None
-            version.pinned = version.name in self.config.pinned
+    async def generate(self, name: str, prompt: str, params: Mapping[str, Any], *,
+                       tenant: Tenant = OPEN) -> AsyncIterator[Piece]:
+        """No served base generates text here: a base is one-shot (classify, embed)."""
+        base, version = self.resolve(name, tenant, load=False)
+        if version is not None:
+            self.repository.release(version)
+        raise InvalidRequest(f"model {name!r} does not generate text: its base {base!r} is a "
+                             f"{self.specs[base].output} model; send it to infer")
+        yield Piece("")  # pragma: no cover - makes this an async generator
 
     def _outputs(self, rows: list[dict[str, Any]], base: str, version: Version | None) -> dict[str, np.ndarray]:
         keys = rows[0].keys()
@@ -483,6 +341,37 @@ class Service:
     def drain(self) -> None:
         """Refuse new requests, let queued ones finish, stop the workers."""
         self.draining = True
-        self.ready = False
         for b in self.batchers.values():
             b.stop()
+        self.pool.shutdown(wait=False)
+
+
+def _nbytes(inputs: Mapping[str, np.ndarray]) -> int:
+    """Bytes of a request's inputs, texts counted by their length (not by their pointers)."""
+    total = 0
+    for a in inputs.values():
+        if getattr(a, "dtype", None) == object:
+            total += sum(len(x) for x in a.flat if isinstance(x, (bytes, str)))
+        else:
+            total += int(getattr(a, "nbytes", 0))
+    return total
+
+
+async def _result(future: concurrent.futures.Future, timeout: float) -> Any:
+    """Await a batcher future without ever cancelling it (the batch sets its result later)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def copy(f: concurrent.futures.Future) -> None:
+        if not waiter.done():
+            error = f.exception()
+            if error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(f.result())
+
+    future.add_done_callback(lambda f: loop.call_soon_threadsafe(copy, f))
+    return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+
+
+__all__ = ["Service", "Pending", "output_specs", "make_engine", "unknown_model"]

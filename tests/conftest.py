@@ -25,3 +25,41 @@ def minilm_batch():
 
     tok = MiniLMTokenizer(max_length=24)
     return tok(["what is artificial intelligence?", "do you like football", "tell me a joke about computers"])
+
+
+class LiveServers:
+    """Servers started for real on localhost port 0 (`runtime.server.create_server`), as users
+    run them, each stopped when the fixture's scope ends."""
+
+    def __init__(self) -> None:
+        self.running: list = []
+
+    def start(self, config, *, options=None):
+        """(server, port, channel) for ``config`` (its port is set to 0); ``options``: the
+        insecure channel's grpc options."""
+        import dataclasses
+
+        import grpc
+
+        from runtime.server import create_server
+
+        server, port = create_server(dataclasses.replace(config, port=0))
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        self.running.append((server, channel))
+        return server, port, channel
+
+    def stop_all(self) -> None:
+        for server, channel in reversed(self.running):
+            channel.close()
+            server.stop(grace=1.0)
+        self.running.clear()
+
+
+@pytest.fixture(scope="module")
+def live_servers():
+    """The one live-server fixture: ``live_servers.start(config) -> (server, port, channel)``."""
+    servers = LiveServers()
+    try:
+        yield servers
+    finally:
+        servers.stop_all()

@@ -4,6 +4,7 @@ path; `Service.index()` is unchanged and a good adapter still answers after each
 
 from __future__ import annotations
 
+from dataclasses import astuple
 import json
 import os
 import resource
@@ -211,7 +212,7 @@ def world(tmp_path_factory):
     service = Service(ServeConfig(bases=(f"b=hf:{bert}",), backend="torch", port=0, adapter_root=str(root), preload=True,
                                   max_delay_ms=0.0, auto_merge=False))
     text = {"text": np.array([b"the movie is really good"], dtype=object)}
-    _, out = service.infer("good", text)
+    _, out = service.predict("good", text)
     yield {"service": service, "root": root, "outside": outside, "tmp": tmp, "text": text,
            "good": out["logits"], "good_files": {CONFIG_NAME: good_cfg, WEIGHTS_NAME: good_w},
            "cases": {**{k: v[3:] for k, v in CASES.items()}, **extra}}
@@ -219,9 +220,9 @@ def world(tmp_path_factory):
 
 
 def test_startup_loads_only_the_good_ones(world):
-    loaded = {v.name for v in world["service"].registry.index()}
+    loaded = {v.name for v in world["service"].repository.current.values()}
     assert loaded == {"good", "alias"}
-    rows = {r[0]: r for r in world["service"].index()}
+    rows = {r.name: astuple(r) for r in world["service"].index_rows()}
     assert "symlinked-dir" not in rows  # resolves outside the root: not listed either
     assert rows["truncated"][2] == "UNAVAILABLE"
 
@@ -234,10 +235,10 @@ ALL = sorted(CASES) + ["config-over-limit", "weights-200mb", "config-200mb", "co
 def test_malformed_adapter_is_refused(world, name):
     service, root = world["service"], world["root"]
     cls, code = world["cases"][name]
-    before = service.index()
-    stats = dict(service.registry.stats)
+    before = service.index_rows()
+    stats = dict(service.repository.stats)
     with pytest.raises(Exception) as info:
-        service.load(name)
+        service.load_now(name)
     e = info.value
     assert isinstance(e, cls), f"{name}: {type(e).__name__}: {e}"
     assert status_code(e) == code, f"{name}: {e}"
@@ -245,10 +246,10 @@ def test_malformed_adapter_is_refused(world, name):
     assert f"adapter {name!r}" in msg, msg
     for p in (str(root), str(root.resolve()), str(world["tmp"]), str(world["outside"])):
         assert p not in msg, msg
-    assert service.index() == before
-    assert service.registry.stats == stats
-    assert name not in service.registry.current
-    _, out = service.infer("good", world["text"])
+    assert service.index_rows() == before
+    assert service.repository.stats == stats
+    assert name not in service.repository.current
+    _, out = service.predict("good", world["text"])
     np.testing.assert_allclose(out["logits"], world["good"], rtol=1e-5, atol=1e-6)
 
 
@@ -265,7 +266,7 @@ def test_big_file_is_refused_without_reading_it(world, name):
     peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss0 = _vm_rss_kb()
     with pytest.raises(AdapterError):
-        service.load(name)
+        service.load_now(name)
     assert _vm_rss_kb() - rss0 < 50 << 10  # KB: far less than the 200 MB file
     # the peak did not jump by the file either (ru_maxrss is KB on Linux)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0 < 50 << 10
@@ -274,13 +275,13 @@ def test_big_file_is_refused_without_reading_it(world, name):
 def test_refused_through_files_too(world):
     """The same checks hold for files sent in the request (RepositoryModelLoad)."""
     service = world["service"]
-    before = service.index()
+    before = service.index_rows()
     for name in ("factor-i8", "alpha-1e30", "truncated", "header-shape-lie"):
         files = {f: (world["root"] / name / f).read_bytes() for f in (CONFIG_NAME, WEIGHTS_NAME)}
         with pytest.raises(AdapterError) as info:
-            service.load("sent-" + name, files)
+            service.load_now("sent-" + name, files)
         assert "adapter 'sent-" in str(info.value)
-    assert service.index() == before
+    assert service.index_rows() == before
 
 
 def test_read_artifact_files_refuses_a_root_escape(world):
@@ -294,18 +295,18 @@ def test_adapter_cap(world):
     """A cap on loaded adapters in total: RESOURCE_EXHAUSTED for a new name when full; a reload
     of a loaded name still works; the registry is unchanged by the refusal."""
     service = world["service"]
-    registry = service.registry
+    registry = service.repository
     old = registry.max_adapters
     registry.max_adapters = len(registry.current)
     try:
-        before = service.index()
+        before = service.index_rows()
         with pytest.raises(Overloaded) as info:
-            service.load("one-more", world["good_files"])
+            service.load_now("one-more", world["good_files"])
         assert status_code(info.value) == EXHAUSTED
         assert "one-more" in str(info.value)
-        assert service.index() == before
-        service.load("good")  # the same name: a new version, not a new adapter
-        _, out = service.infer("good", world["text"])
+        assert service.index_rows() == before
+        service.load_now("good")  # the same name: a new version, not a new adapter
+        _, out = service.predict("good", world["text"])
         np.testing.assert_allclose(out["logits"], world["good"], rtol=1e-5, atol=1e-6)
     finally:
         registry.max_adapters = old
@@ -317,10 +318,10 @@ def test_refused_loads_give_their_memory_back(world):
     files = {f: (world["root"] / "alpha-1e30" / f).read_bytes() for f in (CONFIG_NAME, WEIGHTS_NAME)}
     for _ in range(5):
         with pytest.raises(AdapterError):
-            service.load("churn", files)
+            service.load_now("churn", files)
     rss0 = _vm_rss_kb()
     for _ in range(50):
         with pytest.raises(AdapterError):
-            service.load("churn", files)
+            service.load_now("churn", files)
     assert _vm_rss_kb() - rss0 < 20 << 10  # KB
-    assert "churn" not in service.registry.current
+    assert "churn" not in service.repository.current

@@ -1,4 +1,4 @@
-"""The batcher's choice of requests, with a recording engine and registry (no model): fair turns
+"""The batcher's choice of requests, with a recording engine and device tier (no model): fair turns
 over tenants, resident adapters first when slots are short, and a bounded wait for the rest."""
 
 from __future__ import annotations
@@ -24,16 +24,18 @@ class Engine:
         return [{"x": inputs[0][i]} for i in range(inputs[0].shape[0])]
 
 
-class Registry:
+class Device:
+    """A device tier of one slot: placing a version evicts whatever was there."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def assign_slots(self, base, versions):
+    def place(self, versions):
         for v in versions:  # what is in the one adapter slot now
             for other in self.all:
                 other.slot = None
             v.slot = 1
-        return {id(v): 1 for v in versions}, []
+        return {id(v): 1 for v in versions}, [], {}
 
 
 def version(name: str, slot=None):
@@ -43,10 +45,10 @@ def version(name: str, slot=None):
 def run(requests: list[Request], key=lambda r: r.model, max_batch: int = 32, **kw) -> list[list[str]]:
     """Submit ``requests`` at once; returns each batch as the ``key`` of its requests."""
     engine = Engine()
-    registry = Registry(engine)
-    registry.all = [r.version for r in requests if r.version is not None]
+    device = Device(engine)
+    device.all = [r.version for r in requests if r.version is not None]
     order: list[list[str]] = []
-    batcher = Batcher(engine, registry, max_batch=max_batch, max_delay_ms=30.0,
+    batcher = Batcher(engine, device, max_batch=max_batch, max_delay_ms=30.0,
                       on_start=lambda batch: order.append([key(r) for r in batch]), **kw)
     try:
         for r in requests:

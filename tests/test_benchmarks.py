@@ -1,6 +1,7 @@
 """Benchmarks are not tests, but each must keep running: every one runs here once on tiny sizes
-(`--quick`, a real subprocess as `make bench` would), its JSON is checked, and the README
-section is rendered from those very files."""
+(`--quick`, a real subprocess as `make bench` would), its JSON is checked, and the
+docs/benchmarks.md section is rendered from those very files (and the committed page from the
+committed results)."""
 
 from __future__ import annotations
 
@@ -140,21 +141,35 @@ def test_grpc_overhead_runs_quick(quick_results):
 
 
 @pytest.mark.slow
-def test_readme_section_is_generated_from_the_json(quick_results, tmp_path):
-    from benchmarks.run import END, START, render, update_readme
+def test_benchmarks_page_section_is_generated_from_the_json(quick_results, tmp_path):
+    from benchmarks.run import END, START, render, update_page
 
-    readme = tmp_path / "README.md"
-    readme.write_text("# X\n\ntext\n")
-    update_readme(readme, render(quick_results))
-    first = readme.read_text()
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# X\n\ntext\n")
+    update_page(page, render(quick_results))
+    first = page.read_text()
     assert START in first and END in first
     for heading in ("Against issue 5's and issue 13's targets", "Latency, merged vs unmerged", "Multi-tenant batch", "Hot-swap",
                     "adapters, torch engine", "gRPC overhead", "Quality at equal parameters"):
         assert heading in first, heading
     r = _load(quick_results, "grpc_overhead_torch")["results"]
     assert f"| torch | {r['grpc']['p50_ms']:.2f} |" in first  # the numbers come from the file
-    update_readme(readme, render(quick_results))  # regenerating replaces the section, never appends
-    assert readme.read_text() == first
+    update_page(page, render(quick_results))  # regenerating replaces the section, never appends
+    assert page.read_text() == first
+
+
+def test_committed_benchmarks_page_matches_the_committed_results():
+    """docs/benchmarks.md's generated section (between the markers) is exactly what
+    `benchmarks.run --report` renders from benchmarks/results/*.json: no table drifts from its
+    JSON, and the tables live on that page, not in README."""
+    from benchmarks.run import BENCH_PAGE, END, RESULTS, START, render
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / BENCH_PAGE).read_text()
+    assert text.count(START) == 1 and text.count(END) == 1
+    section = text[text.index(START):text.index(END) + len(END)]
+    assert section == render(root / RESULTS)
+    assert START not in (root / "README.md").read_text()
 
 
 def test_wara_bench_names_the_valid_benchmarks():

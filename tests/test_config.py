@@ -40,17 +40,18 @@ def test_round_trip_through_dict_and_defaults():
 
 
 def test_auto_backend_follows_the_spec_on_cpu_and_is_torch_on_cuda():
-    from runtime.config import ServeConfig, resolve_backend
+    from runtime.config import ServeConfig
+    from runtime.selection import engine_backend
     from wara_train.bases import get_base
 
     auto = ServeConfig(port=0)
     minilm, effnet = get_base("minilm"), get_base("effnet-lite0")
     assert auto.backend == "auto"
-    assert resolve_backend(auto, minilm) == "onnxruntime"  # the 'cpu' extra is installed in the test venv
-    assert resolve_backend(auto, effnet) == "torch"  # any image size
-    assert resolve_backend(auto.replace(device="cuda"), minilm) == "torch"
+    assert engine_backend(auto, minilm) == "onnxruntime"  # the 'cpu' extra is installed in the test venv
+    assert engine_backend(auto, effnet) == "torch"  # any image size
+    assert engine_backend(auto.replace(device="cuda"), minilm) == "torch"
     for explicit in ("torch", "onnxruntime"):
-        assert resolve_backend(auto.replace(backend=explicit), effnet) == explicit
+        assert engine_backend(auto.replace(backend=explicit), effnet) == explicit
 
 
 def test_served_bases_from_flags_and_toml(tmp_path):

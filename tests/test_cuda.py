@@ -28,7 +28,9 @@ CUDA = "cuda"
 
 def test_grouped_lora_on_cuda_matches_cpu_reference():
     """The kernel on a CUDA page pool (MiniLM's intermediate layer, ranks 32, 8, 3 and 16)."""
-    from runtime.engine import PagePool, Routing, SlotLayer
+    from runtime.adapters import PagePool
+    from runtime.kernels import Routing
+    from runtime.slots import SlotLayer
 
     gen = torch.Generator().manual_seed(0)
     n, m = 384, 1536
@@ -78,6 +80,7 @@ def two_adapters(tiny_base, tmp_path_factory):
 
 
 def test_engine_mixed_batch_on_cuda_matches_cpu_engine(tiny_base, two_adapters):
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
 
     inputs = tiny_base.sample(3, 12)
@@ -85,14 +88,15 @@ def test_engine_mixed_batch_on_cuda_matches_cpu_engine(tiny_base, two_adapters):
     answers = {}
     for device in ("cpu", CUDA):
         engine = TorchEngine(tiny_base, device=device)
-        folded = [engine.prepare(a) for a in two_adapters]
+        tier = DeviceTier(engine)
+        folded = [prepare(engine, f"a{i}", a) for i, a in enumerate(two_adapters, start=1)]
         for i, f in enumerate(folded, start=1):
-            engine.write_slot(i, f)
+            tier.write(i, f)
         assert next(engine.model.parameters()).device.type == device
         rows = engine.forward(inputs, slots)
-        merged = engine.forward_merged(engine.build_merged(folded[1]), folded[1].head, inputs)  # the hot-adapter path
+        merged = engine.forward_merged(engine.build_merged(folded[1].factors), folded[1].head, inputs)  # the hot-adapter path
         answers[device] = (rows, merged)
-        del engine
+        del engine, tier
     (cpu_rows, cpu_merged), (gpu_rows, gpu_merged) = answers["cpu"], answers[CUDA]
     assert set(gpu_rows[0]) == {"embeddings"}
     assert gpu_rows[1]["logits"].shape == (5,) and gpu_rows[2]["logits"].shape == (3,)

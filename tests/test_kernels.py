@@ -8,8 +8,10 @@ import torch
 from helpers import assert_close
 
 from references import reference_lora
-from runtime.engine import PagePool, Routing, SlotLayer
-from runtime.kernels import default_kernel, grouped_lora, native_lora
+from runtime.adapters import PagePool
+from runtime.kernels import KERNELS, Routing, grouped_lora, native_lora
+from runtime.selection import adapter_kernel
+from runtime.slots import SlotLayer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,8 +29,8 @@ def test_the_native_op_serves_on_cpu():
     from runtime import native
 
     assert native.load().native, native.load().reason
-    kernel, what = default_kernel(torch.device("cpu"))
-    assert kernel is native_lora and what.startswith("native sgmv")
+    name, what = adapter_kernel(torch.device("cpu"), native.load(), native.triton_available())
+    assert KERNELS[name] is native_lora and what.startswith("native sgmv")
 
 
 @pytest.mark.parametrize("kernel", [grouped_lora, native_lora], ids=["grouped_lora", "native"])
@@ -371,6 +373,7 @@ def test_the_engine_finds_layers_fed_one_input(tmp_path):
     import tiny_models as tm
     from exporter.common import base_for
     from exporter.verify import reference_model
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
     from wara_train.synthetic import random_adapter
 
@@ -382,7 +385,7 @@ def test_the_engine_finds_layers_fed_one_input(tmp_path):
                            for name, fol in leaders.items()), leaders
     assert len(leaders) == 2  # two layers
     adapter = random_adapter(source, tmp_path / "a", rank=2, levels=1, seed=1)
-    engine.write_slot(1, engine.prepare(adapter))
+    DeviceTier(engine).write(1, prepare(engine, "a", adapter))
     ids = torch.randint(5, 60, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     got = engine.forward((ids, mask), [1, 0, 1])

@@ -17,6 +17,7 @@ from helpers import tol
 import tiny_models
 from exporter.common import base_for
 from exporter.verify import reference_model
+from runtime.adapters import prepare
 from runtime.auth import Tenant
 from runtime.config import ServeConfig
 from runtime.errors import Overloaded
@@ -34,7 +35,7 @@ NAMES = [f"a{i}" for i in range(10)]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, live_servers):
     tmp = tmp_path_factory.mktemp("lazy")
     bert = tiny_models.make_bert_classifier(tmp / "bert")
     spec = resolve_base(f"hf:{bert}", name="b")
@@ -46,14 +47,8 @@ def served(tmp_path_factory):
     (root / "broken" / "adapter_model.safetensors").write_bytes(b"")
     config = ServeConfig(bases=(f"b=hf:{bert}",), backend="torch", port=0, adapter_root=str(root), preload=False,
                          max_delay_ms=20.0, auto_merge=False)
-    server, port = create_server(config)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield {"service": server.service, "stub": pb_grpc.GRPCInferenceServiceStub(channel), "root": root,
-               "bert": bert}
-    finally:
-        channel.close()
-        server.stop(grace=2.0)
+    server, port, channel = live_servers.start(config)
+    return {"service": server.service, "stub": pb_grpc.GRPCInferenceServiceStub(channel), "root": root, "bert": bert}
 
 
 def request(name: str) -> pb.ModelInferRequest:
@@ -78,7 +73,7 @@ def states(served) -> dict[str, tuple[str, str]]:
 
 def test_ready_before_any_adapter_is_read(served):
     service = served["service"]
-    assert service.ready and not service.registry.current
+    assert service.ready and not service.repository.current
     index = states(served)
     assert all(index[n][0] == "UNAVAILABLE" and index[n][1].startswith("on disk") for n in NAMES)
     assert index["b"] == ("READY", "")
@@ -86,7 +81,7 @@ def test_ready_before_any_adapter_is_read(served):
 
 def test_concurrent_first_requests_load_once(served):
     service, stub = served["service"], served["stub"]
-    loads = service.registry.stats["loads"]
+    loads = service.repository.stats["loads"]
     results, errors = [], []
 
     def call():
@@ -101,7 +96,7 @@ def test_concurrent_first_requests_load_once(served):
     for t in threads:
         t.join()
     assert not errors and len(results) == 16
-    assert service.registry.stats["loads"] == loads + 1
+    assert service.repository.stats["loads"] == loads + 1
     rtol, atol = tol(torch.float32)
     want = reference(served, "a3")
     for got in results:
@@ -131,16 +126,16 @@ def test_broken_adapter_on_disk_fails_its_requests_only(served):
             stub.ModelInfer(request("broken"))
         assert info.value.code() == C.INVALID_ARGUMENT and "broken" in info.value.details()
         assert "/" not in info.value.details().split("'broken'")[-1]  # no server path
-    assert "broken" not in served["service"].registry.current
+    assert "broken" not in served["service"].repository.current
     assert stub.ModelInfer(request("a6")).model_name == "a6"
 
 
 def test_a_tenant_cannot_load_another_tenants_adapter(served):
     service = served["service"]
     other = Tenant("globex", adapters=("g-*",), tokens=("sha256:" + "0" * 64,))
-    assert not service.needs_load("a7", other)
-    assert service.needs_load("a7")
-    assert "a7" not in service.registry.current
+    assert not service.repository.needs_load("a7", other)
+    assert service.repository.needs_load("a7")
+    assert "a7" not in service.repository.current
 
 
 def test_lora_requests_info_gauge(served):
@@ -148,17 +143,17 @@ def test_lora_requests_info_gauge(served):
     and the adapter slots."""
     text = served["service"].metrics.text().decode()
     line = next(l for l in text.splitlines() if l.startswith("wara_lora_requests_info{"))
-    engine = served["service"].engines["b"]
-    assert engine.capacity(8) == engine.pages // 8  # rank-8 adapters the pool holds
-    assert f'max_lora="{engine.capacity()}"' in line and 'running_lora_adapters=""' in line and 'waiting_lora_adapters=""' in line
+    engine, device = served["service"].engines["b"], served["service"].repository.device["b"]
+    assert device.capacity(8) == engine.pages // 8  # rank-8 adapters the pool holds
+    assert f'max_lora="{device.capacity()}"' in line and 'running_lora_adapters=""' in line and 'waiting_lora_adapters=""' in line
     service = served["service"]
-    with service._gauge_lock:  # as a queued request for a3 leaves it
-        service._gauges[(id(service.metrics.waiting), "a3")] = 1
+    with service.gauges._lock:  # as a queued request for a3 leaves it
+        service.gauges._values[(id(service.metrics.waiting), "a3")] = 1
     try:
         assert 'waiting_lora_adapters="a3"' in service.metrics.text().decode()
     finally:
-        with service._gauge_lock:
-            service._gauges[(id(service.metrics.waiting), "a3")] = 0
+        with service.gauges._lock:
+            service.gauges._values[(id(service.metrics.waiting), "a3")] = 0
 
 
 def test_a_host_budget_smaller_than_one_adapter_is_a_clear_refusal(served, tmp_path):
@@ -171,8 +166,8 @@ def test_a_host_budget_smaller_than_one_adapter_is_a_clear_refusal(served, tmp_p
     try:
         t0 = time.perf_counter()
         with pytest.raises(Overloaded, match="host_budget_mb"):
-            service.infer("a1", {"text": np.array([TEXT.encode()], dtype=object)})
-        assert time.perf_counter() - t0 < 10 and not service.registry.current
+            service.predict("a1", {"text": np.array([TEXT.encode()], dtype=object)})
+        assert time.perf_counter() - t0 < 10 and not service.repository.current
     finally:
         service.drain()
 
@@ -191,29 +186,29 @@ def test_host_tier_keeps_no_copy_of_root_files_and_refolds_from_disk(served, tmp
         shutil.copytree(served["root"] / name, root / name)
     probe = Service(ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
                                 auto_merge=False, preload=True))
-    one = max(v.nbytes for v in probe.registry.current.values())
-    pages = max(v.pages for v in probe.registry.current.values()) * probe.engines["b"].page_bytes
-    assert all(callable(v.source) for v in probe.registry.current.values())
+    one = max(v.nbytes for v in probe.repository.current.values())
+    pages = max(v.pages for v in probe.repository.current.values()) * probe.engines["b"].page_bytes
+    assert all(callable(v.source) for v in probe.repository.current.values())
     probe.drain()
     config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
                          device_budget_mb=1.2 * pages / 2**20, host_budget_mb=1.5 * one / 2**20, auto_merge=False)
     service = Service(config)
     x = {"text": np.array([TEXT.encode()], dtype=object)}
     try:
-        first = {n: service.infer(n, x)[1]["logits"][0] for n in ("a1", "a2", "a3")}
-        assert service.registry.stats["host_evictions"] > 0
+        first = {n: service.predict(n, x)[1]["logits"][0] for n in ("a1", "a2", "a3")}
+        assert service.repository.stats["host_evictions"] > 0
         for n in ("a1", "a2", "a3"):  # folded again from disk where evicted; the same answers
-            np.testing.assert_allclose(service.infer(n, x)[1]["logits"][0], first[n], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(service.predict(n, x)[1]["logits"][0], first[n], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(first["a2"], reference(served, "a2"), rtol=tol(torch.float32)[0],
                                    atol=tol(torch.float32)[1])
         shutil.rmtree(root / "a1")
         shutil.copytree(served["root"] / "a9", root / "a1")  # other content under the same name
-        service.infer("a2", x), service.infer("a3", x)  # a1 leaves the host tier and its slot
-        assert service.registry.current["a1"].adapter is None  # evicted: its next batch reads the root
-        with pytest.raises(Exception, match="changed in the adapter root"):
-            service.infer("a1", x)
-        service.load("a1")  # an explicit load serves the new content
-        np.testing.assert_allclose(service.infer("a1", x)[1]["logits"][0], reference(served, "a9"),
+        service.predict("a2", x), service.predict("a3", x)  # a1 leaves the host tier and its slot
+        assert service.repository.current["a1"].adapter is None  # evicted: its next batch reads the root
+        with pytest.raises(Exception, match="changed or vanished under the adapter root"):
+            service.predict("a1", x)
+        service.load_now("a1")  # an explicit load serves the new content
+        np.testing.assert_allclose(service.predict("a1", x)[1]["logits"][0], reference(served, "a9"),
                                    rtol=tol(torch.float32)[0], atol=tol(torch.float32)[1])
     finally:
         service.drain()
@@ -229,10 +224,10 @@ def test_tier_metrics(served):
     def value(line_start: str) -> float:
         return float(next(l for l in text.splitlines() if l.startswith(line_start)).split()[-1])
 
-    on_disk = sum(1 for n in NAMES + ["broken"] if n not in service.registry.current)
+    on_disk = sum(1 for n in NAMES + ["broken"] if n not in service.repository.current)
     assert value('wara_adapters_resident{tier="disk"}') == on_disk
-    assert value('wara_adapters_resident{tier="host"}') == len(service.registry.current)
-    assert value('wara_adapter_bytes_resident{tier="host"}') == sum(v.nbytes for v in service.registry.current.values()
+    assert value('wara_adapters_resident{tier="host"}') == len(service.repository.current)
+    assert value('wara_adapter_bytes_resident{tier="host"}') == sum(v.nbytes for v in service.repository.current.values()
                                                                    if v.adapter is not None)
     assert value('wara_adapters_resident{tier="device"}') >= 1
     assert value('wara_kernel_info{base="b",kernel="native sgmv') == 1  # the op serves, and says so
@@ -269,14 +264,14 @@ def test_start_indexes_configs_and_headers_only(served, tmp_path):
     service = Service(ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
                                   auto_merge=False))
     try:
-        assert service.ready and not service.registry.current and len(service.catalog) == 2
-        rows = {name: (state, reason) for name, _, state, reason in service.index()}
+        assert service.ready and not service.repository.current and len(service.repository.catalog) == 2
+        rows = {r.name: (r.state, r.reason) for r in service.index_rows()}
         assert rows["garbled"][0] == "UNAVAILABLE" and rows["garbled"][1].startswith("on disk (loads on its first")
         x = {"text": np.array([TEXT.encode()], dtype=object)}
         with pytest.raises(Exception, match="garbled.*NaN or Inf"):
-            service.infer("garbled", x)
-        assert "garbled" not in service.registry.current
-        np.testing.assert_allclose(service.infer("good", x)[1]["logits"][0], reference(served, "a1"),
+            service.predict("garbled", x)
+        assert "garbled" not in service.repository.current
+        np.testing.assert_allclose(service.predict("good", x)[1]["logits"][0], reference(served, "a1"),
                                    rtol=tol(torch.float32)[0], atol=tol(torch.float32)[1])
     finally:
         service.drain()
@@ -284,10 +279,9 @@ def test_start_indexes_configs_and_headers_only(served, tmp_path):
 
 def test_a_device_budget_smaller_than_one_adapter_is_a_clear_refusal(served):
     """RESOURCE_EXHAUSTED over gRPC, naming device_budget_mb, at once; the server keeps serving."""
-    from runtime.service import Service
 
     engine = served["service"].engines["b"]
-    need = engine.prepare(load_adapter(served["root"] / "a1")).pages  # rank 4 (a0: rank 2, half as many)
+    need = prepare(engine, "a1", load_adapter(served["root"] / "a1")).pages  # rank 4 (a0: rank 2, half as many)
     config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(served["root"]),
                          device_budget_mb=(need - 1) * engine.page_bytes / 2**20, auto_merge=False, port=0)
     server, port = create_server(config)
@@ -298,7 +292,7 @@ def test_a_device_budget_smaller_than_one_adapter_is_a_clear_refusal(served):
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(request("a1"), timeout=30)
         assert info.value.code() == C.RESOURCE_EXHAUSTED and "device_budget_mb" in info.value.details()
-        assert time.perf_counter() - t0 < 10 and "a1" not in server.service.registry.current
+        assert time.perf_counter() - t0 < 10 and "a1" not in server.service.repository.current
         assert stub.ModelInfer(request("a0"), timeout=30).model_name == "a0"  # rank 2: fits
     finally:
         channel.close()
@@ -310,7 +304,6 @@ def test_no_eviction_of_a_held_adapter_under_a_pool_of_two(served, tmp_path):
     """A device pool that holds two adapters, 16 concurrent gRPC clients over 10 adapters: every
     answer is its adapter's, and no adapter is ever evicted while a queued or running request
     holds it (checked at every eviction)."""
-    from runtime.registry import Registry
 
     root = tmp_path / "root"
     spec = resolve_base(f"hf:{served['bert']}", name="b")
@@ -318,21 +311,21 @@ def test_no_eviction_of_a_held_adapter_under_a_pool_of_two(served, tmp_path):
     for k, name in enumerate(names):
         random_adapter(spec, root / name, rank=2, seed=200 + k)
     engine = served["service"].engines["b"]
-    pages = engine.prepare(load_adapter(root / names[0])).pages  # each: all are rank 2 at J = 1
+    pages = prepare(engine, names[0], load_adapter(root / names[0])).pages  # each: all are rank 2 at J = 1
     config = ServeConfig(bases=(f"b=hf:{served['bert']}",), backend="torch", adapter_root=str(root),
                          device_budget_mb=2.5 * pages * engine.page_bytes / 2**20, auto_merge=False, port=0,
                          max_delay_ms=2.0)
     server, port = create_server(config)
-    registry = server.service.registry
+    device = server.service.repository.device["b"]
     evicted, held = [], []
-    original = Registry._evict
+    original = device.evict
 
-    def checked(self, base_model, slot):
-        v = self.resident[base_model][slot]
+    def checked(slot):
+        v = device.table[slot]
         (held if v.leases else evicted).append(v.name)
-        original(self, base_model, slot)
+        original(slot)
 
-    registry._evict = checked.__get__(registry)
+    device.evict = checked
     want = {}
     from transformers import AutoTokenizer
 
@@ -369,4 +362,4 @@ def test_no_eviction_of_a_held_adapter_under_a_pool_of_two(served, tmp_path):
         np.testing.assert_allclose(got, want[name], rtol=tol(torch.float32)[0], atol=tol(torch.float32)[1])
     assert not held, f"evicted while held: {held[:5]}"
     assert len(evicted) >= 10  # ten adapters took turns in a pool of two
-    assert registry.engines["b"].pool.used <= 20
+    assert device.pool.used <= 20

@@ -29,6 +29,7 @@ from references import pywt_delta  # noqa: E402
 from runtime import native  # noqa: E402
 from runtime.native import reference  # noqa: E402
 from runtime.native.packing import own_layout, pack_folded, pack_own, stack_slots, wavelet_filters  # noqa: E402
+from runtime.selection import op_backend  # noqa: E402
 from wara_train.delta import delta_weight, fold  # noqa: E402
 from wara_train.wavelets import WaveletSpec, blocks  # noqa: E402
 
@@ -615,7 +616,7 @@ def test_dispatcher_picks_native_on_cpu_and_matches():
     pool, offsets, ranks = lora_pool(gen, [4, 2], 24, 16)
     token_slot = tokens_of([0, 1, -1])
     x = torch.randn(len(token_slot), 16, generator=gen)
-    assert native.backend_for("cpu") == "native", native.status().reason
+    assert op_backend("cpu", native.status(), native.triton_available()) == "native", native.status().reason
     y = torch.zeros(len(token_slot), 24)
     native.sgmv(x, y, pool, token_slot, offsets, ranks)
     assert_close(y, reference.sgmv_delta_f64(x, pool, token_slot, offsets, ranks, out_features=24))
@@ -776,7 +777,7 @@ def test_slot_form_rule_benchmark_checks_then_times_and_compares_with_the_rule(t
     fold, both checked against the float64 oracle, timed, and set against `own_form_wins`."""
     import json
 
-    from runtime.kernels import own_form_wins
+    from runtime.selection import own_form_wins
 
     out = tmp_path / "rule.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--rule", "--quick", "--out", str(out)],
@@ -791,9 +792,9 @@ def test_slot_form_rule_benchmark_checks_then_times_and_compares_with_the_rule(t
 
 
 def test_own_form_rule_follows_the_measured_widths():
-    """The slot-form rule (runtime.kernels.own_form_wins): haar own factors from width 256 (128 at
+    """The slot-form rule (runtime.selection.own_form_wins): haar own factors from width 256 (128 at
     J >= 2), db2 only at J >= 2 and rank >= 8 from width 256; the narrowest layer decides."""
-    from runtime.kernels import own_form_wins
+    from runtime.selection import own_form_wins
 
     minilm = [(384, 384), (1536, 384), (384, 1536)]
     assert own_form_wins(wavelet="haar", levels=1, rank=4, shapes=minilm)

@@ -22,7 +22,6 @@ from runtime.config import ServeConfig
 from runtime.errors import MAX_MESSAGE, clip
 from runtime.kserve import inference_pb2 as pb
 from runtime.kserve import inference_pb2_grpc as pb_grpc
-from runtime.server import create_server
 from wara_train.basespec import resolve_base
 from wara_train.synthetic import random_adapter
 
@@ -35,25 +34,20 @@ FUZZ_EXAMPLES = int(os.environ.get("WARA_FUZZ_EXAMPLES", "2000"))
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, live_servers):
     tmp = tmp_path_factory.mktemp("hardening")
     bert = tiny_models.make_bert_classifier(tmp / "bert")
     spec = resolve_base(f"hf:{bert}", name="b")
     root = tmp / "adapters"
     random_adapter(spec, root / "a", rank=2, seed=7)
     config = ServeConfig(bases=(f"b=hf:{bert}",), backend="torch", port=0, adapter_root=str(root), max_delay_ms=1.0)
-    server, port = create_server(config)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20),
-                                                                   ("grpc.max_send_message_length", 64 << 20)])
+    server, port, channel = live_servers.start(config, options=[("grpc.max_receive_message_length", 64 << 20),
+                                                                ("grpc.max_send_message_length", 64 << 20)])
     raw = channel.unary_unary(INFER, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     service = server.service
-    _, expected = service.infer("a", {"text": np.array([VALID_TEXT], dtype=object)})
-    try:
-        yield {"service": service, "stub": pb_grpc.GRPCInferenceServiceStub(channel), "raw": raw,
-               "channel": channel, "expected": expected["logits"][0], "config": config}
-    finally:
-        channel.close()
-        server.stop(grace=2.0)
+    _, expected = service.predict("a", {"text": np.array([VALID_TEXT], dtype=object)})
+    return {"service": service, "stub": pb_grpc.GRPCInferenceServiceStub(channel), "raw": raw,
+            "channel": channel, "expected": expected["logits"][0], "config": config}
 
 
 # --- request builders --------------------------------------------------------------------
@@ -339,7 +333,7 @@ def test_valid_requests_in_every_form(served):
             .extend(input_ids.ravel().tolist()),
             r.inputs.add(name="attention_mask", datatype="INT64", shape=list(mask.shape)).contents.int64_contents
             .extend(mask.ravel().tolist()))),
-        "version": text(model_version=served["service"].describe("a")[1][0]),
+        "version": text(model_version=served["service"].describe("a").versions[0]),
         "32 rows": text([VALID_TEXT] * 32),
     }
     rtol, atol = tol(torch.float32)

@@ -338,18 +338,18 @@ def test_auto_merge_takes_the_dominant_adapter_to_the_merged_path(tmp_path):
                                   auto_merge_window=10, auto_merge_share=0.9))
     try:
         text = np.array([b"tell me a joke"], dtype=object)
-        service.infer("cold", {"text": text})
+        service.predict("cold", {"text": text})
         for _ in range(12):
-            version, out = service.infer("hot", {"text": text})
+            version, out = service.predict("hot", {"text": text})
         deadline = time.time() + 30
-        while service.registry.current["hot"].merged is None and time.time() < deadline:
+        while service.repository.current["hot"].merged is None and time.time() < deadline:
             time.sleep(0.05)
-        assert service.registry.current["hot"].merged is not None
+        assert service.repository.current["hot"].merged is not None
         before = service.batchers["minilm"].stats.merged_batches
-        version, out = service.infer("hot", {"text": text})
+        version, out = service.predict("hot", {"text": text})
         assert service.batchers["minilm"].stats.merged_batches == before + 1
         _assert_matches(ref, {"model": "hot", "version": version, "text": "tell me a joke", "logits": out["logits"].tolist()})
-        assert service.registry.current["cold"].merged is None
+        assert service.repository.current["cold"].merged is None
     finally:
         service.drain()
 
@@ -386,20 +386,20 @@ def test_host_tier_budget_pinning_and_slot_eviction(tmp_path):
         ref.add(random_adapter("minilm", tmp_path / name, rank=2, seed=20 + k))
     one = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), auto_merge=False, backend="torch",
                               preload=True))
-    size_mb = one.registry.current["x"].nbytes / (1 << 20)
-    pages = one.registry.current["x"].pages * one.engines["minilm"].page_bytes / (1 << 20)
+    size_mb = one.repository.current["x"].nbytes / (1 << 20)
+    pages = one.repository.current["x"].pages * one.engines["minilm"].page_bytes / (1 << 20)
     one.drain()
     service = Service(ServeConfig(port=0, bases=("minilm",), adapter_root=str(tmp_path), device_budget_mb=2.5 * pages,
                                   max_delay_ms=0.0, backend="torch", preload=True,
                                   host_budget_mb=size_mb * 1.5, pinned=("pinned-one",), auto_merge=False))
     try:
-        reg = service.registry
+        reg = service.repository
         assert reg.current["pinned-one"].adapter is not None  # pinned: never evicted
         assert reg.stats["host_evictions"] >= 1
         text = "tell me a joke"
         for _ in range(2):
             for name in ["x", "y", "pinned-one"]:
-                version, out = service.infer(name, {"text": np.array([text.encode()], dtype=object)})
+                version, out = service.predict(name, {"text": np.array([text.encode()], dtype=object)})
                 _assert_matches(ref, {"model": name, "version": version, "text": text, "logits": out["logits"].tolist()})
         assert reg.stats["slot_evictions"] >= 1  # three adapters took turns in a pool that holds two
         assert reg.current["pinned-one"].adapter is not None
@@ -414,6 +414,7 @@ def test_own_factor_slots_serve_like_the_explicit_model(tmp_path):
     onnxruntime engine and the pure kernel always fold; a bad form is refused by name."""
     import math
 
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
     from runtime.kernels import grouped_lora
     from runtime.native import own_numel
@@ -421,11 +422,12 @@ def test_own_factor_slots_serve_like_the_explicit_model(tmp_path):
     kinds = [dict(rank=4, levels=1), dict(rank=2, levels=2, wavelet="db2"), dict(rank=2, levels=3)]
     adapters = [random_adapter("minilm", tmp_path / f"a{i}", seed=i, **k) for i, k in enumerate(kinds)]
     own = TorchEngine("minilm", device="cpu", slot_form="own")
+    tier = DeviceTier(own)
     assert own.slot_form == "own" and "wavelet_lowrank" in own.kernel_name
     enc = MiniLMTokenizer(max_length=16)(["hello there", "what is the weather like today", "a third text", "four"])
     inputs = (enc["input_ids"], enc["attention_mask"])
     refs = [reference_model(a, base_for(a)) for a in adapters]
-    prepared = [own.prepare(a) for a in adapters]
+    prepared = [prepare(own, f"a{i}", a) for i, a in enumerate(adapters)]
     for a, f, k in zip(adapters, prepared, kinds):
         assert f.form == "own" and f.pages < f.rank
         assert f.pages == math.ceil(own_numel(384, 384, k["rank"], k["levels"]) / 768)  # every MiniLM shape alike
@@ -438,16 +440,16 @@ def test_own_factor_slots_serve_like_the_explicit_model(tmp_path):
                 assert_close(got[row]["logits"], refs[k](*(t[row : row + 1] for t in inputs))[0])
         assert set(got[2]) == {"embeddings"}
 
-    own.write_slot(9, prepared[0])  # taken first, freed below: its 8 pages open a gap at the front
+    tier.write(9, prepared[0])  # taken first, freed below: its 8 pages open a gap at the front
     for slot, f in enumerate(prepared, start=1):
-        own.write_slot(slot, f)
+        tier.write(slot, f)
     check([1, 2, 0, 3], {0: 0, 1: 1, 3: 2})
     check([2, 2, 0, 2], {0: 1, 1: 1, 3: 1})  # one own adapter on every adapted row
-    own.free_slot(9)
-    free = own.pool.pages - own.pool.used
+    tier.free(9)
+    free = tier.pool.pages - tier.pool.used
     big = dataclasses.replace(prepared[0], pages=free)  # needs every free page: compacts first
-    own.write_slot(4, big)
-    assert own.pool.free == 0
+    tier.write(4, big)
+    assert tier.pool.free == 0
     check([4, 3, 0, 1], {0: 0, 1: 2, 3: 0})
     # Serving own slots never folded them; a merged copy folds on demand (from the packed own
     # factors), equal to the artifact's own fold and answering like the explicit model.
@@ -457,53 +459,70 @@ def test_own_factor_slots_serve_like_the_explicit_model(tmp_path):
         assert sorted(f.factors) == sorted(want)
         for t, (la, lb) in want.items():
             assert_close(f.factors[t][1] @ f.factors[t][0], lb @ la)
-    merged = own.build_merged(prepared[1])
+    merged = own.build_merged(prepared[1].factors)
     got = own.forward_merged(merged, prepared[1].head, inputs)
     with torch.no_grad():
         assert_close(got[0]["logits"], refs[1](*(t[0:1] for t in inputs))[0])
     assert TorchEngine("minilm", device="cpu", slot_form="own", kernel=grouped_lora).slot_form == "folded"
-    assert TorchEngine("minilm", device="cpu", slot_form="folded").prepare(adapters[0]).form == "folded"
+    assert prepare(TorchEngine("minilm", device="cpu", slot_form="folded"), "a0", adapters[0]).form == "folded"
     with pytest.raises(ConfigError, match="unknown slot_form 'unfolded': valid forms are auto, folded, own"):
         ServeConfig(slot_form="unfolded")
 
 
-def test_the_bound_check_reads_own_factors_and_folds_only_past_the_bound(tmp_path):
+def test_the_bound_check_reads_own_factors_and_folds_only_past_the_bound(tmp_path, monkeypatch):
     """An adapter served from its own factors is checked from them (their bound on max |ΔW|),
     not from a fold: a sound adapter passes without one; one whose delta is past what a layer
     can hold is folded, checked exactly and refused by layer; a non-finite factor is refused
     by layer before any fold. A folded adapter's bound is taken per layer shape, equal to the
-    per-layer formula."""
+    per-layer formula. `prepare` ends with this check: it refuses the same adapters."""
+    import importlib
+
+    from runtime.adapters import check_folded, folded_bounds, prepare
     from runtime.engine import TorchEngine
-    from runtime.registry import check_folded, folded_bounds
     from wara_train.errors import AdapterError
+
+    prepare_module = importlib.import_module("runtime.adapters.prepare")
+
+    def unchecked(engine, name, adapter):
+        """What `prepare` makes before its bound check (the check is what this test calls)."""
+        with monkeypatch.context() as m:
+            m.setattr(prepare_module, "check_folded", lambda name, folded: None)
+            return prepare(engine, name, adapter)
 
     eng = TorchEngine("minilm", device="cpu", slot_form="own")
     a = random_adapter("minilm", tmp_path / "a", seed=0, rank=4, levels=1)
-    sound = eng.prepare(a)
+    sound = unchecked(eng, "sound", a)
     check_folded("sound", sound)
     assert not sound.factors.folded
+    assert not prepare(eng, "sound", a).factors.folded
     t = a.config.target_modules[3]
     block = next(iter(a.factors[t]))
     a.factors[t][block][1].mul_(1e8)
-    big = eng.prepare(a)
+    big = unchecked(eng, "big", a)
     with pytest.raises(AdapterError, match=f"adapter 'big': the delta of {t} reaches"):
         check_folded("big", big)
     assert big.factors.folded
+    with pytest.raises(AdapterError, match=f"adapter 'big': the delta of {t} reaches"):
+        prepare(eng, "big", a)
     a.factors[t][block][1].view(-1)[0] = float("nan")
-    broken = eng.prepare(a)
+    broken = unchecked(eng, "nan", a)
     with pytest.raises(AdapterError, match=f"adapter 'nan': the factors of {t} are not finite"):
         check_folded("nan", broken)
     assert not broken.factors.folded
+    with pytest.raises(AdapterError, match=f"adapter 'nan': the factors of {t} are not finite"):
+        prepare(eng, "nan", a)
     # Folded slots: the per-shape bound equals the per-layer formula and bounds max |B A|.
     folded = TorchEngine("minilm", device="cpu", slot_form="folded")
-    sound = folded.prepare(random_adapter("minilm", tmp_path / "b", seed=1, rank=4, levels=1))
+    sound = unchecked(folded, "sound", random_adapter("minilm", tmp_path / "b", seed=1, rank=4, levels=1))
     bounds = folded_bounds(sound.factors)
     for mod, (la, lb) in sound.factors.items():
         want = float((lb.double().abs().amax(dim=0) * la.double().abs().amax(dim=1)).sum())
         assert bounds[mod] == pytest.approx(want, rel=1e-5) and float((lb.double() @ la.double()).abs().max()) <= want
     check_folded("sound", sound)
     with pytest.raises(AdapterError, match=f"adapter 'nan': the folded factors of {t} are not finite"):
-        check_folded("nan", folded.prepare(a))
+        check_folded("nan", unchecked(folded, "nan", a))
+    with pytest.raises(AdapterError, match=f"adapter 'nan': the folded factors of {t} are not finite"):
+        prepare(folded, "nan", a)
 
 
 @pytest.mark.slow
@@ -513,12 +532,14 @@ def test_onnxruntime_mixed_batches_bind_resident_stacks_kept_in_step_with_the_po
     every answer equals the PyTorch engine's; a freed slot's row is zeroed and reused, a new slot
     past the rows or a higher rank rebuilds the stacks; a batch whose ranks are far below the
     stacks' rank copies its own adapters instead."""
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
     from runtime.ort_engine import OrtEngine
 
     adapters = [random_adapter("minilm", tmp_path / f"s{k}", rank=r, seed=40 + k) for k, r in enumerate((2, 4, 1, 8))]
     ort = OrtEngine("minilm")
     ref = TorchEngine("minilm", device="cpu", slot_form="folded")
+    tiers = {e: DeviceTier(e) for e in (ort, ref)}
     enc = MiniLMTokenizer(max_length=12)(["one text", "another text here", "a base row", "and a fourth"])
     inputs = (enc["input_ids"], enc["attention_mask"])
 
@@ -530,7 +551,7 @@ def test_onnxruntime_mixed_batches_bind_resident_stacks_kept_in_step_with_the_po
 
     def write(slot, k):
         for e in (ort, ref):
-            e.write_slot(slot, e.prepare(adapters[k]))
+            tiers[e].write(slot, prepare(e, f"s{k}", adapters[k]))
 
     def stack():
         return next(iter(ort._resident.values()))
@@ -546,8 +567,8 @@ def test_onnxruntime_mixed_batches_bind_resident_stacks_kept_in_step_with_the_po
     write(5, 2)  # a slot past the rows: rebuilt with rows doubled
     assert stack().shape[0] == 8 and ort._resident_rank == 16
     same([5, 2, 0, 1])
-    ort.free_slot(2)
-    ref.free_slot(2)
+    tiers[ort].free(2)
+    tiers[ref].free(2)
     assert not any(v[2].any() for v in ort._resident.values())  # a freed row is zeroed
     write(2, 3)  # rank 8 folds to 32: the stacks' rank is raised
     assert ort._resident_rank == 32
@@ -567,7 +588,8 @@ def test_rank_aware_slots_serve_mixed_ranks_in_one_batch(tmp_path):
     in both engines (PyTorch with the native op and with the pure kernel; onnxruntime), each row equal to its adapter's explicit model. Then a freed run at the
     front and the free tail are too small apart for a 16-page adapter but enough together: the
     pool compacts (moving resident adapters) and every answer stays exact."""
-    from runtime.engine import NoRoom, TorchEngine
+    from runtime.adapters import DeviceTier, NoRoom, prepare
+    from runtime.engine import TorchEngine
     from runtime.ort_engine import OrtEngine
 
     adapters = [random_adapter("minilm", tmp_path / f"r{r}", rank=r, seed=r) for r in (2, 4, 8, 16)]
@@ -593,16 +615,17 @@ def test_rank_aware_slots_serve_mixed_ranks_in_one_batch(tmp_path):
 
     for e in engines:
         assert e.pages == 130
-        folded = [e.prepare(a) for a in adapters]
+        tier = DeviceTier(e)
+        folded = [prepare(e, f"r{r}", a) for r, a in zip((2, 4, 8, 16), adapters)]
         assert [f.rank for f in folded] == [8, 16, 32, 64]
         for slot, f in enumerate(folded, start=1):
-            e.write_slot(slot, f)
-        assert e.pool.runs == {1: (0, 8), 2: (8, 16), 3: (24, 32), 4: (56, 64)}
+            tier.write(slot, f)
+        assert tier.pool.runs == {1: (0, 8), 2: (8, 16), 3: (24, 32), 4: (56, 64)}
         check(e, [(1, 0), (2, 1), (3, 2), (4, 3)])
-        e.free_slot(1)  # free: 8 pages at the front, 10 at the end
-        e.write_slot(5, folded[1])  # 16 pages: only after compaction
-        assert e.pool.runs == {2: (0, 16), 3: (16, 32), 4: (48, 64), 5: (112, 16)}
+        tier.free(1)  # free: 8 pages at the front, 10 at the end
+        tier.write(5, folded[1])  # 16 pages: only after compaction
+        assert tier.pool.runs == {2: (0, 16), 3: (16, 32), 4: (48, 64), 5: (112, 16)}
         check(e, [(5, 1), (2, 1), (3, 2), (4, 3)])
         with pytest.raises(NoRoom, match="2 free pages"):
-            e.write_slot(6, folded[2])  # 32 pages: the pool has 2 left
+            tier.write(6, folded[2])  # 32 pages: the pool has 2 left
         check(e, [(4, 3), (3, 2), (2, 1), (5, 1)])  # a refused write changed nothing

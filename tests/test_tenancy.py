@@ -62,11 +62,14 @@ def tenants(world, *, subjects: bool = False) -> tuple[dict, ...]:
             {"name": "ops", "admin": True, "tokens": [hash_token(t["ops"])]})
 
 
+def config(world, **extra) -> ServeConfig:
+    return ServeConfig(bases=(f"b=hf:{world['bert']}",), backend="torch", port=0, adapter_root=str(world["root"]),
+                       max_delay_ms=1.0, auto_merge=False, tenants=tenants(world, subjects="tls_client_ca" in extra),
+                       **extra)
+
+
 def serve(world, **extra):
-    config = ServeConfig(bases=(f"b=hf:{world['bert']}",), backend="torch", port=0, adapter_root=str(world["root"]),
-                         max_delay_ms=1.0, auto_merge=False, tenants=tenants(world, subjects="tls_client_ca" in extra),
-                         **extra)
-    return create_server(config)
+    return create_server(config(world, **extra))
 
 
 def channel(port: int, transport: str, world, client_cert=None) -> grpc.Channel:
@@ -107,15 +110,12 @@ def code_of(call) -> tuple[C, object]:
 
 
 @pytest.fixture(scope="module", params=["tcp", "tls"])
-def served(request, world):
+def served(request, world, live_servers):
     extra = {} if request.param == "tcp" else {"tls_cert": str(world["server_cert"][0]),
                                                "tls_key": str(world["server_cert"][1])}
-    server, port = serve(world, **extra)
-    expected = server.service.infer("acme-a", {"text": np.array([TEXT], dtype=object)})[1]["logits"]
-    try:
-        yield {"server": server, "port": port, "transport": request.param, "expected": expected}
-    finally:
-        server.stop(grace=2.0)
+    server, port, _ = live_servers.start(config(world, **extra))
+    expected = server.service.predict("acme-a", {"text": np.array([TEXT], dtype=object)})[1]["logits"]
+    return {"server": server, "port": port, "transport": request.param, "expected": expected}
 
 
 # Expected status per RPC and credential; "hidden" is NOT_FOUND with the very message an adapter
@@ -129,7 +129,7 @@ def test_auth_matrix_every_rpc(served, world):
     ch = channel(port, transport, world)
     stub = pb_grpc.GRPCInferenceServiceStub(ch)
     service = served["server"].service
-    index_before = service.index()
+    index_before = service.index_rows()
     outcomes = {}
     try:
         for who in CREDENTIALS:
@@ -194,7 +194,7 @@ def test_auth_matrix_every_rpc(served, world):
         assert seen["other"] == {"b", "globex-b"}
         assert {"b", "acme-a", "acme-c", "globex-b"} <= seen["admin"]
         # Refusals changed nothing, and each was counted by reason.
-        assert service.index() == index_before
+        assert service.index_rows() == index_before
         text = service.metrics.text().decode()
         for reason in ("missing_credentials", "malformed_header", "unknown_token", "not_admin"):
             assert f'wara_refusals_total{{reason="{reason}"}}' in text, reason
@@ -252,7 +252,7 @@ def _latencies(stub, md, n: int, period: float) -> list[float]:
 
 
 def _flood_config(world, path: Path) -> Path:
-    """The multi-tenant settings the README recommends: a few streams per connection, a
+    """The multi-tenant settings docs/security.md recommends: a few streams per connection, a
     bounded queue per tenant (globex's 16)."""
     lines = ["[serve]", "port = 0", 'backend = "torch"', f'bases = ["b=hf:{world["bert"]}"]',
              f'adapter_root = "{world["root"]}"', "max_delay_ms = 1.0", "auto_merge = false",
@@ -271,7 +271,7 @@ def test_flood_by_one_tenant_spares_the_other(world):
     from this process.
     The server runs in its own process, as deployed. globex gets RESOURCE_EXHAUSTED, never
     CANCELLED or INTERNAL, and acme keeps being answered within a bounded factor of its quiet
-    p99 (2x is the target, missed here; the figures are printed and reported in README)."""
+    p99 (2x is the target, missed here; the figures are printed and reported in docs/security.md)."""
     config = _flood_config(world, world["tmp"] / "flood.toml")
     proc = subprocess.Popen([sys.executable, "-m", "wara", "serve", "--config", str(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
@@ -309,7 +309,7 @@ def test_flood_by_one_tenant_spares_the_other(world):
           f"p50 {statistics.median(during):.2f} ms p99 {flood_p99:.2f} ms ({flood_p99 / quiet_p99:.2f}x); globex {counts}")
     assert counts.get("RESOURCE_EXHAUSTED", 0) > 0 and counts.get("OK", 0) > 0
     assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED", "sent"}, counts  # nothing else: no CANCELLED, no INTERNAL
-    # Measured 4-6x on the 2-core VM (README "Security and limits" says why the 2x target is
+    # Measured 4-6x on the 2-core VM (docs/security.md, "Security and limits", says why the 2x target is
     # missed); a queue that let the flood through whole took seconds.
     assert flood_p99 <= 500.0 and flood_p99 <= 15 * quiet_p99, (quiet_p99, flood_p99)
 

@@ -316,8 +316,8 @@ def test_mixed_batches_over_two_user_bases_and_a_builtin_in_process(world, refs,
 
     def churn():
         while not stop.is_set():
-            service.unload("bert-new")
-            service.load("bert-new")
+            service.unload_now("bert-new")
+            service.load_now("bert-new")
             churned.append(1)
 
     try:
@@ -329,7 +329,7 @@ def test_mixed_batches_over_two_user_bases_and_a_builtin_in_process(world, refs,
         churner = threading.Thread(target=churn)
         churner.start()
         with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda j: service.infer(j[0], {"text": np.array([j[1].encode()], dtype=object)}), jobs))
+            results = list(pool.map(lambda j: service.predict(j[0], {"text": np.array([j[1].encode()], dtype=object)}), jobs))
         stop.set()
         churner.join()
         assert churned, "the adapter was never reloaded during the traffic"
@@ -339,7 +339,7 @@ def test_mixed_batches_over_two_user_bases_and_a_builtin_in_process(world, refs,
             np.testing.assert_allclose(out[key][0], refs.output(name, text), rtol=RTOL, atol=ATOL, err_msg=model)
         for base in ("bert", "gpt"):  # Linear and Conv1D slot layers both ran mixed batches
             assert service.batchers[base].stats.mixed_batches >= 1, base
-        _, out = service.infer("bert-new", {"text": np.array([TEXTS[1].encode()], dtype=object)})
+        _, out = service.predict("bert-new", {"text": np.array([TEXTS[1].encode()], dtype=object)})
         np.testing.assert_allclose(out["logits"][0], refs.output("bert-new", TEXTS[1]), rtol=RTOL, atol=ATOL)
         # An adapter without a head of its own answers (and is described) as its base does.
         from wara_train.artifact import load_adapter, save_adapter
@@ -353,10 +353,10 @@ def test_mixed_batches_over_two_user_bases_and_a_builtin_in_process(world, refs,
             randomize_factors(layer, i)
         save_adapter(model, tmp_path / "headless", base_model="gpt2")
         files = {f.name: f.read_bytes() for f in (tmp_path / "headless").iterdir()}
-        service.load("headless", files)
-        _, _, _, outputs = service.describe("headless")
+        service.load_now("headless", files)
+        outputs = service.describe("headless").outputs
         assert [(o.name, o.shape) for o in outputs] == [("embeddings", (-1, 32))]
-        _, out = service.infer("headless", {"text": np.array([TEXTS[0].encode()], dtype=object)})
+        _, out = service.predict("headless", {"text": np.array([TEXTS[0].encode()], dtype=object)})
         from transformers import AutoModel
 
         plain = merge_into(AutoModel.from_pretrained(world["gpt2"]).eval(), load_adapter(tmp_path / "headless"),
@@ -505,6 +505,7 @@ def test_mixed_batch_on_convnext_channels_last_linears(tmp_path):
     and the base, each row equal to its own adapter's pywt-merged plain model."""
     from transformers import AutoModelForImageClassification
 
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
     from wara_train.basespec import resolve_base
     from wara_train.synthetic import random_adapter
@@ -513,8 +514,9 @@ def test_mixed_batch_on_convnext_channels_last_linears(tmp_path):
     spec = resolve_base(f"hf:{directory}")
     adapters = [random_adapter(spec, tmp_path / f"a{k}", rank=2, num_labels=3, seed=k) for k in (1, 2)]
     engine = TorchEngine(spec, device="cpu")
+    tier = DeviceTier(engine)
     for k, a in enumerate(adapters, start=1):
-        engine.write_slot(k, engine.prepare(a))
+        tier.write(k, prepare(engine, f"a{k}", a))
     (images,) = spec.sample(3, 0)
     rows = engine.forward((images,), [1, 0, 2])
     for i, k in enumerate([1, 0, 2]):

@@ -127,12 +127,13 @@ def _latency_table(root: Path) -> str:
     from exporter.verify import reference_model
     from wara_train.bases import MiniLMTokenizer
 
+    from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
 
     adapter, _, base = load_with_base(root / "topics")
     merged = merged_model(base, [(adapter, 1.0)]).eval()
     engine = TorchEngine("minilm", device="cpu")
-    engine.write_slot(1, engine.prepare(adapter))
+    DeviceTier(engine).write(1, prepare(engine, "topics", adapter))
     tok = MiniLMTokenizer(64)
     rows = ["What is artificial intelligence and how do computers learn?"] * 8
     lines = ["| batch | base ms | merged ms (x base) | unmerged, served ms (x base) |", "| --- | --- | --- | --- |"]

@@ -7,7 +7,8 @@ A directory with ``adapter_config.json`` and ``adapter_model.safetensors``:
 * ``<module>.<param>`` full tensors for each of ``modules_to_save``.
 
 `load_adapter` checks everything that can be checked without a base model; `check_compatible`
-checks the rest against one (shapes, fingerprint). Nothing is changed until both pass.
+checks the rest against one (shapes, fingerprint). Nothing is changed until both pass. The files
+themselves are read, size-checked and header-checked by `wara_train.artifact_files`.
 """
 
 from __future__ import annotations
@@ -18,26 +19,20 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
+from .artifact_files import (CONFIG_NAME, MAX_CONFIG_BYTES, MAX_HEADER_BYTES, MAX_WEIGHTS_BYTES, WEIGHTS_NAME,
+                             check_safetensors_header, read_artifact_files)
+from .artifact_files import path_inside  # noqa: F401  (re-exported: the server's adapter root checks paths with it)
 from .config import FORMAT, FORMAT_VERSION, WaraConfig
 from .delta import delta_weight, fold, fold_many
 from .errors import AdapterError, ConfigError, IncompatibleAdapterError
 from .layer import WaraLayer
 from .model import base_weights, inject, wara_layers
 from .wavelets import blocks
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-MAX_CONFIG_BYTES = 1 << 20
-MAX_WEIGHTS_BYTES = 4 << 30
-MAX_HEADER_BYTES = 16 << 20  # the JSON header of adapter_model.safetensors
-# safetensors dtype -> bytes per element (every dtype the format knows)
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 def fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
@@ -147,118 +142,6 @@ def save_adapter(
 
 # ------------------------------------------------------------------------------------------
 # load + validate (no model needed)
-
-
-def path_inside(root: Path, path: Path) -> bool:
-    """Whether ``path``, every symlink followed, lies inside the resolved ``root``."""
-    try:
-        path.resolve().relative_to(root)
-        return True
-    except (ValueError, OSError, RuntimeError):
-        return False
-
-
-def check_safetensors_header(head: bytes, total: int, *, source: str) -> dict:
-    """Validate the header of a safetensors file of ``total`` bytes, given (at least) its first
-    ``8 + header length`` bytes: the header's size is within `MAX_HEADER_BYTES` and the file,
-    every tensor's dtype is known and its byte range matches its shape, and the tensors' data
-    ends exactly where the file does. Returns the parsed header; raises `AdapterError` naming
-    the problem (never a path)."""
-    what = f"{source}: {WEIGHTS_NAME} is an unreadable safetensors file:"
-    if total < 8 or len(head) < 8:
-        raise AdapterError(f"{what} truncated ({total} bytes, shorter than a safetensors header)")
-    n = int.from_bytes(head[:8], "little")
-    if n > MAX_HEADER_BYTES:
-        raise AdapterError(f"{what} it declares a {n}-byte header, over the {MAX_HEADER_BYTES}-byte limit")
-    if 8 + n > total:
-        raise AdapterError(f"{what} it declares a {n}-byte header but the file has only {total} bytes (truncated?)")
-    if len(head) < 8 + n:
-        raise AdapterError(f"{what} the header could not be read whole")
-    try:
-        header = json.loads(bytes(head[8:8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise AdapterError(f"{what} its header is not valid JSON (truncated or corrupt?)") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"{what} its header is not a JSON object")
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        shown = key if len(key) <= 100 else key[:100] + "..."
-        if not isinstance(info, dict):
-            raise AdapterError(f"{what} the header entry of {shown!r} is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in ST_ITEMSIZE:
-            raise AdapterError(f"{what} tensor {shown!r} has an unknown dtype {str(dtype)[:20]!r}")
-        if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
-            raise AdapterError(f"{what} tensor {shown!r} has an invalid shape")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            raise AdapterError(f"{what} tensor {shown!r} has invalid data_offsets")
-        count = 1
-        for d in shape:
-            count *= d
-        if offsets[1] - offsets[0] != count * ST_ITEMSIZE[dtype]:
-            raise AdapterError(f"{what} tensor {shown!r} declares shape {tuple(shape)} of {dtype} "
-                               f"({count * ST_ITEMSIZE[dtype]} bytes) but a {offsets[1] - offsets[0]}-byte range")
-        end = max(end, offsets[1])
-    if 8 + n + end != total:
-        raise AdapterError(f"{what} its header declares {end} bytes of tensor data, the file holds "
-                           f"{total - 8 - n} (truncated or corrupt?)")
-    return header
-
-
-class ArtifactFiles(dict):
-    """The files of an artifact as `read_artifact_files` read them: the weights header already
-    checked (``header``), so parsing them does not check it twice."""
-
-    header: dict | None = None
-
-
-def read_artifact_files(path: str | os.PathLike, *, source: str | None = None,
-                        root: str | os.PathLike | None = None) -> dict[str, bytes]:
-    """The two files of an artifact directory, size-checked (the one reader of adapter
-    directories: `load_adapter` and the server's adapter root both use it). Errors start with
-    ``source`` (default: the path). With ``root``, the directory and each file must resolve
-    (symlinks followed) inside it. The weights file's header is checked against the file's
-    size before the rest of it is read, so an oversized or corrupt file is never read whole."""
-    path = Path(path)
-    label = source or str(path)
-    if not path.is_dir():
-        raise AdapterError(f"{label}: not an adapter directory")
-    root_r = Path(root).resolve() if root is not None else None
-    if root_r is not None and not path_inside(root_r, path):
-        raise AdapterError(f"{label}: the adapter directory resolves outside the adapter root (a symlink?); refused")
-    files = ArtifactFiles()
-    for name, limit in ((CONFIG_NAME, MAX_CONFIG_BYTES), (WEIGHTS_NAME, MAX_WEIGHTS_BYTES)):
-        f = path / name
-        if not f.is_file():
-            raise AdapterError(f"{label}: missing {name}")
-        if root_r is not None and not path_inside(root_r, f):
-            raise AdapterError(f"{label}: {name} resolves outside the adapter root (a symlink?); refused")
-        try:
-            with open(f, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size > limit:
-                    raise AdapterError(f"{label}: {name} is {size} bytes, over the {limit}-byte limit")
-                if name == WEIGHTS_NAME:
-                    head = fh.read(8)
-                    if len(head) == 8:
-                        n = int.from_bytes(head, "little")
-                        if n <= MAX_HEADER_BYTES and 8 + n <= size:
-                            head += fh.read(n)
-                    files.header = check_safetensors_header(head, size, source=label)
-                    data = head + fh.read(size - len(head))
-                else:
-                    data = fh.read(limit + 1)
-        except OSError as e:
-            raise AdapterError(f"{label}: {name} could not be read ({e.strerror or type(e).__name__})") from None
-        if len(data) != size:
-            raise AdapterError(f"{label}: {name} changed size while it was read")
-        files[name] = data
-    return files
 
 
 def adapter_from_files(files: Mapping[str, bytes], *, source: str = "adapter") -> WaraAdapter:
@@ -418,8 +301,29 @@ def _split_tensors(source: str, tensors: dict[str, torch.Tensor], config: WaraCo
 # apply to a model
 
 
+def incompatibility(adapter: WaraAdapter, shapes: Mapping[str, tuple[int, int]],
+                    base_fingerprint: Callable[[tuple[str, ...]], str]) -> str | None:
+    """Why ``adapter`` does not fit a base (None: it does), the one compatibility rule: every
+    target is a layer of the base (``shapes``: its adaptable layers' (out, in)) with the
+    adapter's shape, and the base's weights at the targets hash to the adapter's fingerprint
+    (``base_fingerprint(targets)``, called last: it is the costly check)."""
+    targets = tuple(adapter.config.target_modules)
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        return f"it targets layers this base does not have or adapt ({', '.join(unknown[:3])})"
+    for t in targets:
+        if tuple(shapes[t]) != adapter.shape(t):
+            return f"{t} is {tuple(shapes[t])} here, {adapter.shape(t)} in the adapter"
+    got = base_fingerprint(targets)
+    if got != adapter.base_fingerprint:
+        return (f"its weights hash to {got[:19]}..., the adapter's base fingerprint is "
+                f"{adapter.base_fingerprint[:19]}... (a different or modified base)")
+    return None
+
+
 def check_compatible(adapter: WaraAdapter, model: nn.Module, *, base_model: str | None = None) -> None:
-    """Raise `IncompatibleAdapterError` unless ``adapter`` fits ``model`` exactly."""
+    """Raise `IncompatibleAdapterError` unless ``adapter`` fits ``model`` exactly
+    (`incompatibility`, and its modules_to_save fit the model's modules)."""
     if base_model is not None and adapter.base_model != base_model:
         raise IncompatibleAdapterError(
             f"adapter was trained for base model {adapter.base_model!r}, not {base_model!r}"
@@ -429,11 +333,10 @@ def check_compatible(adapter: WaraAdapter, model: nn.Module, *, base_model: str 
         weights = base_weights(model, targets)
     except ConfigError as e:
         raise IncompatibleAdapterError(f"adapter targets do not fit this model: {e}") from None
-    for mod, w in weights.items():
-        if tuple(w.shape) != adapter.shape(mod):
-            raise IncompatibleAdapterError(
-                f"{mod}: the base layer is {tuple(w.shape)}, the adapter was made for {adapter.shape(mod)}"
-            )
+    why = incompatibility(adapter, {mod: tuple(w.shape) for mod, w in weights.items()},
+                          lambda _targets: fingerprint(weights))
+    if why is not None:
+        raise IncompatibleAdapterError(f"the adapter does not fit this model: {why}")
     for mod, params in adapter.saved_modules.items():
         try:
             own = model.get_submodule(mod).state_dict()
@@ -447,12 +350,6 @@ def check_compatible(adapter: WaraAdapter, model: nn.Module, *, base_model: str 
                     f"modules_to_save: {mod}.{pname} is {tuple(own[pname].shape)} in the model, "
                     f"{tuple(t.shape)} in the adapter"
                 )
-    got = fingerprint(weights)
-    if got != adapter.base_fingerprint:
-        raise IncompatibleAdapterError(
-            f"base fingerprint mismatch: the adapter expects {adapter.base_fingerprint[:19]}..., "
-            f"this model's targeted weights hash to {got[:19]}... (a different or modified base)"
-        )
 
 
 def apply_adapter(model: nn.Module, adapter: WaraAdapter, *, base_model: str | None = None) -> nn.Module:

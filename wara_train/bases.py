@@ -15,8 +15,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .basespec import BaseSpec, TensorSpec, resolve_base
 from .errors import ConfigError
+from .hf import hf_spec
+from .model import set_submodule
+from .spec import BaseSpec, TensorSpec
 
 
 def _require(extra: str, what: str, exc: ImportError) -> ConfigError:
@@ -38,8 +40,6 @@ def _minilm_dir() -> str:
 
 
 def minilm_spec() -> BaseSpec:
-    from .hf import hf_spec
-
     spec = hf_spec(_minilm_dir(), task="feature-extraction")
     return dataclasses.replace(spec, name="minilm", source="minilm", default_targets=MINILM_TARGETS,
                                description="all-MiniLM-L6-v2 (BERT, 6 layers, d=384), mean-pooled")
@@ -88,8 +88,6 @@ def _plain_pointwise_convs(model: nn.Module) -> None:
     """Swap the package's 1x1 ``Conv2dStaticSamePadding`` (whose padding is the identity at
     1x1 / stride 1) for plain ``nn.Conv2d`` with the same weights. Same function, same parameter
     names, but tools that rebuild a layer from ``type(layer)(in, out, k)`` (peft's LoRA) work."""
-    from .model import set_submodule
-
     for name, module in list(model.named_modules()):
         if (
             type(module) is not nn.Conv2d
@@ -148,7 +146,7 @@ def get_base(name: str) -> BaseSpec:
     if name not in _cache:
         if name not in BUILTINS:
             raise ConfigError(f"unknown base model {name!r}: built-in bases are {', '.join(BUILTINS)}")
-        _cache[name] = resolve_base(name)
+        _cache[name] = BUILTINS[name]()
     return _cache[name]
 
 

@@ -19,20 +19,6 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def check_factors(factors: Factors, *, shape: tuple[int, int], rank: int, spec: WaveletSpec) -> None:
-    """Raise ValueError unless every block has factors of the right shape and nothing else."""
-    m, n = shape
-    expected = {b.name: b.shape(m, n) for b in blocks(spec.levels)}
-    if set(factors) != set(expected):
-        raise ValueError(f"factor blocks {sorted(factors)} do not match the pyramid's {list(expected)}")
-    for name, (a, b) in factors.items():
-        ms, ns = expected[name]
-        if tuple(a.shape) != (rank, ns) or tuple(b.shape) != (ms, rank):
-            raise ValueError(
-                f"block {name}: A {tuple(a.shape)} / B {tuple(b.shape)}, expected A {(rank, ns)} / B {(ms, rank)}"
-            )
-
-
 def delta_weight(
     factors: Factors, *, shape: tuple[int, int], spec: WaveletSpec, scale: float
 ) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``hf:PATH[@TASK]`` bases: any transformers model directory on local disk, offline.
 
-Tasks (`wara_train.basespec.TASKS`):
+Tasks (`wara_train.spec.TASKS`):
 
 * ``feature-extraction``: ``AutoModel``, mean-pooled over the attention mask and L2-normalised
   (what sentence-transformers' mean-pooling models return); a task head trained with an adapter
@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .basespec import TASKS, BaseSpec, HFModel, TensorSpec, replace_head
 from .errors import ConfigError
+from .spec import TASKS, BaseSpec, HFModel, TensorSpec, replace_head
 from .targets import default_targets
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -20,30 +20,30 @@ x: (T, n), y: (T, m), float32 or bfloat16 (each independently); pool 1-D float32
 token_slot (T,) int64 with -1 for a base row; slot_offset, slot_rank (S,) int64. All math is
 float32; y is added to in place. Bad arguments raise RuntimeError naming the problem.
 
-`sgmv` and `wavelet_lowrank` here pick the implementation for the tensors' device
-(`backend_for`): native where loaded, else Triton on CUDA, else torch, with one warning naming
-why the native library is not serving.
+`sgmv` and `wavelet_lowrank` here pick the implementation for the tensors' device by
+`runtime.selection.op_backend` (native where loaded, else Triton on CUDA, else torch), with one
+warning naming why the native library is not serving.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from types import ModuleType
+from typing import Any, Callable
 
 import torch
 
+from ..selection import OpBackend, op_backend
 from . import reference
 from .packing import (OwnPack, folded_numel, own_delta_bounds, own_layout, own_numel, pack_folded, pack_own,
                       pack_own_many, stack_slots, unpack, wavelet_filters)
 
-Backend = Literal["native", "triton", "torch"]
-BACKENDS: tuple[str, ...] = ("native", "triton", "torch")
-
-__all__ = ["Status", "load", "status", "backend_for", "triton_available", "sgmv", "wavelet_lowrank", "pack_own",
+__all__ = ["Status", "load", "status", "triton_available", "sgmv", "wavelet_lowrank", "pack_own",
            "pack_own_many", "own_delta_bounds", "OwnPack", "pack_folded", "own_numel", "folded_numel", "own_layout", "wavelet_filters", "stack_slots", "unpack",
            "BACKENDS"]
 
@@ -110,68 +110,53 @@ def pack_cache_stats() -> dict[str, int] | None:
     return dict(zip(("entries", "bytes", "hits", "misses", "capacity_bytes"), torch.ops.wara.pack_cache_stats()))
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether triton is installed (not imported: that costs a second)."""
+    """Whether triton is installed (not imported: that costs a second); asked once a process."""
     return importlib.util.find_spec("triton") is not None
 
 
-def backend_for(device: torch.device | str) -> Backend:
-    """The implementation that serves tensors on ``device``: native where the library is loaded
-    (and, on CUDA, has CUDA kernels), else Triton on CUDA where triton is installed, else torch."""
-    device = torch.device(device)
+def _native_impl() -> Any:
     st = load()
-    if device.type == "cpu":
-        return "native" if st.native else "torch"
-    if device.type == "cuda":
-        if st.native and st.cuda:
-            return "native"
-        return "triton" if triton_available() else "torch"
-    return "torch"
+    if not st.native:
+        raise RuntimeError(f"the native kernels are not loaded: {st.reason}")
+    return torch.ops.wara
 
 
-def _pick(device: torch.device, backend: Backend | None) -> Backend:
+def _triton_impl() -> ModuleType:
+    from . import triton_ops
+
+    return triton_ops
+
+
+# The implementations, each an object with ``sgmv`` and ``wavelet_lowrank`` of the signatures above.
+IMPLEMENTATIONS: dict[str, Callable[[], Any]] = {"native": _native_impl, "triton": _triton_impl,
+                                                 "torch": lambda: reference}
+BACKENDS: tuple[str, ...] = tuple(IMPLEMENTATIONS)
+
+
+def _pick(device: torch.device, backend: OpBackend | None) -> Any:
+    """The implementation ``backend`` names, or (None) the one `op_backend` picks for ``device``."""
     global _warned
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown kernel backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        return backend
-    chosen = backend_for(device)
-    if chosen == "torch" and not _warned:
-        _warned = True
-        warnings.warn(f"wara native kernels are not serving on {device.type}: {load().describe()}", RuntimeWarning,
-                      stacklevel=3)
-    return chosen
+    if backend is None:
+        backend = op_backend(device, load(), triton_available())
+        if backend == "torch" and not _warned:
+            _warned = True
+            warnings.warn(f"wara native kernels are not serving on {device.type}: {load().describe()}",
+                          RuntimeWarning, stacklevel=3)
+    elif backend not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown kernel backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return IMPLEMENTATIONS[backend]()
 
 
 def sgmv(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, token_slot: torch.Tensor, slot_offset: torch.Tensor,
-         slot_rank: torch.Tensor, *, backend: Backend | None = None) -> None:
+         slot_rank: torch.Tensor, *, backend: OpBackend | None = None) -> None:
     """``y[t] += B_s (A_s x[t])`` in place (module docstring); ``backend`` forces one."""
-    chosen = _pick(x.device, backend)
-    if chosen == "native":
-        if not load().native:
-            raise RuntimeError(f"the native kernels are not loaded: {load().reason}")
-        torch.ops.wara.sgmv(x, y, pool, token_slot, slot_offset, slot_rank)
-    elif chosen == "triton":
-        from . import triton_ops
-
-        triton_ops.sgmv(x, y, pool, token_slot, slot_offset, slot_rank)
-    else:
-        reference.sgmv(x, y, pool, token_slot, slot_offset, slot_rank)
+    _pick(x.device, backend).sgmv(x, y, pool, token_slot, slot_offset, slot_rank)
 
 
 def wavelet_lowrank(x: torch.Tensor, y: torch.Tensor, pool: torch.Tensor, token_slot: torch.Tensor,
                     slot_offset: torch.Tensor, slot_rank: torch.Tensor, levels: int, dec_lo: torch.Tensor,
-                    dec_hi: torch.Tensor, *, backend: Backend | None = None) -> None:
-    """``y[t] += ΔW_s x[t]`` from own factors, in place (module docstring)."""
-    chosen = _pick(x.device, backend)
-    args = (x, y, pool, token_slot, slot_offset, slot_rank, levels, dec_lo, dec_hi)
-    if chosen == "native":
-        if not load().native:
-            raise RuntimeError(f"the native kernels are not loaded: {load().reason}")
-        torch.ops.wara.wavelet_lowrank(*args)
-    elif chosen == "triton":
-        from . import triton_ops
-
-        triton_ops.wavelet_lowrank(*args)
-    else:
-        reference.wavelet_lowrank(*args)
+                    dec_hi: torch.Tensor, *, backend: OpBackend | None = None) -> None:
+    """``y[t] += ΔW_s x[t]`` from own factors, in place (module docstring); ``backend`` forces one."""
+    _pick(x.device, backend).wavelet_lowrank(x, y, pool, token_slot, slot_offset, slot_rank, levels, dec_lo, dec_hi)

@@ -1,14 +1,16 @@
 """Scale-out on Ray Serve: many serving cores behind one KServe-v2 endpoint, routed by adapter.
 
 Each replica of a Ray Serve deployment (`replica.WaraReplica`) is a whole `runtime.service.Service`
-(engine, registry, batcher), so heterogeneous batching stays inside a replica. This process runs
-the single server's gRPC edge (`runtime.server`: protocol, auth, TLS, admission, health, drain)
-over `cluster.Cluster`, which answers the edge's calls through a Ray Serve deployment handle:
+(engine, adapter tiers, batcher), so heterogeneous batching stays inside a replica. This process
+runs the single server's gRPC edge (`runtime.server`: protocol, auth, TLS, admission, health,
+drain) over `cluster.Cluster`, a second implementation of the serving core's contract
+(`runtime.core.ServingCore`) that answers through a Ray Serve deployment handle:
 
 * inference goes to one replica, chosen by Ray Serve's model multiplexing with the adapter's name
   as the multiplexed model id (`router.AdapterAffinityRouter`: the replica that holds the adapter,
-  else the one its name hashes to); a replica that does not hold it loads it through the lazy
-  path (`Service.ensure_loaded`) from the shared adapter root;
+  else the one its name hashes to); a replica that does not hold it loads it through the
+  service's lazy path from the shared adapter root. A request whose replica stops before it
+  answers is sent once more, to another replica;
 * repository loads and unloads are ops of one ordered log (`repository.RepositoryLog`, a Ray
   actor), broadcast to every replica and replayed by a replica that Ray starts later, so an
   unload is NOT_FOUND on every replica, a replaced one included;

@@ -1,78 +1,65 @@
-"""`Cluster`: what the gRPC edge needs of a `Service`, answered by the replicas of a Ray Serve
-application (`deploy.start` brings it up).
+"""`Cluster`: the serving core (`runtime.core.ServingCore`) answered by the replicas of a Ray
+Serve application (`deploy.start` brings it up), so the single server's gRPC edge serves it
+unchanged.
 
-The edge calls the same methods it calls on a `Service` (`start`, `describe`, `index`, `load`,
-`unload`, `ready`, `drain`, `metrics`). Inference goes to one replica through the deployment
-handle, with the adapter's name as the multiplexed model id; the others are broadcasts to every
-replica, run on this object's own event loop thread (Ray's handle calls may not block an event
-loop, and the edge's must never wait on Ray). The edge's handlers that would wait on Ray on its
-event loop get their answers first, awaited (`edge.ClusterServicer`).
+Inference and generation go to one replica through the deployment handle, with the adapter's
+name as the multiplexed model id (`router.AdapterAffinityRouter` picks the replica); metadata of
+an adapter goes to that same replica, which loads it first. Readiness and the index are
+broadcasts to every replica, merged; loads and unloads are ops of the repository log, applied on
+every replica (`_change`). Every Ray call runs on this object's own event loop thread and the
+caller's loop awaits it (`asyncio.wrap_future`), so a front door never waits on Ray on its loop;
+the synchronous `predict` blocks on the same calls, for in-process callers.
+
+An inference request is idempotent: when the replica serving it stops before it answers (Ray
+is replacing it), it is sent once more, to another replica, within its deadline (`_infer`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import logging
 import threading
 import time
-from types import SimpleNamespace
-from typing import Any, Callable, Coroutine
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, TypeVar
 
+import numpy as np
 import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
-from runtime.auth import OPEN, Tenant
+from runtime.auth import OPEN, Tenant, require_admin
 from runtime.config import ServeConfig
-from runtime.errors import Draining, InvalidRequest, ModelNotFound, Overloaded
+from runtime.core import Answer, IndexRow, ModelInfo, Piece
+from runtime.errors import DeadlineExceeded, Draining, InvalidRequest, ModelNotFound, Overloaded
 
-from .messages import Failed, Op, Reply, ReplicaStatus, unwrap
+from .messages import Failed, Op, ReplicaStatus, unwrap
 from .metrics import ClusterMetrics
 
 log = logging.getLogger("wara.serve")
+T = TypeVar("T")
 STATUS_PERIOD_S = 0.5  # how often the edge asks every replica for its state
 BROADCAST_TIMEOUT_S = 60.0  # a repository change or index that waits longer on a replica leaves it out
 HANDLES = 4096  # per-adapter handles (multiplexed model id set) kept
-
-# Answers awaited by an edge handler before it runs the single server's code (`edge.py`).
-ANSWERS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("wara_cluster_answers", default=None)
+REPLY_SLACK_S = 2.0  # past a request's deadline: the replica's own second for its batch, and one for the hops
+RETRIES = 1  # times a request whose replica stopped before answering is sent again
 
 
 class ReplicaUnavailable(Draining):
-    """The replica serving a request stopped before it answered (it is being replaced): UNAVAILABLE,
-    like a draining server; the client may send the request again."""
+    """No replica answered: for inference, the one serving the request stopped before it
+    answered and so did the one it was sent to again (or its deadline left no time to).
+    UNAVAILABLE, like a draining server: the client may send it again."""
 
 
-class RemotePending:
-    """One request sent to a replica; the edge awaits ``future`` and calls `finish` or `fail`,
-    as for `runtime.service.Pending`."""
-
-    def __init__(self, response, future, timeout: float) -> None:
-        self.response, self.future, self.timeout = response, future, timeout
-        self.deadline = time.perf_counter() + timeout
-        self.truncated: list[int] = []
-        self.base = ""
-        self.replica = ""
-
-    @property
-    def wait_s(self) -> float:
-        """The deadline, plus the replica's own second for its batch and one for the hops."""
-        return max(0.0, self.deadline - time.perf_counter()) + 2.0
-
-    def fail(self, error: BaseException) -> None:
-        self.response.cancel()  # best effort: a request nobody waits for need not run
-        raise error
-
-    def finish(self, reply: Reply | Failed) -> tuple[str, dict]:
-        reply = unwrap(reply)
-        self.truncated, self.base, self.replica = reply.truncated, reply.base, reply.replica
-        return reply.version, reply.outputs
+class ReplicaGone(Exception):
+    """The replica a request was sent to stopped before it answered (internal: `_infer` sends
+    the request again, or raises `ReplicaUnavailable`)."""
 
 
 class Cluster:
+    """`runtime.core.ServingCore` over the replicas (see the module docstring)."""
+
     def __init__(self, config: ServeConfig, handle, repository, status: ReplicaStatus,
                  disconnect: Callable[[], None]) -> None:
         self.config = config
@@ -80,16 +67,14 @@ class Cluster:
         self.repository = repository
         self.disconnect = disconnect  # ends what `deploy.start` began of Ray
         self.target = config.ray.replicas
-        self.engines = {b: SimpleNamespace(platform=p) for b, (p, _) in status.bases.items()}
-        self.converters = {b: SimpleNamespace(text_tokens=t) for b, (_, t) in status.bases.items()}
+        self.bases = frozenset(e.name for e in config.bases)
         self.replicas: list[ReplicaStatus] = [status]
         self.metrics = ClusterMetrics(self)
-        self.draining = False
         self._ready = False
-        self._closing = False
-        self._handles: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._closing = False  # drain began: not ready, and the watcher stops
+        self._stopped = False  # drain ended: this object's loop is gone
+        self._handles: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
         self._handles_lock = threading.Lock()
-        self._base_handle = handle.options(method_name="infer")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="wara-ray", daemon=True)
         self._thread.start()
@@ -97,34 +82,20 @@ class Cluster:
         self._watcher = asyncio.run_coroutine_threadsafe(self._watch(), self._loop)
 
     # --- plumbing ---------------------------------------------------------------------------
-    def _block(self, coro: Coroutine, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+    def _submit(self, coro: Coroutine[Any, Any, T]):
+        if self._stopped:
+            coro.close()
+            raise Draining("the cluster has stopped and takes no requests")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    async def ask(self, key: tuple, make: Callable[[], Coroutine]) -> None:
-        """Await ``make()`` on the cluster's loop and keep its result (or error) under ``key``
-        for the calling task, where `_answer` finds it without waiting."""
-        try:
-            answer = (True, await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(make(), self._loop)))
-        except Exception as e:
-            answer = (False, e)
-        ANSWERS.set({**(ANSWERS.get() or {}), key: answer})
+    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro`` run on this object's loop, awaited from the caller's (cancelling the caller
+        cancels it)."""
+        return await asyncio.wrap_future(self._submit(coro))
 
-    @staticmethod
-    def _prefetched(key: tuple) -> Any:
-        """The answer `ask` kept under ``key`` for this task (its error raised), or None."""
-        answers = ANSWERS.get()
-        if answers is None or key not in answers:
-            return None
-        ok, value = answers[key]
-        if ok:
-            return value
-        raise value
-
-    def _answer(self, key: tuple, make: Callable[[], Coroutine]) -> Any:
-        answers = ANSWERS.get()
-        if answers is not None and key in answers:
-            return self._prefetched(key)
-        return self._block(make())  # not prefetched (a thread of the edge's pool, or start-up)
+    def _block(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """``coro`` run on this object's loop, waited for from a thread with no event loop."""
+        return self._submit(coro).result(timeout)
 
     async def _broadcast(self, method: str, *args, timeout: float = BROADCAST_TIMEOUT_S) -> list:
         """Every running replica's answer to ``method(*args)``; a replica that fails or stops
@@ -137,25 +108,48 @@ class Cluster:
         answers = [r for r in results if not isinstance(r, BaseException)]
         for r in results:
             if isinstance(r, BaseException):
-                log.warning("a replica did not answer %s: %s", method, str(r).splitlines()[0] if str(r) else type(r).__name__)
+                why = str(r).splitlines()[0] if str(r) else type(r).__name__
+                log.warning("a replica did not answer %s: %s", method, why)
         if not answers:
             raise ReplicaUnavailable(f"no replica answered ({len(results)} running)")
         return answers
 
-    def _handle_for(self, name: str):
-        """The deployment handle for requests for ``name``: an adapter's carries its name as the
-        multiplexed model id (Ray routes by it), a base's none."""
-        if name in self.engines:
-            return self._base_handle
+    def _handle_for(self, method: str, name: str):
+        """The deployment handle for ``method`` on ``name``: an adapter's carries its name as
+        the multiplexed model id (Ray routes by it), a base's none."""
+        key = (method, "" if name in self.bases else name)
         with self._handles_lock:
-            handle = self._handles.get(name)
+            handle = self._handles.get(key)
             if handle is None:
-                handle = self._handles[name] = self.handle.options(method_name="infer", multiplexed_model_id=name)
+                options = {"multiplexed_model_id": key[1]} if key[1] else {}
+                handle = self._handles[key] = self.handle.options(method_name=method, **options)
                 while len(self._handles) > HANDLES:
                     self._handles.popitem(last=False)
             else:
-                self._handles.move_to_end(name)
+                self._handles.move_to_end(key)
         return handle
+
+    @staticmethod
+    async def _reply(response, wait_s: float, awaitable: Awaitable[T] | None = None) -> T:
+        """``response`` (or ``awaitable``, its next item) awaited for at most ``wait_s``; the
+        replica going away is `ReplicaGone`, and an answer nobody awaits any more is cancelled."""
+        try:
+            return await asyncio.wait_for(response if awaitable is None else awaitable, wait_s)
+        except asyncio.TimeoutError:
+            response.cancel()  # best effort: a request nobody waits for need not run
+            raise
+        except (RayActorError, ActorUnavailableError, RequestCancelledError):
+            # This object cancels only responses it no longer awaits: a cancelled one here is
+            # the replica's task cancelled under it, as the replica stopped.
+            raise ReplicaGone() from None
+        except BackPressureError:
+            raise Overloaded("every replica is at its max_ongoing_requests; retry later") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and getattr(task, "cancelling", lambda: 1)() == 0:
+                raise ReplicaGone() from None  # Ray's (the replica's task was cancelled), not ours
+            response.cancel()  # ours: the caller went away
+            raise
 
     # --- readiness --------------------------------------------------------------------------
     @property
@@ -164,16 +158,12 @@ class Cluster:
         repository log (refreshed every `STATUS_PERIOD_S`); false for good once draining."""
         return self._ready and not self._closing
 
-    @ready.setter
-    def ready(self, value: bool) -> None:
-        if not value:  # the edge's drain
-            self._closing = True
-
     async def _watch(self) -> None:
         while not self._closing:
             try:
                 head = await self.repository.last.remote()
-                results = await self.handle.broadcast("status", head).results_async(timeout_s=10, return_exceptions=True)
+                results = await self.handle.broadcast("status", head).results_async(timeout_s=10,
+                                                                                    return_exceptions=True)
                 statuses = [r for r in results if isinstance(r, ReplicaStatus)]
                 if statuses:
                     self.replicas = sorted(statuses, key=lambda s: s.replica)
@@ -183,111 +173,151 @@ class Cluster:
                 self._ready = False
             await asyncio.sleep(STATUS_PERIOD_S)
 
+    async def model_ready(self, name: str, version: str = "", *, tenant: Tenant = OPEN) -> bool:
+        """Ready where any replica serves ``name`` (at ``version``) or would load it on its first
+        request; never while the cluster is not ready."""
+        if not self.ready:
+            return False
+        return any(await self._on_loop(self._broadcast("model_ready", name, version, tenant)))
+
     # --- inference --------------------------------------------------------------------------
-    def needs_load(self, name: str, tenant: Tenant = OPEN) -> bool:
-        """For ModelReady (`readiness_async`, prefetched): on disk and loaded on no replica.
-        Elsewhere false: the replica that gets a request loads what it lacks."""
-        readiness = self._prefetched(("ready", name))
-        return readiness is not None and readiness[1]
+    async def infer(self, name: str, inputs: Mapping[str, np.ndarray], *, tenant: Tenant = OPEN,
+                    timeout: float | None = None, version: str = "") -> Answer:
+        return await self._on_loop(self._infer(name, dict(inputs), tenant, timeout, version))
 
-    def loadable(self, name: str) -> bool:
-        readiness = self._prefetched(("ready", name))
-        return readiness is not None and readiness[2]
+    def predict(self, name: str, inputs: Mapping[str, np.ndarray], *, tenant: Tenant = OPEN,
+                timeout: float | None = None, version: str = "") -> tuple[str, dict[str, np.ndarray]]:
+        """`infer` for a caller with no event loop (tests, benchmarks): (version, outputs)."""
+        answer = self._block(self._infer(name, dict(inputs), tenant, timeout, version))
+        return answer.version, answer.outputs
 
-    def ensure_loaded(self, name: str, tenant: Tenant = OPEN) -> None:
-        pass
-
-    def start(self, name: str, inputs: dict, *, timeout: float | None = None, requested_version: str = "",
-              tenant: Tenant = OPEN) -> RemotePending:
-        """Send one request to the replica Ray routes it to; it is accepted once this returns."""
+    async def _infer(self, name: str, inputs: dict, tenant: Tenant, timeout: float | None, version: str) -> Answer:
+        """One request on the replica Ray routes it to; sent again, `RETRIES` times, when that
+        replica stops before it answers (Ray no longer routes to a replica that died) and time
+        is left before the deadline."""
         wait = self.config.request_timeout_s if timeout is None else timeout
-        response = self._handle_for(name).remote(name, inputs, wait, requested_version, tenant)
-        future = asyncio.run_coroutine_threadsafe(self._reply(response), self._loop)
-        return RemotePending(response, future, wait)
+        deadline = time.monotonic() + wait
+        handle = self._handle_for("infer", name)
+        for attempt in range(RETRIES + 1):
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                response = handle.remote(name, inputs, left, version, tenant)
+                return unwrap(await self._reply(response, left + REPLY_SLACK_S))
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"no answer within {wait:.1f}s") from None
+            except ReplicaGone:
+                if attempt == RETRIES or time.monotonic() >= deadline:
+                    raise ReplicaUnavailable(f"the replica serving this request stopped before it answered "
+                                             f"({attempt + 1} tried; Ray replaces them); send it again") from None
+                self.metrics.retries.inc()
+                log.warning("a replica stopped before answering a request for %s: sent to another", name)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def generate(self, name: str, prompt: str, params: Mapping[str, Any], *,
+                       tenant: Tenant = OPEN) -> AsyncIterator[Piece]:
+        """The pieces of one generation, streamed from the replica Ray routes it to. Sent again
+        (once) when that replica stops before the first piece; once pieces went out, its
+        stopping ends the stream with ReplicaUnavailable. Closing the iterator cancels it there."""
+        handle = self._handle_for("generate", name).options(stream=True)
+        stream, first = None, True
+        try:
+            for attempt in range(RETRIES + 1):
+                stream = await self._on_loop(self._start_stream(handle, name, prompt, dict(params), tenant))
+                try:
+                    while True:
+                        piece = await self._on_loop(self._next_piece(stream))
+                        if piece is None:
+                            return
+                        first = False
+                        yield piece
+                except ReplicaGone:
+                    if not first or attempt == RETRIES:
+                        raise ReplicaUnavailable("the replica generating this text stopped before it "
+                                                 "finished") from None
+                    self.metrics.retries.inc()
+        finally:
+            if stream is not None and not self._stopped:
+                self._loop.call_soon_threadsafe(stream.cancel)
 
     @staticmethod
-    async def _reply(response) -> Reply | Failed:
+    async def _start_stream(handle, *args):
+        return handle.remote(*args)  # on this object's loop, as every Ray call
+
+    async def _next_piece(self, stream) -> Piece | None:
+        """The stream's next piece (None at its end); a replica's error raised."""
         try:
-            return await response
-        except (RayActorError, ActorUnavailableError):
-            raise ReplicaUnavailable("the replica serving this request stopped before it answered "
-                                     "(Ray is replacing it); send the request again") from None
-        except BackPressureError:
-            raise Overloaded("every replica is at its max_ongoing_requests; retry later") from None
-        except RequestCancelledError:
-            raise ReplicaUnavailable("the request was cancelled before a replica answered") from None
+            item = await self._reply(stream, self.config.request_timeout_s + REPLY_SLACK_S, stream.__anext__())
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no text within {self.config.request_timeout_s:.1f}s") from None
+        return unwrap(item)
 
     # --- metadata and repository ------------------------------------------------------------
-    def describe(self, name: str, tenant: Tenant = OPEN):
-        readiness = self._prefetched(("ready", name))
-        if readiness is not None:
-            return unwrap(readiness[0])
-        return self._answer(("describe", name), lambda: self.describe_async(name, tenant))
+    async def metadata(self, name: str, *, tenant: Tenant = OPEN) -> ModelInfo:
+        return await self._on_loop(self._metadata(name, tenant))
 
-    async def describe_async(self, name: str, tenant: Tenant = OPEN, *, load: bool = False):
-        """A replica's description of ``name`` where one serves it; else the first refusal.
-        With ``load`` (ModelMetadata), an adapter on disk is loaded first on the replica its
-        requests go to, as one server loads it."""
-        if load and name not in self.engines:
-            home = self.handle.options(method_name="describe", multiplexed_model_id=name)
-            answer = await home.remote(name, tenant, True)
-            if not isinstance(answer, Failed):
-                return answer
-        answers = await self._broadcast("describe", name, tenant)
+    async def _metadata(self, name: str, tenant: Tenant) -> ModelInfo:
+        """The description of the replica that serves ``name``'s requests, which loads an
+        adapter on disk first (its outputs depend on its head); where it refuses, any replica's
+        that has it loaded, else the first refusal."""
+        try:
+            home = self._handle_for("metadata", name).remote(name, tenant, True)
+            answer = await self._reply(home, BROADCAST_TIMEOUT_S)
+        except (ReplicaGone, asyncio.TimeoutError):
+            answer = None
+        if answer is not None and not isinstance(answer, Failed):
+            return answer
+        answers = await self._broadcast("metadata", name, tenant, False)
         found = [a for a in answers if not isinstance(a, Failed)]
-        return found[0] if found else unwrap(answers[0])
+        return found[0] if found else unwrap(answer if answer is not None else answers[0])
 
-    async def readiness_async(self, name: str, tenant: Tenant = OPEN) -> tuple:
-        """(description or refusal, on disk and loaded on no replica, sound on disk) over every
-        replica, for the single server's ModelReady."""
-        answers = await self._broadcast("readiness", name, tenant)
-        found = [a for a, _, _ in answers if not isinstance(a, Failed)]
-        on_disk = not found and all(d for _, d, _ in answers)
-        return (found[0] if found else answers[0][0]), on_disk, on_disk and any(ok for _, _, ok in answers)
+    async def index(self, *, tenant: Tenant = OPEN, ready_only: bool = False) -> list[IndexRow]:
+        return await self._on_loop(self._index(tenant, ready_only))
 
-    def index(self) -> list[tuple[str, str, str, str]]:
-        return self._answer(("index",), self.index_async)
-
-    async def index_async(self) -> list[tuple[str, str, str, str]]:
+    async def _index(self, tenant: Tenant, ready_only: bool) -> list[IndexRow]:
         """One row per model over every replica: READY where any replica serves it (the reason
         says on how many), else the replicas' reasons."""
-        per_replica = await self._broadcast("index")
-        rows: dict[str, list[tuple[str, str, str, str]]] = {}
+        per_replica = await self._broadcast("index", tenant)
+        rows: dict[str, list[IndexRow]] = {}
         for replica_rows in per_replica:
             for row in replica_rows:
-                rows.setdefault(row[0], []).append(row)
+                rows.setdefault(row.name, []).append(row)
         merged = []
         n = len(per_replica)
         for name, seen in rows.items():
-            ready = [r for r in seen if r[2] == "READY"]
-            if name in self.engines:
+            ready = [r for r in seen if r.state == "READY"]
+            if name in self.bases:
                 merged.append(ready[0] if ready else seen[0])
             elif ready:
-                merged.append((name, ready[0][1], "READY", f"{len(ready)} of {n} replicas: {ready[0][3]}"))
+                reason = f"{len(ready)} of {n} replicas: {ready[0].reason}"
+                merged.append(IndexRow(name, ready[0].version, "READY", reason))
             else:
-                merged.append((name, "", seen[0][2], "; ".join(dict.fromkeys(r[3] for r in seen))))
-        return merged
+                merged.append(IndexRow(name, "", seen[0].state, "; ".join(dict.fromkeys(r.reason for r in seen))))
+        return [r for r in merged if r.state == "READY"] if ready_only else merged
 
-    def load(self, name: str, files: dict[str, bytes] | None = None) -> None:
-        """Load on every replica (from the shared root, or the files sent); blocking."""
-        self._block(self._change(Op("load", name, files)))
+    async def load(self, name: str, files: dict[str, bytes] | None = None, *, tenant: Tenant = OPEN) -> str:
+        """Load on every replica (from the shared root, or the files sent); the version."""
+        require_admin(tenant)
+        return await self._on_loop(self._change(Op("load", name, files)))
 
-    def unload(self, name: str) -> None:
-        self._answer(("unload", name), lambda: self.unload_async(name))
+    async def unload(self, name: str, *, tenant: Tenant = OPEN) -> None:
+        """NOT_FOUND on every replica from now on, as on one server: ModelNotFound where no
+        replica has it loaded."""
+        require_admin(tenant)
+        await self._on_loop(self._unload(name))
 
-    async def unload_async(self, name: str) -> None:
-        """NOT_FOUND on every replica from now on, as for the single server: ModelNotFound where
-        no replica has it loaded."""
-        if name in self.engines:
+    async def _unload(self, name: str) -> None:
+        if name in self.bases:
             raise InvalidRequest(f"{name!r} is a base model; only adapters can be unloaded")
         if not any(await self._broadcast("holds", name)):
             raise ModelNotFound(f"no adapter {name!r} is loaded")
         await self._change(Op("unload", name))
 
-    async def _change(self, op: Op) -> None:
-        """Append ``op`` to the log and apply it on every replica. Refused everywhere: voided,
-        and the first replica's error raised; refused on some: kept (those that took it serve
-        it), and the error raised."""
+    async def _change(self, op: Op) -> str:
+        """Append ``op`` to the log and apply it on every replica; a load's version. Refused
+        everywhere: voided, and the first replica's error raised; refused on some: kept (those
+        that took it serve it), and the error raised."""
         if self._repo_lock is None:
             self._repo_lock = asyncio.Lock()
         async with self._repo_lock:  # one change at a time: every replica applies them in one order
@@ -302,19 +332,22 @@ class Cluster:
                 e = errors[0]
                 raise Failed(e.kind, f"{op.kind} of {op.name!r} failed on {len(errors)} of {len(outcomes)} replicas "
                                      f"(replica {e.replica}: {e.message})").error()
+            return next((o.version for o in outcomes if o.version), "")
 
     # --- metrics ----------------------------------------------------------------------------
     def replica_metrics(self) -> list[tuple[str, str]]:
         """(replica, Prometheus text) for every replica (blocking; the scrape's thread)."""
-        if self.draining:
+        if self._closing:
             return []
         return self._block(self._broadcast("metrics", timeout=10.0), timeout=15.0)
 
     # --- lifecycle --------------------------------------------------------------------------
     def drain(self) -> None:
         """Stop asking the replicas, delete the application (its replicas finish what they
-        have), and stop Ray where this process started it."""
-        self.draining = True
+        have), and stop Ray where this process started it. The edge calls it once every request
+        it admitted is answered."""
+        if self._stopped:
+            return
         self._closing = True
         try:
             self._watcher.result(timeout=15)
@@ -329,5 +362,6 @@ class Cluster:
         except Exception:
             pass
         self.disconnect()
+        self._stopped = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

@@ -3,8 +3,8 @@
 `start` joins the cluster at ``[serve.ray] address`` or starts a local one with this machine's
 CPUs, creates the repository log (`repository.RepositoryLog`), deploys ``replicas`` replicas of
 `replica.WaraReplica` with the adapter-affinity router, and starts the single server's gRPC
-edge over a `cluster.Cluster`. Stopping the edge deletes the application and ends what this
-process began of Ray.
+edge (`runtime.server.Server`) over a `cluster.Cluster`. Stopping the edge deletes the
+application and ends what this process began of Ray.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def deployment(config: ServeConfig):
 
 
 def start(config: ServeConfig):
-    from .edge import ClusterServer
+    from runtime.server import Server
 
     settings = config.ray
     connection = _connect(config)
@@ -148,7 +148,7 @@ def start(config: ServeConfig):
                 pass
         _disconnect(connection)
         raise
-    server = ClusterServer(cluster)
+    server = Server(cluster)
     try:
         port = server.start()
     except BaseException:

@@ -1,4 +1,5 @@
-"""What travels between the edge process and the replicas (pickled by Ray): plain data only.
+"""What travels between the edge process and the replicas (pickled by Ray): plain data only
+(these, and `runtime.core`'s `Answer`, `ModelInfo`, `IndexRow` and `Piece`).
 
 A replica never lets an exception cross the boundary: Ray would wrap it in a `RayTaskError` whose
 text carries the replica's traceback. It returns a `Failed` instead, and the edge raises the
@@ -8,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
+from runtime.errors import InternalError
 from wara_train.errors import WaraError
 
 log = logging.getLogger("wara.serve")
@@ -49,23 +49,12 @@ class Failed:
 
 def failed(error: BaseException, replica: str) -> Failed:
     """`Failed` for an error raised in a replica; anything but a project error is a bug: its
-    traceback goes to the replica's log under an error id, which the message names."""
+    traceback goes to the replica's log under an error id, which the message names (INTERNAL)."""
     if isinstance(error, WaraError):
         return Failed(type(error), str(error), replica)
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error %s in replica %s", error_id, replica, exc_info=error)
-    return Failed(RuntimeError, f"replica {replica}: internal error {error_id} (its log has the details)", replica)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One answered inference request."""
-
-    version: str
-    outputs: dict[str, np.ndarray]
-    base: str
-    truncated: list[int]
-    replica: str
+    return Failed(InternalError, f"replica {replica}: internal error {error_id} (its log has the details)", replica)
 
 
 @dataclass(frozen=True)
@@ -77,15 +66,15 @@ class ReplicaStatus:
     node: str
     ready: bool
     applied: int  # the last repository op (`Op.seq`) it has applied
-    bases: dict[str, tuple[str, int]] = field(default_factory=dict)  # base -> (engine platform, text tokens)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """The result of one repository op on one replica: ``had`` (an unload found it loaded),
-    or the error that refused it."""
+    """The result of one repository op on one replica: ``version`` (a load's), ``had`` (an
+    unload found it loaded), or the error that refused it."""
 
     had: bool = False
+    version: str = ""
     error: Failed | None = None
 
 

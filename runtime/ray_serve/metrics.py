@@ -2,27 +2,42 @@
 
 At each scrape every replica's own metrics (`runtime.metrics.Metrics`, the ``wara_lora_requests_info``
 gauge included) are fetched and re-exposed with a ``replica`` label, next to the edge's own
-series (refusals and per-tenant requests in flight, counted in this process) and the cluster's:
-``wara_cluster_replicas`` (replicas answering), ``wara_cluster_ready`` and
-``wara_cluster_replica_info{replica, pid, node}``.
+series (refusals, per-tenant requests in flight and requests sent again to another replica,
+counted in this process) and the cluster's: ``wara_cluster_replicas`` (replicas answering),
+``wara_cluster_ready`` and ``wara_cluster_replica_info{replica, pid, node}``.
+
+What a scrape reads of the cluster is the small `Replicas` protocol below, so this module does
+not depend on `cluster.Cluster` (which builds a `ClusterMetrics` over itself).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.metrics import Metrics
 
-if TYPE_CHECKING:
-    from .cluster import Cluster
+from .messages import ReplicaStatus
 
 log = logging.getLogger("wara.serve")
-EDGE_FAMILIES = ("wara_refusals", "wara_tenant_requests_inflight")  # counted by the edge, in this process
+# Counted by the edge, in this process (a replica's series of the same name are left out).
+EDGE_FAMILIES = ("wara_refusals", "wara_tenant_requests_inflight", "wara_cluster_retries")
+
+
+class Replicas(Protocol):
+    """What a scrape reads of the cluster."""
+
+    @property
+    def replicas(self) -> list[ReplicaStatus]: ...  # those that answered the last status call
+
+    @property
+    def ready(self) -> bool: ...
+
+    def replica_metrics(self) -> list[tuple[str, str]]: ...  # (replica, Prometheus text) of each; blocking
 
 
 def relabel(texts: list[tuple[str, str]]) -> list[Metric]:
@@ -43,11 +58,13 @@ def relabel(texts: list[tuple[str, str]]) -> list[Metric]:
 
 class ClusterMetrics(Metrics):
     """The edge's `Metrics` (its refusal and tenant series are counted here, as in one
-    process); `text` and `serve` expose the whole cluster's."""
+    process, and ``retries``); `text` and `serve` expose the whole cluster's."""
 
-    def __init__(self, cluster: "Cluster") -> None:
+    def __init__(self, cluster: Replicas) -> None:
         super().__init__()
         self.cluster = cluster
+        self.retries = Counter("wara_cluster_retries", "Inference requests sent again to another replica because "
+                               "the one serving them stopped before it answered", registry=self.registry)
         self.cluster_registry = CollectorRegistry()
         self.cluster_registry.register(_Collector(self))
 

@@ -1,12 +1,14 @@
-"""One Ray Serve replica: a whole serving core (`Service`) behind a few methods the edge calls.
+"""One Ray Serve replica: a whole serving core (`Service`) behind the few methods `cluster.Cluster`
+calls, each a call of the service's own API (`runtime.core.ServingCore`).
 
-Inference for an adapter arrives with the adapter's name as Ray's multiplexed model id. The
-first request for it on this replica goes through `_adapter` (``@serve.multiplexed``), which
-loads it through the service's lazy path from the shared adapter root and so records it as
-held here, for the router (`router.AdapterAffinityRouter`). Repository changes come as ops of
-the cluster's log (`repository.RepositoryLog`) and are applied in order, once each (`sync`).
-An adapter unloaded through the cluster stays NOT_FOUND here even where this replica never had
-it (``unloaded``), until a load through the cluster.
+Inference for an adapter arrives with the adapter's name as Ray's multiplexed model id; the
+service loads an adapter on disk itself, and once this replica has served it, `_adapter`
+(``@serve.multiplexed``) records it as held here, for the router
+(`router.AdapterAffinityRouter`). Repository changes come as ops of the cluster's log
+(`repository.RepositoryLog`) and are applied in order, once each (`sync`); a replica Ray starts
+later applies the whole log before it takes a request. An adapter unloaded through the cluster
+stays NOT_FOUND here even where this replica never had it (``unloaded``), until a load through
+the cluster.
 """
 
 from __future__ import annotations
@@ -15,91 +17,113 @@ import asyncio
 import collections
 import logging
 import os
-import threading
+from typing import Any, AsyncIterator
 
 import ray
 from ray import serve
 
 from runtime.auth import OPEN, Tenant
 from runtime.config import ServeConfig
+from runtime.core import Answer, IndexRow, ModelInfo, Piece
 from runtime.errors import ModelNotFound
-from runtime.registry import unknown_model
-from runtime.server import answer
+from runtime.names import unknown_model
 from runtime.service import Service
 
-from .messages import Failed, Op, Outcome, Reply, ReplicaStatus, failed
+from .messages import Failed, Op, Outcome, ReplicaStatus, failed
 
 log = logging.getLogger("wara.serve")
 KEEP_OUTCOMES = 256  # outcomes of recent ops kept for a broadcast that asks after the replica applied them
 
 
 class WaraReplica:
-    def __init__(self, config: ServeConfig, log_name: str, namespace: str) -> None:
+    async def __init__(self, config: ServeConfig, log_name: str, namespace: str) -> None:  # type: ignore[misc]
+        """Ray Serve awaits an async constructor: the replica takes no request before the
+        cluster's repository log so far is applied (a replacement replica catches up here)."""
         import torch
 
         if config.ray is not None:  # its share of the node's cores, not all of them
             torch.set_num_threads(max(1, int(config.ray.replica_cpus)))
         self.tag = serve.get_replica_context().replica_id.unique_id
         self.service = Service(config)
+        self.bases = frozenset(e.name for e in config.bases)
         self.unloaded: set[str] = set()
         self.applied = 0
         self.outcomes: collections.OrderedDict[int, Outcome] = collections.OrderedDict()
         self._sync_lock = asyncio.Lock()
-        self._apply_lock = threading.Lock()
         self.log = ray.get_actor(log_name, namespace=namespace)
-        head, ops = ray.get(self.log.since.remote(0))
-        self._apply_all(ops, head)  # the cluster's repository so far (a replacement replica catches up here)
+        head, ops = await self.log.since.remote(0)
+        await self._apply_all(ops, head)
         log.info("replica %s ready (pid %d): %d repository ops applied", self.tag, os.getpid(), len(ops))
+
+    def _refuse_unloaded(self, name: str) -> None:
+        if name in self.unloaded:
+            raise ModelNotFound(unknown_model(name))
 
     # --- inference --------------------------------------------------------------------------
     @serve.multiplexed(max_num_models_per_replica=-1)
     async def _adapter(self, name: str) -> str:
-        """Load ``name`` here if it is not (the lazy path, off the event loop); only a name that
-        is then served is recorded as held (a ModelNotFound is not)."""
-        await asyncio.get_running_loop().run_in_executor(None, self.service.ensure_loaded, name)
-        self.service.describe(name)
+        """Record ``name`` as held here (called once this replica served it)."""
         return name
 
-    async def infer(self, name: str, inputs: dict, timeout: float, requested_version: str,
-                    tenant: Tenant = OPEN) -> Reply | Failed:
+    async def infer(self, name: str, inputs: dict, timeout: float, version: str,
+                    tenant: Tenant = OPEN) -> Answer | Failed:
         try:
-            if name not in self.service.engines:
-                if name in self.unloaded or not tenant.may_use(name):
-                    raise ModelNotFound(unknown_model(name))
+            self._refuse_unloaded(name)
+            answer = await self.service.infer(name, inputs, tenant=tenant, timeout=timeout, version=version)
+            if name not in self.bases:
                 await self._adapter(name)
-            pending = self.service.start(name, inputs, timeout=timeout, requested_version=requested_version,
-                                         tenant=tenant)
-            version, outputs = await answer(pending)
-            return Reply(version, outputs, pending.base, list(pending.truncated), self.tag)
+            return answer
         except Exception as e:
             return failed(e, self.tag)
 
-    async def describe(self, name: str, tenant: Tenant = OPEN, load: bool = False):
-        """The service's description of ``name``; with ``load``, an adapter on disk is loaded
-        first (ModelMetadata, as on one server: its outputs depend on its head)."""
+    async def generate(self, name: str, prompt: str, params: dict[str, Any],
+                       tenant: Tenant = OPEN) -> AsyncIterator[Piece | Failed]:
+        """Streamed (``stream=True``): the service's pieces; an error ends the stream as a
+        `Failed`. Ray cancels this when the edge closes its end, and the service's generation
+        is closed with it."""
+        pieces = None
         try:
-            if name in self.unloaded:
-                raise ModelNotFound(unknown_model(name))
-            if load and name not in self.service.engines and tenant.may_use(name):
+            self._refuse_unloaded(name)
+            pieces = self.service.generate(name, prompt, params, tenant=tenant)
+            async for piece in pieces:
+                yield piece
+        except Exception as e:
+            yield failed(e, self.tag)
+        finally:
+            if pieces is not None and hasattr(pieces, "aclose"):
+                await pieces.aclose()
+
+    # --- metadata and readiness -------------------------------------------------------------
+    async def metadata(self, name: str, tenant: Tenant = OPEN, load: bool = True) -> ModelInfo | Failed:
+        """The service's description of ``name``, an adapter on disk loaded first (and then
+        recorded as held here); without ``load``, only of what this replica serves already."""
+        try:
+            self._refuse_unloaded(name)
+            if not load and self.service.repository.needs_load(name, tenant):
+                raise ModelNotFound(unknown_model(name))  # on disk, not loaded here
+            info = await self.service.metadata(name, tenant=tenant)
+            if load and name not in self.bases:
                 await self._adapter(name)
-            return self.service.describe(name, tenant)
+            return info
         except Exception as e:
             return failed(e, self.tag)
 
-    async def readiness(self, name: str, tenant: Tenant = OPEN) -> tuple:
-        """(description or refusal, on disk here and not loaded, and sound as far as the index
-        tells): what the single server's ModelReady decides on."""
-        answer = await self.describe(name, tenant)
-        on_disk = name not in self.unloaded and self.service.needs_load(name, tenant)
-        return answer, on_disk, on_disk and bool(self.service.loadable(name))
+    async def model_ready(self, name: str, version: str = "", tenant: Tenant = OPEN) -> bool:
+        try:
+            return name not in self.unloaded and await self.service.model_ready(name, version, tenant=tenant)
+        except Exception as e:
+            log.warning("replica %s: model_ready(%r) failed: %s", self.tag, name, e)
+            return False
 
     # --- repository -------------------------------------------------------------------------
-    async def index(self) -> list[tuple[str, str, str, str]]:
-        """The service's index, with adapters unloaded through the cluster marked so."""
-        return [(n, v, s, "unloaded" if n in self.unloaded and s != "READY" else r) for n, v, s, r in self.service.index()]
+    async def index(self, tenant: Tenant = OPEN) -> list[IndexRow]:
+        """The service's index for ``tenant``, with adapters unloaded through the cluster marked so."""
+        rows = await self.service.index(tenant=tenant)
+        return [IndexRow(r.name, r.version, r.state, "unloaded") if r.name in self.unloaded and r.state != "READY"
+                else r for r in rows]
 
     async def holds(self, name: str) -> bool:
-        return any(n == name and s == "READY" for n, _, s, _ in self.service.index())
+        return any(r.name == name and r.state == "READY" for r in await self.service.index())
 
     async def sync(self, seq: int) -> Outcome | None:
         """Apply the log's ops up to at least ``seq``, in order; the outcome of op ``seq`` here
@@ -107,29 +131,28 @@ class WaraReplica:
         async with self._sync_lock:
             if self.applied < seq:
                 head, ops = await self.log.since.remote(self.applied)
-                await asyncio.get_running_loop().run_in_executor(None, self._apply_all, ops, head)
+                await self._apply_all(ops, head)
         return self.outcomes.get(seq)
 
-    def _apply_all(self, ops: list[Op], head: int) -> None:
+    async def _apply_all(self, ops: list[Op], head: int) -> None:
         """Apply ``ops`` (the log after `applied`, up to ``head``: voided ops are not in it)."""
-        with self._apply_lock:
-            for op in ops:
-                if op.seq <= self.applied:
-                    continue
-                self.outcomes[op.seq] = self._apply(op)
-                self.applied = op.seq
-                while len(self.outcomes) > KEEP_OUTCOMES:
-                    self.outcomes.popitem(last=False)
-            self.applied = max(self.applied, head)
+        for op in ops:
+            if op.seq <= self.applied:
+                continue
+            self.outcomes[op.seq] = await self._apply(op)
+            self.applied = op.seq
+            while len(self.outcomes) > KEEP_OUTCOMES:
+                self.outcomes.popitem(last=False)
+        self.applied = max(self.applied, head)
 
-    def _apply(self, op: Op) -> Outcome:
+    async def _apply(self, op: Op) -> Outcome:
         try:
             if op.kind == "load":
-                self.service.load(op.name, op.files)
+                version = await self.service.load(op.name, op.files)
                 self.unloaded.discard(op.name)
-                return Outcome(had=True)
+                return Outcome(had=True, version=version)
             try:
-                self.service.unload(op.name)
+                await self.service.unload(op.name)
                 had = True
             except ModelNotFound:  # not loaded here; NOT_FOUND here from now on all the same
                 had = False
@@ -145,9 +168,8 @@ class WaraReplica:
         background: the edge asks again)."""
         if head > self.applied and not self._sync_lock.locked():
             asyncio.get_running_loop().create_task(self.sync(head))
-        bases = {b: (e.platform, self.service.converters[b].text_tokens) for b, e in self.service.engines.items()}
         return ReplicaStatus(self.tag, os.getpid(), ray.util.get_node_ip_address(), bool(self.service.ready),
-                             self.applied, bases)
+                             self.applied)
 
     async def metrics(self) -> tuple[str, str]:
         return self.tag, self.service.metrics.text().decode()

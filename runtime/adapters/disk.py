@@ -1,12 +1,16 @@
-"""The disk tier: the adapter root, indexed at start from configs and header sizes only.
+"""The disk tier: the adapter root, its index and its one reader.
 
 Start-up reads each adapter directory's ``adapter_config.json`` and the first 8 bytes of its
 ``adapter_model.safetensors`` (the header's length, checked against the file's size); no
 tensor is read until a request needs the adapter, when the full checks of a load run
-(`runtime.registry.Registry.load`). So a root of 10,000 adapters is indexed in about a second and
+(`runtime.adapters.repository.Repository.load`). So a root of 10,000 adapters is indexed in about a second and
 the server is ready before any adapter's tensors are read. An entry records what the index
 shows (rank, pages, bytes on disk) and, for a directory that is plainly broken, why; a request
 for it still goes through the load, which gives the full error.
+
+A name is served only as what it resolves to: a directory symlinked to another directory of the
+root is that other adapter (its *owner*), and a caller must be allowed both names
+(`owner_of`), so a symlink cannot hand one tenant another tenant's weights.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from wara_train.artifact import CONFIG_NAME, MAX_CONFIG_BYTES, MAX_HEADER_BYTES, WEIGHTS_NAME, path_inside
+from wara_train.artifact import (CONFIG_NAME, MAX_CONFIG_BYTES, MAX_HEADER_BYTES, WEIGHTS_NAME, path_inside,
+                                 read_artifact_files)
+from wara_train.wavelets import blocks
+
+from ..errors import ModelNotFound
 
 log = logging.getLogger("wara.serve")
 
@@ -37,8 +45,8 @@ class Entry:
 
     @property
     def pages(self) -> int:
-        """Its folded rank: rank x (3 levels + 1) blocks."""
-        return self.rank * (3 * self.levels + 1)
+        """Its folded rank: rank x its number of blocks (what a folded slot takes)."""
+        return self.rank * len(blocks(self.levels))
 
 
 def index_dir(root: Path, path: Path) -> Entry | None:
@@ -133,3 +141,38 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def owner_of(root: Path, name: str) -> str | None:
+    """The name of the root's directory that ``root/name`` resolves to (``name`` itself unless
+    it is a symlink to a sibling), or None when it resolves to anything else (outside the
+    root, or deeper inside it)."""
+    root = Path(root).resolve()
+    try:
+        rel = (root / name).resolve().relative_to(root)
+    except (ValueError, OSError):
+        return None
+    return rel.parts[0] if len(rel.parts) == 1 else None
+
+
+def read_dir(root: Path, name: str) -> dict[str, bytes]:
+    """The files of adapter ``name`` under the adapter root; NOT_FOUND if there is none. The
+    directory and both files must resolve inside the root (a symlink out of it is refused).
+    Errors name the adapter, never the server's paths."""
+    path = Path(root) / name
+    if not path.is_dir():
+        raise ModelNotFound(f"no adapter directory {name!r} under the adapter root")
+    return read_artifact_files(path, source=f"adapter {name!r}", root=root)
+
+
+def stamp(root: Path, name: str) -> tuple | None:
+    """(size, mtime) of an adapter's two files, or None when either is gone: what `unchanged`
+    compares to tell, without reading them, whether the files are still those loaded."""
+    out = []
+    for f in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            st = os.stat(Path(root) / name / f)
+        except OSError:
+            return None
+        out.append((st.st_size, st.st_mtime_ns))
+    return tuple(out)
