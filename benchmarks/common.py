@@ -150,6 +150,24 @@ def add_base_option(parser) -> None:
                              f"(default {DEFAULT_BASE})")
 
 
+def add_dtype_option(parser) -> None:
+    """``--dtype``: what the serving engines a benchmark builds compute in (`runtime.selection.engine_dtype`)."""
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                        help="what the serving engines compute in (default float32; auto: bfloat16 where the "
+                             "device has units for it)")
+
+
+# The largest |difference| a benchmark's correctness check allows between two forms of one model
+# (logits or embeddings of order 1), per the dtype the served forms compute in: bfloat16 keeps
+# about 3 significant digits, rounded again at every layer.
+CHECK_ATOL = {"float32": 1e-3, "bfloat16": 1e-1}
+
+
+def check_atol(dtype) -> float:
+    """`CHECK_ATOL` of a torch dtype or its name."""
+    return CHECK_ATOL[str(dtype).removeprefix("torch.")]
+
+
 def base_spec(source: str):
     """The `BaseSpec` of a base source (built-ins from their cached registry entry)."""
     from wara_train.bases import BUILTINS, get_base

@@ -35,6 +35,7 @@ Q Kᵀ and softmax·V where a transformers config gives its depth and width (`be
     .venv/bin/python -m benchmarks.latency --model-only --batches 1,32 --seqs 64 --rounds 21 \
         --out benchmarks/results/latency_seq64.json   # the issue-13 cells alone, more rounds
     .venv/bin/python -m benchmarks.latency --base hf:DIR --device cuda   # another base, on a GPU
+    .venv/bin/python -m benchmarks.latency --model-only --dtype bfloat16   # the engines and peft in bfloat16
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import (CONTROL_RANGE, DEFAULT_BASE, add_base_option, base_info, base_spec, environment, figure,
-                               interleaved_controlled, peft_peer, plain_base, save_figure, seq_limit, summary,
-                               write_json)
+from benchmarks.common import (CONTROL_RANGE, DEFAULT_BASE, add_base_option, add_dtype_option, base_info, base_spec,
+                               check_atol, environment, figure, interleaved_controlled, peft_peer, plain_base,
+                               save_figure, seq_limit, summary, write_json)
 from benchmarks.flops import (adapter_flops, attention_dims, layer_tokens, model_base_flops, ort_matmul_gflops,
                               synchronize, torch_matmul_gflops)
 
@@ -209,9 +210,10 @@ def seq_grid(spec, seqs: list[int]) -> tuple[list[int], list[str]]:
 
 
 def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_iters: int, device: torch.device,
-              engines: list[str], workdir: Path, log, tries: int = 3) -> list[dict]:
+              engines: list[str], workdir: Path, log, tries: int = 3, dtype: str = "float32") -> list[dict]:
     """The whole base ``spec`` with one random WaRA adapter on its default layers (r=4 haar J=1),
-    every form checked against the explicit model before timing; rows labelled with its name."""
+    every form checked against the explicit model (float32) before timing; rows labelled with its
+    name. The serving engines and peft compute in ``dtype``."""
     from exporter.common import base_for
     from exporter.onnx_export import INDEX_INPUT, export_onnx, model_io
     from exporter.verify import ort_session, pack_slots
@@ -224,20 +226,21 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
 
     adapter = random_adapter(spec, workdir / "adapter", rank=RANK, seed=0)
     targets = list(adapter.config.target_modules)
-    engine = TorchEngine(spec, device=str(device), slot_form="folded")
+    engine = TorchEngine(spec, device=str(device), slot_form="folded", dtype=dtype)
     folded = prepare(engine, "adapter", adapter)
     DeviceTier(engine).write(1, folded)
     # The served default (slot_form auto): own factors and the fused wavelet op where the rule
     # picks them (MiniLM haar J=1 does), else the same folded path.
-    served = TorchEngine(spec, device=str(device))
+    served = TorchEngine(spec, device=str(device), dtype=dtype)
     DeviceTier(served).write(1, prepare(served, "adapter", adapter))
     merged = engine.build_merged(folded.factors)
     explicit = apply_adapter(base_for(adapter, spec), adapter).to(device).eval()
     set_path(explicit, "explicit")
-    peft = peft_peer(spec, 1, rank=2 * RANK, targets=targets, device=device)
+    low = engine.dtype
+    peft = peft_peer(spec, 1, rank=2 * RANK, targets=targets, device=device).to(low)
     # peft's base: the same model without peft (its disable_adapter() context walks every
     # module on each call, which would make the base look slower than the adapted model).
-    peft_base = plain_base(spec).to(device).eval()
+    peft_base = plain_base(spec).to(device, low).eval()
     shapes = {t: layer_shape(engine.layers[t].base) for t in targets}
     attention = attention_dims(peft_base)
     sessions = {}
@@ -252,7 +255,8 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
         for seq in seqs:
             io = model_io(spec, batch=batch, seq=seq)
             inputs = [t.to(device) for t in io.sample]
-            tokens = layer_tokens(peft_base, targets, inputs)
+            peer_inputs = [t.to(low) if t.is_floating_point() else t for t in inputs]
+            tokens = layer_tokens(peft_base, targets, peer_inputs)
             for eng in engines:
                 if eng == "torch":
                     variants = {
@@ -261,15 +265,15 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                         "folded": lambda: engine.forward(inputs, [1] * batch),
                         "fused": lambda: served.forward(inputs, [1] * batch),
                         "explicit": lambda: explicit(*inputs),
-                        "peft_base": lambda: peft_base(*inputs),
-                        "peft_lora": lambda: peft(*inputs),
+                        "peft_base": lambda: peft_base(*peer_inputs),
+                        "peft_lora": lambda: peft(*peer_inputs),
                     }
                     with torch.no_grad():
                         outs = {f: variants[f]() for f in ("merged", "folded", "fused")}
                         outs = {f: torch.stack([r["logits"] for r in o]) for f, o in outs.items()}
                         outs["explicit"] = variants["explicit"]().cpu()
                         with peft.disable_adapter():  # the peer's base is peft's own base
-                            if not torch.allclose(peft(*inputs), peft_base(*inputs), atol=1e-5):
+                            if not torch.allclose(peft(*peer_inputs), peft_base(*peer_inputs), atol=1e-5):
                                 raise SystemExit("peft's base differs from the plain model")
                 else:
                     feeds = {}
@@ -283,7 +287,7 @@ def run_model(spec, *, batches: list[int], seqs: list[int], rounds: int, max_ite
                     outs = {form: torch.as_tensor(variants[form]()[0]) for form in ("merged", "folded", "explicit")}
                 ref = outs["explicit"]
                 errors = {f: float((o - ref).abs().max()) for f, o in outs.items()}
-                if max(errors.values()) > 1e-3:
+                if max(errors.values()) > (check_atol(low) if eng == "torch" else 1e-3):
                     raise SystemExit(f"{spec.name} {eng} B={batch} seq={seq}: forms disagree: {errors}")
                 base_flops = model_base_flops(shapes, tokens, batch=batch, attention=attention)
                 iters = max(1, min(max_iters, int(3e9 / base_flops) + 1))
@@ -356,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=_ints, help="the model's batch sizes, comma-separated (default 1,8,32)")
     p.add_argument("--seqs", type=_ints, help="the model's sequence lengths, comma-separated (default 16,64,128)")
     add_base_option(p)
+    add_dtype_option(p)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -374,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     model_seqs, notes = seq_grid(spec, grid["model_seqs"])
     if len(model_engines) < len(engines) and not args.quick:
         notes.append(f"onnxruntime skipped: base {spec.name!r} is served by {', '.join(spec.backends)} only")
+    from runtime.selection import resolve_dtype
+
+    dtype = str(resolve_dtype(args.dtype, backend="torch", device=device)).removeprefix("torch.")
+    if dtype != "float32" and "onnxruntime" in model_engines:
+        model_engines.remove("onnxruntime")
+        notes.append(f"onnxruntime skipped: it computes in float32 only, the engines here in {dtype}")
     t0 = time.perf_counter()
     peak = {"torch": torch_matmul_gflops(device, 256 if args.quick else 2048)}
     if "onnxruntime" in engines:
@@ -383,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                              rounds=grid["rounds"], max_iters=grid["max_iters"], device=device, engines=engines, workdir=Path(tmp), log=print,
                              tries=grid["tries"])
         rows += run_model(spec, batches=grid["model_batches"], seqs=model_seqs, rounds=grid["rounds"], max_iters=grid["max_iters"],
-                          device=device, engines=model_engines, workdir=Path(tmp), log=print, tries=grid["tries"])
+                          device=device, engines=model_engines, workdir=Path(tmp), log=print, tries=grid["tries"],
+                          dtype=dtype)
     for r in rows:
         if "base_gflops" in r:
             r["fraction_of_matmul_peak"] = r["base_gflops"] / peak[r["engine"]]
     report = {"benchmark": "latency", **environment(), "device": str(device), "engines": engines, "rank": RANK,
-              "wavelet": "haar", "rounds": grid["rounds"], "tries": grid["tries"],
+              "wavelet": "haar", "dtype": dtype, "rounds": grid["rounds"], "tries": grid["tries"],
               "control_range": list(CONTROL_RANGE), "matmul_peak_gflops": peak, "quick": args.quick,
               "wall_seconds": time.perf_counter() - t0, "results": rows}
     if args.base != DEFAULT_BASE:  # the default's report keeps its established keys

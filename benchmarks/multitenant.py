@@ -19,6 +19,7 @@ relative to its own single-adapter batch.
     .venv/bin/python -m benchmarks.multitenant            # 32 adapters, seq 64 (a few minutes)
     .venv/bin/python -m benchmarks.multitenant --quick    # tiny (used by the tests)
     .venv/bin/python -m benchmarks.multitenant --base hf:DIR --device cuda   # another base, on a GPU
+    .venv/bin/python -m benchmarks.multitenant --dtype bfloat16   # ours and peft in bfloat16 (onnxruntime: float32)
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import (DEFAULT_BASE, add_base_option, base_info, base_spec, environment, figure, interleaved,
-                               peft_peer, save_figure, seq_limit, summary, write_json)
+from benchmarks.common import (DEFAULT_BASE, add_base_option, add_dtype_option, base_info, base_spec, check_atol,
+                               environment, figure, interleaved, peft_peer, save_figure, seq_limit, summary, write_json)
 
 RANK = 4  # WaRA r=4 at J=1 has the parameter count of LoRA r=8
 
 
 def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: torch.device, engines: list[str],
-        workdir: Path, log) -> dict:
+        workdir: Path, log, dtype: str = "float32") -> dict:
     from exporter.common import base_for
     from exporter.onnx_export import model_io
     from runtime.adapters import DeviceTier, prepare
@@ -55,9 +56,9 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
     ours = {}
     for eng in engines:
         if eng == "torch":
-            e = TorchEngine(spec, device=str(device))
+            e = TorchEngine(spec, device=str(device), dtype=dtype)
         elif eng == "torch_folded":
-            e = TorchEngine(spec, device=str(device), slot_form="folded")
+            e = TorchEngine(spec, device=str(device), slot_form="folded", dtype=dtype)
         else:
             from runtime.ort_engine import OrtEngine
 
@@ -66,8 +67,11 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
         for i, a in enumerate(adapters):
             tier.write(i + 1, prepare(e, f"t{i}", a))
         ours[eng] = e
-    peft = peft_peer(spec, n, rank=2 * RANK, targets=list(adapters[0].config.target_modules), device=device)
+    # The peer computes in the dtype ours does (the torch engine's: "auto" resolved).
+    low = next((e.dtype for e in ours.values() if e.platform == "wara_pytorch"), torch.float32)
+    peft = peft_peer(spec, n, rank=2 * RANK, targets=list(adapters[0].config.target_modules), device=device).to(low)
     inputs = [t.to(device) for t in model_io(spec, batch=batch, seq=seq).sample]
+    peer_inputs = [t.to(low) if t.is_floating_point() else t for t in inputs]
 
     def slots_for(k: int) -> list[int]:
         return [1 + (i % k) for i in range(batch)]
@@ -83,22 +87,22 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
                 ref = ref_model(*inputs)
                 for i in [i for i, t in enumerate(slots_for(k)) if t == s]:
                     err = float((rows[i]["logits"].to(device) - ref[i]).abs().max())
-                    if err > 1e-4:
+                    if err > (1e-4 if e.dtype == torch.float32 else check_atol(e.dtype)):
                         raise SystemExit(f"{eng}: row {i} (adapter {s}) differs from its explicit model by {err:.2e}")
         names = [f"a{s - 1}" for s in slots_for(k)]
-        mixed = peft(*inputs, adapter_names=names)
+        mixed = peft(*peer_inputs, adapter_names=names)
         for name in sorted(set(names))[:4]:
             peft.set_adapter(name)
-            alone = peft(*inputs)
+            alone = peft(*peer_inputs)
             rows = [i for i, x in enumerate(names) if x == name]
             err = float((mixed[rows] - alone[rows]).abs().max())
-            if err > 1e-4:
+            if err > (1e-4 if low == torch.float32 else check_atol(low)):
                 raise SystemExit(f"peft mixed batch differs from adapter {name} alone by {err:.2e}")
 
     # --- timing --------------------------------------------------------------------------------
     results = []
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    single = [[t[i: i + 1] for t in inputs] for i in range(batch)]
+    single = [[t[i: i + 1] for t in peer_inputs] for i in range(batch)]
 
     def naive(k: int) -> None:
         for i, s in enumerate(slots_for(k)):
@@ -111,7 +115,7 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
     for k in counts:
         for eng, e in ours.items():
             variants[(k, f"ours_{eng}")] = lambda e=e, k=k: e.forward(inputs, slots_for(k))
-        variants[(k, "peft_mixed")] = lambda k=k: peft(*inputs, adapter_names=[f"a{s - 1}" for s in slots_for(k)])
+        variants[(k, "peft_mixed")] = lambda k=k: peft(*peer_inputs, adapter_names=[f"a{s - 1}" for s in slots_for(k)])
         variants[(k, "naive_loop")] = lambda k=k: naive(k)
     with torch.no_grad():
         times = interleaved(variants, rounds=rounds, iters=1, warmup=1, sync=sync)
@@ -125,7 +129,7 @@ def run(spec, *, counts: list[int], batch: int, seq: int, rounds: int, device: t
         r["ratio_to_one_adapter"] = r["median_ms"] / one["median_ms"]
         peer = next(x for x in results if x["method"] == "peft_mixed" and x["adapters"] == r["adapters"])
         r["speedup_vs_peft_mixed"] = peer["median_ms"] / r["median_ms"]
-    return {"results": results}
+    return {"results": results, "dtype": str(low).removeprefix("torch.")}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seq", type=int, default=64)
     add_base_option(p)
+    add_dtype_option(p)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/multitenant.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = run(spec, counts=counts, batch=batch, seq=seq, rounds=rounds, device=device, engines=engines,
-                  workdir=Path(tmp), log=print)
+                  workdir=Path(tmp), log=print, dtype=args.dtype)
     report = {"benchmark": "multitenant", **environment(), "device": str(device), "batch": batch, "seq": seq,
               "rounds": rounds, "wara": f"r={RANK} haar J=1", "peft_lora": f"r={2 * RANK}", "quick": args.quick,
               "wall_seconds": time.perf_counter() - t0, **out}

@@ -14,6 +14,7 @@ timing. WaRA r=4 haar J=1 on the base's default layers, as `benchmarks.latency`.
     .venv/bin/python -m benchmarks.paired                     # MiniLM seq 64, B=1 (200 turns), B=32 (40)
     .venv/bin/python -m benchmarks.paired --quick             # tiny (used by the tests)
     .venv/bin/python -m benchmarks.paired --base hf:DIR       # another base
+    .venv/bin/python -m benchmarks.paired --dtype bfloat16    # the engine in bfloat16
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_base_option, base_info, base_spec, environment, write_json
+from benchmarks.common import add_base_option, add_dtype_option, base_info, base_spec, check_atol, environment, write_json
 
 RANK = 4
 
@@ -37,14 +38,14 @@ def quartiles(values: list[float]) -> dict:
     return {"median": v[len(v) // 2], "q25": v[len(v) // 4], "q75": v[(3 * len(v)) // 4], "min": v[0], "max": v[-1]}
 
 
-def measure(spec, *, batch: int, seq: int, turns: int, workdir: Path) -> dict:
+def measure(spec, *, batch: int, seq: int, turns: int, workdir: Path, dtype: str = "float32") -> dict:
     from exporter.onnx_export import model_io
     from runtime.adapters import DeviceTier, prepare
     from runtime.engine import TorchEngine
     from wara_train.synthetic import random_adapter
 
     adapter = random_adapter(spec, workdir / "adapter", rank=RANK, seed=0)
-    engine = TorchEngine(spec, device="cpu")
+    engine = TorchEngine(spec, device="cpu", dtype=dtype)
     prepared = prepare(engine, "adapter", adapter)
     DeviceTier(engine).write(1, prepared)
     merged = engine.build_merged(prepared.factors)
@@ -55,7 +56,7 @@ def measure(spec, *, batch: int, seq: int, turns: int, workdir: Path) -> dict:
     with torch.no_grad():
         outs = {k: torch.stack([next(iter(r.values())) for r in f()]) for k, f in variants.items()}
         err = float((outs["served"] - outs["merged"]).abs().max())
-        if err > 1e-3:
+        if err > check_atol(engine.dtype):
             raise SystemExit(f"{spec.name} B={batch}: served and merged disagree by {err:.2e}")
         for f in variants.values():
             f()
@@ -73,12 +74,14 @@ def measure(spec, *, batch: int, seq: int, turns: int, workdir: Path) -> dict:
     served, control = quartiles(ratios["served"]), quartiles(ratios["merged"])
     return {"batch": batch, "seq": seq, "turns": turns, "served_over_base": served, "merged_over_base": control,
             "valid": 0.97 <= control["median"] <= 1.03, "max_abs_error_vs_merged": err,
-            "slot_form": "own" if any(1 in layer.own for layer in engine.layers.values()) else "folded"}
+            "slot_form": "own" if any(1 in layer.own for layer in engine.layers.values()) else "folded",
+            "dtype": str(engine.dtype).removeprefix("torch.")}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_base_option(p)
+    add_dtype_option(p)
     p.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--turns", type=int, default=200, help="turns at B=1; a batch of B takes max(40, turns / B)")
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for b in batches:
             row = measure(spec, batch=b, seq=args.seq, turns=max(40, args.turns // b) if not args.quick else args.turns,
-                          workdir=Path(tmp) / f"b{b}")
+                          workdir=Path(tmp) / f"b{b}", dtype=args.dtype)
             rows.append(row)
             s, m = row["served_over_base"], row["merged_over_base"]
             print(f"{spec.name} B={b} seq={args.seq}: served/base {s['median']:.3f} (IQR {s['q25']:.3f}-{s['q75']:.3f}), "

@@ -81,7 +81,7 @@ def save_peft_lora(
     hf = spec is not None and spec.hf is not None
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": spec.hf.peft_task_type if hf else None,
         "base_model_name_or_path": spec.hf.path if hf else adapter.base_model,
         "r": rank,
         "lora_alpha": rank,  # peft scales by lora_alpha / r = 1: the WaRA scale is inside lora_B

@@ -40,7 +40,8 @@ INFO_FILE = "wara_merged.json"
 FORMAT = "wara-merged"
 # The preprocessing files of a transformers model directory, copied beside the merged weights.
 PREPROCESSING_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                       "vocab.txt", "vocab.json", "merges.txt", "preprocessor_config.json")
+                       "vocab.txt", "vocab.json", "merges.txt", "preprocessor_config.json", "chat_template.jinja",
+                       "chat_template.json")
 # Files an earlier export into the same directory may have left that this one might not write.
 STALE_FILES = (HEAD_FILE, "model*.safetensors", "model.safetensors.index.json")
 
@@ -156,8 +157,10 @@ def _save_transformers(model: nn.Module, spec: BaseSpec, out: Path, *, labels: l
         hf = full
     hf = hf.to(dtype)
     extra: dict[str, Any] = {"layout": "transformers", "auto_class": spec.hf.auto_class}
-    head = model.get_submodule(spec.head) if (spec.hf.head_in_model or has_head) else None
-    if head is not None and spec.hf.head_in_model:
+    # A classifier's head names its labels; a language model's vocabulary head has none.
+    labelled = spec.hf.head_in_model and spec.task_head
+    head = model.get_submodule(spec.head) if (labelled or has_head) else None
+    if head is not None and labelled:
         # Only a head inside the transformers model names its labels in config.json: on a
         # feature extractor (AutoModel) they would invite AutoModelForSequenceClassification,
         # which would build a random head of its own. Its labels go beside HEAD_FILE instead.

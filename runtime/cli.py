@@ -29,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                     "name every tenant and adapter)")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"),
                    help="engine: auto (default: onnxruntime for MiniLM on CPU, else PyTorch), torch, onnxruntime")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"),
+                   help="what every base computes in unless its [[serve.base]] table sets dtype (default float32); "
+                        "auto: bfloat16 where the CPU has AMX or AVX-512 BF16 (or CUDA has bf16) and the engine "
+                        "runs it, else float32")
     ray = p.add_argument_group("scale-out on Ray Serve (the ray extra)")
     ray.add_argument("--ray", action="store_true",
                      help="serve as a Ray Serve application: REPLICAS full serving cores behind this endpoint, routed "
@@ -38,23 +42,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="join this Ray cluster ('auto' on one of its nodes, or HOST:6379) instead of starting a local one")
 
 
-def run(args: argparse.Namespace) -> int:
-    import logging
-
+def config_from_args(args: argparse.Namespace):
+    """The `ServeConfig` of ``wara serve``'s arguments: the TOML file, then the flags over it."""
     from .config import BaseEntry, RayConfig, ServeConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # the ONNX exporter's own notices at start-up
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     config = ServeConfig.from_toml(args.config) if args.config else ServeConfig()
     bases = tuple(BaseEntry.parse(b) for b in args.base) if args.base else None
     config = config.replace(host=args.host, port=args.port, adapter_root=args.adapter_root,
-                            metrics_port=args.metrics_port, backend=args.backend, bases=bases)
+                            metrics_port=args.metrics_port, backend=args.backend, dtype=args.dtype, bases=bases)
     if args.ray or config.ray is not None:
         overrides = {k: v for k, v in (("replicas", args.replicas), ("address", args.ray_address)) if v is not None}
         config = config.replace(ray=dataclasses.replace(config.ray or RayConfig(), **overrides))
     elif args.replicas is not None or args.ray_address is not None:
         raise ConfigError("--replicas and --ray-address need --ray (or a [serve.ray] table in --config)")
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # the ONNX exporter's own notices at start-up
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = config_from_args(args)
     if config.ray is not None:
         from .ray_serve import start_cluster
 

@@ -13,6 +13,7 @@ from wara_train.errors import ConfigError
 
 from .auth import Authenticator, Tenant
 from .names import RULE, is_model_name
+from .selection import check_dtype
 from .tls import TlsConfig
 
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -21,13 +22,14 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 @dataclass(frozen=True)
 class BaseEntry:
     """One served base: its served name and its source (a built-in name, hf:PATH, py:mod:fn),
-    with a task for hf sources. ``NAME=SOURCE[@TASK]`` on the command line, a
-    ``[[serve.base]]`` table (name, source, task) in TOML; a bare built-in name serves it under
-    its own name."""
+    with a task for hf sources, and the dtype it computes in (None: the server's ``dtype``).
+    ``NAME=SOURCE[@TASK]`` on the command line, a ``[[serve.base]]`` table (name, source, task,
+    dtype) in TOML; a bare built-in name serves it under its own name."""
 
     name: str
     source: str
     task: str | None = None
+    dtype: str | None = None  # float32, bfloat16 or auto (`runtime.selection.engine_dtype`)
 
     def __post_init__(self) -> None:
         if not is_model_name(self.name):
@@ -37,6 +39,8 @@ class BaseEntry:
             raise ConfigError(f"base {self.name!r}: a task applies to hf: sources only")
         if self.task is not None and suffix_task is not None and self.task != suffix_task:
             raise ConfigError(f"base {self.name!r}: task {self.task!r} and the source's @{suffix_task} disagree")
+        if self.dtype is not None:
+            check_dtype(self.dtype, f"dtype of base {self.name!r}")
 
     @classmethod
     def parse(cls, text: str) -> "BaseEntry":
@@ -48,10 +52,10 @@ class BaseEntry:
 
     @classmethod
     def from_table(cls, table: Any) -> "BaseEntry":
-        if not isinstance(table, dict) or set(table) - {"name", "source", "task"} or "source" not in table:
-            raise ConfigError(f"[[serve.base]] needs 'source' and takes 'name' and 'task' only, got {table!r}")
+        if not isinstance(table, dict) or set(table) - {"name", "source", "task", "dtype"} or "source" not in table:
+            raise ConfigError(f"[[serve.base]] needs 'source' and takes 'name', 'task' and 'dtype' only, got {table!r}")
         source = table["source"]
-        return cls(table.get("name") or source, source, table.get("task"))
+        return cls(table.get("name") or source, source, table.get("task"), table.get("dtype"))
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,11 @@ class ServeConfig:
     # per base, the one that is faster here (`runtime.selection.engine_backend`).
     backend: str = "auto"
     device: str | None = None  # default: cuda when present, else cpu
+    # What every base computes in unless its [[serve.base]] table says: "float32", "bfloat16",
+    # or "auto": bfloat16 where the device has units for it and the engine runs it, else float32
+    # (`runtime.selection.engine_dtype`). Adapters keep theirs on disk and are cast once when
+    # prepared; their math accumulates in float32, merges sum in float32, outputs are float32.
+    dtype: str = "float32"
     # The device tier per base: a pool of this many MB, cut into pages of one rank of every
     # adapted layer; an adapter takes as many pages as its folded rank (no max-rank padding).
     device_budget_mb: float = 256.0
@@ -223,6 +232,7 @@ class ServeConfig:
             raise ConfigError(f"unknown slot_form {self.slot_form!r}: valid forms are {', '.join(SLOT_FORMS)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}: valid backends are {', '.join(BACKENDS)}")
+        check_dtype(self.dtype)
         for name in ("max_rank", "max_batch", "max_queue", "max_message_mb", "max_text_length", "max_inflight",
                      "max_streams_per_connection", "max_queued_mb", "decode_workers", "inline_decode_kb",
                      "max_adapters", "max_request_elements", "max_request_mb", "max_bytes_elements", "max_bytes_element_mb",
@@ -247,6 +257,11 @@ class ServeConfig:
         if self.tls_cert is None:
             return None
         return TlsConfig(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_require_client_cert)
+
+    def dtype_for(self, base: str) -> str:
+        """The dtype base ``base`` asks for: its own table's, else the server's."""
+        entry = next((b for b in self.bases if b.name == base), None)
+        return entry.dtype if entry is not None and entry.dtype is not None else self.dtype
 
     def replace(self, **changes: Any) -> "ServeConfig":
         current = {f.name: getattr(self, f.name) for f in fields(self)}

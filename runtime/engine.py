@@ -7,7 +7,9 @@ holds many rank-4 adapters or fewer rank-16 ones, in the spirit of S-LoRA's unif
 Which adapter holds which pages is the device tier's business (`runtime.adapters.device`); the
 engine copies factors where it is told. The task head is tapped: the model returns its
 features and each row gets its own adapter's head, so adapters with different label sets share
-one forward pass.
+one forward pass. The base computes in its dtype (float32 or bfloat16,
+`runtime.selection.engine_dtype`), its slots hold factors in that dtype; heads run in float32
+on the features cast up, so every output is float32.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from . import native
 from .config import SLOT_FORMS, SlotForm
 from .errors import InternalError
 from .kernels import KERNELS, LoraKernel, Routing
-from .selection import adapter_kernel
+from .selection import adapter_kernel, resolve_dtype
 from .slots import HeadTap, SlotLayer
 
 DEFAULT_DEVICE_BUDGET_MB = 256.0
@@ -42,17 +44,36 @@ class TorchEngine:
 
     def __init__(self, base: BaseSpec | str, *, device_budget_mb: float = DEFAULT_DEVICE_BUDGET_MB,
                  max_rank: int = 128, device: str | None = None, kernel: LoraKernel | None = None,
-                 slot_form: SlotForm = "auto") -> None:
+                 slot_form: SlotForm = "auto", dtype: str | torch.dtype = "float32") -> None:
+        """``dtype``: what the base computes in, a torch dtype or a name
+        (`runtime.selection.engine_dtype`: float32, bfloat16, auto)."""
         if slot_form not in SLOT_FORMS:
             raise ConfigError(f"unknown slot_form {slot_form!r}: valid forms are {', '.join(SLOT_FORMS)}")
         self.spec = spec = base if isinstance(base, BaseSpec) else resolve_base(base)
         self.base_model = spec.name
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, backend="torch",
+                                                                                  device=self.device)
         model = spec.build(None)
         # Every layer an adapter of this base may target: the family's defaults, else every
         # adaptable layer (the fallback's divisibility by 2^J is the adapter's own business).
         self.targets = (find_targets(model, spec.default_targets) if spec.default_targets
                         else adaptable_layers(model, exclude=(spec.head,)))
+        try:
+            self.base_head: nn.Module | None = model.get_submodule(spec.head)
+        except AttributeError:  # a feature-extraction base: no head of its own
+            self.base_head = None
+        if self.base_head is None and spec.output == "logits":
+            raise ConfigError(f"base {spec.name!r} answers with logits but has no head {spec.head!r}")
+        set_submodule(model, spec.head, HeadTap())  # heads run apart, in float32, on the features cast up
+        self._fingerprints: dict[tuple[str, ...], str] = {}  # target set -> hash of its base weights
+        self._hash_lock = threading.Lock()
+        self._cast = next(model.parameters()).dtype != self._dtype
+        if self._cast:
+            # Adapters record the hash of the weights as built: the usual target set is hashed
+            # before the cast (any other set from a fresh build, `fingerprint`).
+            self.fingerprint(tuple(self.targets), model)
+            model = model.to(self._dtype)
         # One page: one rank of every adapted layer, at the base's weight precision.
         shapes = [layer_shape(model.get_submodule(t)) for t in self.targets]
         itemsize = next(model.parameters()).element_size()
@@ -71,27 +92,18 @@ class TorchEngine:
         # Own factors need a kernel that computes the wavelet update; with any other the
         # slots hold folded factors whatever slot_form says (kernel_name says which serves).
         self.slot_form: SlotForm = slot_form if getattr(kernel, "reads_own_factors", False) else "folded"
-        self._fingerprints: dict[tuple[str, ...], str] = {}  # target set -> hash of its base weights
         for name in self.targets:
             set_submodule(model, name, SlotLayer(model.get_submodule(name), pages=self.pages,
                                                  routing=self.routing, kernel=kernel))
-        try:
-            self.base_head: nn.Module | None = model.get_submodule(spec.head)
-        except AttributeError:  # a feature-extraction base: no head of its own
-            self.base_head = None
-        if self.base_head is None and spec.output == "logits":
-            raise ConfigError(f"base {spec.name!r} answers with logits but has no head {spec.head!r}")
-        set_submodule(model, spec.head, HeadTap())
         self.model = model.to(self.device).eval()
         if self.base_head is not None:
-            self.base_head = self.base_head.to(self.device).eval()
+            self.base_head = self.base_head.to(self.device, torch.float32).eval()
         self.layers: dict[str, SlotLayer] = {n: model.get_submodule(n) for n in self.targets}
         self._share_inputs()
         self.max_rank = max_rank
         self.feature_dim = self._feature_dim()
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> its task head (weight, bias)
         self.lock = threading.Lock()  # one forward or slot write at a time
-        self._hash_lock = threading.Lock()
         self.fingerprint(tuple(self.targets))  # the usual target set, hashed once at start-up
 
     def _share_inputs(self) -> None:
@@ -120,7 +132,7 @@ class TorchEngine:
         hooks = [layer.register_forward_pre_hook(note) for layer in fusable]
         try:
             with torch.no_grad():
-                self.model(*[t.to(self.device) for t in self.spec.sample(1, 4)])
+                self.model(*self._inputs(self.spec.sample(1, 4)))
         finally:
             for h in hooks:
                 h.remove()
@@ -136,24 +148,32 @@ class TorchEngine:
         if isinstance(self.base_head, nn.Linear):
             return self.base_head.in_features
         with torch.no_grad():
-            return int(self.model(*[t.to(self.device) for t in self.spec.sample(1, 4)]).shape[-1])
+            return int(self.model(*self._inputs(self.spec.sample(1, 4))).shape[-1])
 
-    def fingerprint(self, targets: tuple[str, ...]) -> str:
-        """The hash of this base's weights at ``targets`` (as adapters record it), cached: the
-        base never changes."""
+    def fingerprint(self, targets: tuple[str, ...], model: nn.Module | None = None) -> str:
+        """The hash of this base's weights at ``targets`` as built (as adapters record it),
+        cached: the base never changes. A base served in another dtype than it was built in is
+        built afresh for a target set not hashed at start (``model``: the model as built)."""
         targets = tuple(sorted(targets))
         with self._hash_lock:
             if targets not in self._fingerprints:
                 if len(self._fingerprints) >= 64:  # adapters with unusual target subsets: bounded
                     self._fingerprints.pop(next(iter(self._fingerprints)))
-                self._fingerprints[targets] = fingerprint({t: weight_matrix(self.layers[t].base).detach()
-                                                           for t in targets})
+                if model is None and self._cast:
+                    model = self.spec.build(None)
+                weights = ({t: weight_matrix(model.get_submodule(t)).detach() for t in targets} if model is not None
+                           else {t: weight_matrix(self.layers[t].base).detach() for t in targets})
+                self._fingerprints[targets] = fingerprint(weights)
             return self._fingerprints[targets]
 
     @property
     def dtype(self) -> torch.dtype:
-        """The base's weight precision (what a slot holds)."""
-        return next(self.model.parameters()).dtype
+        """What the base computes in (its weights, and what a slot holds)."""
+        return self._dtype
+
+    def _inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A batch's tensors on the engine's device, floating ones (pixels) in its dtype."""
+        return [t.to(self.device, self._dtype) if t.is_floating_point() else t.to(self.device) for t in inputs]
 
     # --- slots (written where the device tier says: `runtime.adapters.device`) ------------
     def write_slot(self, slot: int, page: int, folded) -> None:
@@ -194,9 +214,10 @@ class TorchEngine:
 
     # --- merged fast path -------------------------------------------------------------------
     def build_merged(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
-        """A copy of the base whose adapted weights are ``W0 + lora_B lora_A`` (float32 math,
-        one cast; ``factors``: layer -> (A, B) folded), for a hot adapter's batches. The served
-        base is never modified."""
+        """A copy of the base whose adapted weights are ``cast(float32(W0) + float32(lora_B) float32(lora_A))``
+        (``factors``: layer -> (A, B) folded, in any dtype; the product and the sum in float32, one
+        cast to the base's dtype: never a sum in bfloat16), for a hot adapter's batches. The
+        served base is never modified."""
         import copy
 
         merged = copy.deepcopy(self.model)
@@ -205,7 +226,8 @@ class TorchEngine:
                 plain = copy.deepcopy(layer.base)
                 if name in factors:
                     a, b = factors[name]
-                    plain.weight.copy_(merged_weight(plain, b.to(self.device) @ a.to(self.device)))
+                    delta = b.to(self.device, torch.float32) @ a.to(self.device, torch.float32)
+                    plain.weight.copy_(merged_weight(plain, delta))
                 set_submodule(merged, name, plain)
         return merged.eval()
 
@@ -214,12 +236,12 @@ class TorchEngine:
                        inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
         """All rows on one merged adapter: one plain forward, then its head (None: the base's)."""
         with self.lock:
-            feats = merged(*[t.to(self.device) for t in inputs])
+            feats = merged(*self._inputs(inputs))
             if head is None:
                 out = self._base_output(feats)
                 return [{k: v[i] for k, v in out.items()} for i in range(feats.shape[0])]
             w, b = head
-            logits = feats @ w.to(self.device).T + (b.to(self.device) if b is not None else 0)
+            logits = feats.float() @ w.to(self.device).T + (b.to(self.device) if b is not None else 0)
             return [{"logits": row.float().cpu()} for row in logits]
 
     # --- inference ------------------------------------------------------------------------
@@ -244,7 +266,7 @@ class TorchEngine:
                 head = self.heads.get(s)
                 if head is None:
                     continue
-                logits = (feats[rows] @ head[0].T + head[1]).float().cpu()
+                logits = (feats[rows].float() @ head[0].T + head[1]).cpu()
                 for j, i in enumerate(rows.tolist()):
                     out[i] = {"logits": logits[j]}
         return out
@@ -254,12 +276,12 @@ class TorchEngine:
         """The model's features (its head input) for a batch routed by ``groups``."""
         self.routing.groups, self.routing.rows, self.routing.cache = groups, int(slot_t.shape[0]), {}
         try:
-            return self.model(*[t.to(self.device) for t in inputs])
+            return self.model(*self._inputs(inputs))
         finally:
             self.routing.groups = []
 
     def _base_output(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The base's own answer: normalised embeddings, or its head's logits."""
+        """The base's own answer, float32: normalised embeddings, or its head's logits."""
         if self.spec.output == "embeddings":
-            return {"embeddings": F.normalize(feats, dim=-1).float().cpu()}
-        return {"logits": self.base_head(feats).float().cpu()}
+            return {"embeddings": F.normalize(feats.float(), dim=-1).cpu()}
+        return {"logits": self.base_head(feats.float()).cpu()}

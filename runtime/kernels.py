@@ -78,7 +78,9 @@ def grouped_lora(x: torch.Tensor, layer: "KernelLayer", groups: list[tuple[int, 
     zero-padded to the batch's largest rank, and run as two batched matmuls, the second
     accumulating into ``out``: one pair of calls whatever the number of adapters. (MiniLM,
     batch 32, seq 64, 3 adapters, one thread: a loop of GEMM pairs per adapter cost 1.24x base,
-    the gather 1.14x.)"""
+    the gather 1.14x.) On a bfloat16 base these are torch's bfloat16 GEMMs: each accumulates in
+    float32, and the rank-r intermediate is rounded to bfloat16 once (the native ops keep it in
+    float32)."""
     pairs = [(idx, f) for slot, idx in groups if (f := layer.factors(slot)) is not None]
     if not pairs:
         return out

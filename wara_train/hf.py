@@ -9,6 +9,8 @@ Tasks (`wara_train.spec.TASKS`):
   head trained with the adapter.
 * ``image-classification``: ``AutoModelForImageClassification`` (ViT, ConvNeXt, ResNet, ...),
   preprocessed by the directory's own image processor.
+* ``text-generation``: ``AutoModelForCausalLM`` (Llama-likes, GPT-2, GPT-NeoX, Phi-3, ...),
+  returning next-token logits for every position; its vocabulary head is the base's own.
 
 The directory's tokenizer or image processor is used; nothing is ever downloaded. Without a
 task, one is read off ``config.architectures``. transformers is imported only when a spec is
@@ -32,7 +34,8 @@ from .targets import default_targets
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 AUTO_CLASSES = {"feature-extraction": "AutoModel", "text-classification": "AutoModelForSequenceClassification",
-                "image-classification": "AutoModelForImageClassification"}
+                "image-classification": "AutoModelForImageClassification", "text-generation": "AutoModelForCausalLM"}
+CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")  # name endings of transformers' causal LMs
 _POOLER_FAMILIES = {"bert", "roberta", "xlm-roberta", "camembert", "mpnet"}  # AutoModel adds an unused pooler
 DEFAULT_MAX_LENGTH = 128
 
@@ -70,11 +73,14 @@ def infer_task(path: Path) -> str:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"hf:{path}: unreadable config.json ({e})") from None
-    archs = " ".join(config.get("architectures") or [])
+    names = [str(a) for a in config.get("architectures") or []]
+    archs = " ".join(names)
     if "ForImageClassification" in archs:
         return "image-classification"
     if "ForSequenceClassification" in archs:
         return "text-classification"
+    if any(a.endswith(CAUSAL_LM_ARCHITECTURES) for a in names):
+        return "text-generation"
     return "feature-extraction"
 
 
@@ -108,8 +114,8 @@ class PooledEncoder(nn.Module):
 
 
 class HFClassifier(nn.Module):
-    """A transformers ``*For*Classification`` model called with positional tensors, returning
-    its logits."""
+    """A transformers task model (``*For*Classification``, ``*ForCausalLM``) called with
+    positional tensors, returning its logits; ``.model`` is the transformers model itself."""
 
     def __init__(self, model: nn.Module, arg_names: Sequence[str]) -> None:
         super().__init__()
@@ -338,6 +344,38 @@ def _image_spec(path: str, config: Any, meta: nn.Module, common: dict) -> BaseSp
     )
 
 
+def _output_layer(path: str, meta: nn.Module) -> str:
+    """The module name of a causal LM's vocabulary projection (``lm_head``, ``embed_out``)."""
+    out = meta.get_output_embeddings()
+    name = next((n for n, m in meta.named_modules() if m is out and n), None)
+    if name is None or not isinstance(out, nn.Linear):
+        raise ConfigError(f"hf:{path}: {type(meta).__name__} has no Linear output layer (get_output_embeddings)")
+    return name
+
+
+def _causal_lm_spec(path: str, config: Any, meta: nn.Module, common: dict) -> BaseSpec:
+    vocab = int(config.vocab_size)
+    positions = _max_positions(config)
+    auto = AUTO_CLASSES["text-generation"]
+
+    def build(num_labels: int | None = None) -> nn.Module:
+        if num_labels:
+            raise ConfigError(f"hf:{path}: a text-generation base answers over its vocabulary; "
+                              f"it takes no {num_labels}-way task head")
+        model, info = load_pretrained(auto, path)
+        _refuse_missing(path, info, None)
+        return HFClassifier(model, ("input_ids", "attention_mask")).eval()
+
+    return BaseSpec(
+        **common, build=build, inputs=_text_inputs(vocab, positions), head="model." + _output_layer(path, meta),
+        output="logits", sample=_text_sample(vocab), raw_input="text",
+        preprocessor=lambda max_length=None: TextPreprocessor(path, max_length=max_length, max_positions=positions),
+        onnx_dynamic=({0: "batch", 1: "seq"},) * 2, backends=("torch",), task_head=False,
+        hf=HFModel(prefix="model", auto_class=auto, path=path, head_in_model=True, peft_task_type="CAUSAL_LM"),
+        extra={"hidden_size": int(config.hidden_size), "vocab_size": vocab, "max_positions": positions},
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # the registry: one spec builder per task
 
@@ -345,6 +383,7 @@ SPEC_BUILDERS: dict[str, Callable[[str, Any, nn.Module, dict], BaseSpec]] = {
     "feature-extraction": _feature_spec,
     "text-classification": _text_classification_spec,
     "image-classification": _image_spec,
+    "text-generation": _causal_lm_spec,
 }
 
 

@@ -3,7 +3,9 @@
 The model contract: ``model(*inputs)`` takes the tensors of ``spec.inputs`` in order and returns
 ``head(features)``, where ``spec.head`` names the final ``nn.Linear`` (the task head). Replace the
 head by an identity and the model returns its features, which is how the engines give every row
-its own adapter's head.
+its own adapter's head. A text-generation base (a causal LM) takes ``input_ids`` and
+``attention_mask`` (B, T) and returns next-token logits (B, T, vocab): its head is the
+vocabulary projection, applied to every position's features.
 
 The sources that make specs (built-ins, ``hf:``, ``py:``) import this module; the registry that
 picks among them is `wara_train.basespec`.
@@ -21,7 +23,7 @@ import torch.nn as nn
 from .errors import ConfigError
 from .model import set_submodule
 
-TASKS: tuple[str, ...] = ("feature-extraction", "text-classification", "image-classification")
+TASKS: tuple[str, ...] = ("feature-extraction", "text-classification", "image-classification", "text-generation")
 BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
 DATATYPES: tuple[str, ...] = ("FP32", "FP16", "FP64", "INT64", "INT32", "BYTES")
 Output = Literal["embeddings", "logits"]
@@ -61,13 +63,16 @@ class HFModel:
     target names, merged state-dict keys). ``auto_class`` loads a merged directory back;
     ``path`` holds its config, tokenizer or image-processor files; ``head_in_model``: the task
     head is part of the transformers model (a classification model) rather than ours;
-    ``arg_names``: the keywords the transformers model takes the spec's inputs as, in order."""
+    ``arg_names``: the keywords the transformers model takes the spec's inputs as, in order;
+    ``peft_task_type``: the ``task_type`` a peft LoRA of it records (``CAUSAL_LM`` gives
+    ``PeftModelForCausalLM``, with ``generate``), None for a plain ``PeftModel``."""
 
     prefix: str
     auto_class: str
     path: str
     head_in_model: bool
     arg_names: tuple[str, ...] = ("input_ids", "attention_mask")
+    peft_task_type: str | None = None
 
 
 Preprocessor = Callable[[Sequence[Any]], tuple[torch.Tensor, ...]]
@@ -92,6 +97,10 @@ class BaseSpec:
     onnx_dynamic: tuple[dict[int, str], ...] = ()  # per input: axis -> name of a dynamic ONNX axis
     backends: tuple[str, ...] = ("torch",)  # supported engines, preferred first on CPU
     hf: HFModel | None = None
+    # True: ``head`` is a task head an adapter may replace by a fresh n-way one and trains (saved
+    # as modules_to_save). False: it is the base's own output layer (a language model's
+    # vocabulary projection, often tied to its embeddings), never replaced, trained or saved.
+    task_head: bool = True
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 

@@ -26,14 +26,16 @@ def randomize_factors(layer: WaraLayer, seed: int = 0, *, std: float = 0.1) -> N
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
-def _randomize(model, head: str, seed: int) -> None:
-    """Seeded random factors (B at half strength) and a perturbed head."""
+def _randomize(model, head: str | None, seed: int) -> None:
+    """Seeded random factors (B at half strength) and a perturbed head (if any)."""
     gen = torch.Generator().manual_seed(seed)
     for i, layer in enumerate(wara_layers(model).values()):
         randomize_factors(layer, seed * 1000 + i, std=0.1)
         with torch.no_grad():
             for b in layer.wara_B.values():
                 b.mul_(0.5)
+    if head is None:
+        return
     with torch.no_grad():
         for p in model.get_submodule(head).parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
@@ -51,21 +53,24 @@ def random_adapters(
 ) -> None:
     """Write one random adapter per path in ``outs`` (seeds ``seed``, ``seed + 1``, ...), building
     the base model and hashing its weights once: fast enough for a thousand adapters. The base
-    is a spec or a source (a built-in name, hf:PATH[@TASK], py:module:function)."""
+    is a spec or a source (a built-in name, hf:PATH[@TASK], py:module:function). A base without
+    a task head (``spec.task_head`` False: a causal LM) gets no head and no labels."""
     torch.manual_seed(seed)
     spec = base_model if isinstance(base_model, BaseSpec) else (
         get_base(base_model) if base_model in BUILTINS else resolve_base(base_model))
-    model = spec.build(num_labels)
+    head_name = spec.head if spec.task_head else None
+    model = spec.build(num_labels if head_name else None)
     targets = spec.default_targets or tuple(adaptable_layers(model, levels=levels, exclude=(spec.head,)))
     config = WaraConfig(rank=rank, alpha=2.0 * rank, wavelet=wavelet, levels=levels,
-                        target_modules=targets, modules_to_save=(spec.head,))
+                        target_modules=targets, modules_to_save=(head_name,) if head_name else ())
     inject(model, config, seed=seed)
-    head = {k: v.clone() for k, v in model.get_submodule(spec.head).state_dict().items()}
+    head = {k: v.clone() for k, v in model.get_submodule(head_name).state_dict().items()} if head_name else {}
     base_hash = fingerprint(base_weights(model, list(wara_layers(model))))
-    labels = [f"label{i}" for i in range(num_labels)]
+    labels = [f"label{i}" for i in range(num_labels)] if head_name else None
     for k, out in enumerate(outs):
-        model.get_submodule(spec.head).load_state_dict(head)
-        _randomize(model, spec.head, seed + k)
+        if head_name:
+            model.get_submodule(head_name).load_state_dict(head)
+        _randomize(model, head_name, seed + k)
         save_adapter(model, out, base_model=spec.name, labels=labels, base_fingerprint=base_hash,
                      base_source=spec.source)
 

@@ -1,6 +1,7 @@
 """Built-in training tasks: base model + offline data + defaults, and `train_task` which
 trains one adapter end to end and writes the artifact; `train_on_base` does the same for any
-base and the user's own data. Both run the one flow of `_inject_train_save`."""
+base and the user's own data. Both run the one flow of `_inject_train_save`, except on bases
+whose task has its own flow (`USER_FLOWS`: a causal LM trains on chat data)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from . import data
 from .artifact import save_adapter
 from .basespec import BaseSpec, resolve_base
 from .bases import MiniLMTokenizer, build_base, get_base
+from .causal_lm import train_causal_lm
 from .config import WaraConfig
 from .errors import ConfigError
 from .model import adaptable_layers, inject
@@ -164,7 +166,10 @@ def _inject_train_save(
 # ------------------------------------------------------------------------------------------
 # any base, the user's own data (wara train --base SOURCE --data PATH)
 
-USER_DEFAULTS = {"epochs": 3, "lr": 3e-3, "batch_size": 16}
+USER_DEFAULTS = {"epochs": 3, "lr": 3e-3, "batch_size": 16, "max_length": 128}
+# Tasks whose adapters are not classifiers: their own data form, objective and report. Each is
+# called as train_on_base is, with the resolved spec in place of the source.
+USER_FLOWS: dict[str, Callable[..., TrainResult]] = {"text-generation": train_causal_lm}
 
 
 def load_examples(path: str | Path, spec: BaseSpec, *, labels: Sequence[str] | None = None) -> tuple[list, list[int], list[str]]:
@@ -199,20 +204,26 @@ def train_on_base(
     lr: float | None = None,
     batch_size: int | None = None,
     seed: int = 0,
-    max_length: int = 128,
+    max_length: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train one adapter on any base (a built-in name, hf:PATH[@TASK], py:module:function) from
     the user's data, and write its artifact. The base's own head is trained on when the data's
     labels are exactly its labels; otherwise a fresh head. Without ``eval_data`` a seeded 20%
-    stratified split is held out."""
+    stratified split is held out. A base whose task is in `USER_FLOWS` goes to that flow."""
+    spec = resolve_base(source, name=base_name)
+    if spec.task in USER_FLOWS:
+        return USER_FLOWS[spec.task](
+            spec, data_path, out, eval_data=eval_data, rank=rank, alpha=alpha, wavelet=wavelet, mode=mode,
+            levels=levels, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, seed=seed, max_length=max_length,
+            progress=progress, log=log)
     options = TrainOptions(epochs=epochs or USER_DEFAULTS["epochs"], steps=steps, lr=lr or USER_DEFAULTS["lr"],
                            batch_size=batch_size or USER_DEFAULTS["batch_size"], seed=seed, progress=progress)
     config = WaraConfig(rank=rank, alpha=float(alpha if alpha is not None else 2 * rank), wavelet=wavelet, mode=mode,
                         levels=levels)
+    max_length = max_length or USER_DEFAULTS["max_length"]
     t0 = time.perf_counter()
-    spec = resolve_base(source, name=base_name)
     examples, labels, names = load_examples(data_path, spec)
     own_head = spec.labels is not None and sorted(spec.labels) == sorted(names)
     if own_head:  # the base's own classifier: its label order

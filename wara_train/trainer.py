@@ -1,8 +1,10 @@
-"""A small, deterministic training loop for WaRA adapters on any classifier.
+"""A small, deterministic training loop for WaRA adapters.
 
-`train` works with any ``nn.Module`` already passed through `inject`, any sequence of
+`train` works with any ``nn.Module`` already passed through `inject` and an `Objective`: what a
+batch's loss is and how a held-out set is scored. The default, `Classification`, takes
 ``(example, label)`` pairs and a ``collate`` that turns a list of examples into the model's
-inputs (a tensor, or a dict of keyword tensors).
+inputs (a tensor, or a dict of keyword tensors); `wara_train.causal_lm` has the language
+model's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -56,10 +58,18 @@ class EvalResult:
     n: int
 
 
+class Objective(Protocol):
+    """What `train` minimises and how it scores a held-out set (before and after training)."""
+
+    def loss(self, model: nn.Module, batch: Sequence[Any]) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, dataset: Sequence[Any], *, batch_size: int) -> Any: ...
+
+
 @dataclass
 class TrainResult:
-    before: EvalResult
-    after: EvalResult
+    before: Any  # the objective's score of the untrained adapter (EvalResult for classifiers)
+    after: Any
     steps: int
     seconds: float
     train_size: int
@@ -104,18 +114,39 @@ def evaluate(model: nn.Module, dataset: Sequence[tuple[Any, int]], collate: Coll
     return EvalResult(acc, macro_f1(preds, labels), len(labels))
 
 
+@dataclass(frozen=True)
+class Classification:
+    """Cross-entropy of the model's logits against ``(example, label)`` pairs; scored by
+    accuracy and macro-F1."""
+
+    collate: Collate
+
+    def loss(self, model: nn.Module, batch: Sequence[tuple[Any, int]]) -> torch.Tensor:
+        logits = _call(model, self.collate([x for x, _ in batch]))
+        return F.cross_entropy(logits, torch.tensor([y for _, y in batch], device=logits.device))
+
+    def evaluate(self, model: nn.Module, dataset: Sequence[tuple[Any, int]], *, batch_size: int) -> EvalResult:
+        return evaluate(model, dataset, self.collate, batch_size=batch_size)
+
+
 def train(
     model: nn.Module,
     *,
-    train_set: Sequence[tuple[Any, int]],
-    eval_set: Sequence[tuple[Any, int]],
-    collate: Collate,
+    train_set: Sequence[Any],
+    eval_set: Sequence[Any],
+    collate: Collate | None = None,
     options: TrainOptions = TrainOptions(),
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Fine-tune the trainable parameters (WaRA factors, modules_to_save) with AdamW and a
-    linear warm-up / cosine schedule; evaluate on ``eval_set`` before and after."""
+    linear warm-up / cosine schedule; evaluate on ``eval_set`` before and after. ``objective``:
+    default `Classification` with ``collate``."""
     from tqdm.auto import tqdm
 
+    if objective is None:
+        if collate is None:
+            raise ConfigError("train needs a collate (classification) or an objective")
+        objective = Classification(collate)
     params = list(trainable_parameters(model))
     if not params:
         raise ConfigError("the model has no trainable parameters: call inject(model, config) first")
@@ -125,7 +156,7 @@ def train(
         set_path(model, options.path)  # type: ignore[arg-type]
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    before = evaluate(model, eval_set, collate, batch_size=options.eval_batch_size)
+    before = objective.evaluate(model, eval_set, batch_size=options.eval_batch_size)
     per_epoch = math.ceil(len(train_set) / options.batch_size)
     total = per_epoch * options.epochs if options.steps is None else options.steps
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
@@ -150,9 +181,7 @@ def train(
     while step < total:
         rng.shuffle(order)
         for i in range(0, len(order), options.batch_size):
-            batch = [train_set[k] for k in order[i : i + options.batch_size]]
-            logits = _call(model, collate([x for x, _ in batch]))
-            loss = F.cross_entropy(logits, torch.tensor([y for _, y in batch], device=logits.device))
+            loss = objective.loss(model, [train_set[k] for k in order[i : i + options.batch_size]])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -166,5 +195,5 @@ def train(
     bar.close()
     seconds = time.perf_counter() - t0
     model.eval()
-    after = evaluate(model, eval_set, collate, batch_size=options.eval_batch_size)
+    after = objective.evaluate(model, eval_set, batch_size=options.eval_batch_size)
     return TrainResult(before, after, step, seconds, len(train_set), sum(p.numel() for p in params), history)

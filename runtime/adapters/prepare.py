@@ -67,10 +67,11 @@ class LazyFold(Mapping):
 
 @dataclass
 class Folded:
-    """An adapter prepared for the device tier, float32, CPU: its folded factors (what a merged
-    copy is built from, and the bound check's exact fallback), its head, and, where the engine
-    serves it unfolded, its own factors packed as a slot holds them (then ``factors`` is a
-    `LazyFold`, folded only if something asks)."""
+    """An adapter prepared for the device tier, on the CPU, its factors in the engine's dtype (cast
+    once, here; the head stays float32): its folded factors (what a merged copy is built from,
+    and the bound check's exact fallback), its head, and, where the engine serves it unfolded,
+    its own factors packed as a slot holds them (then ``factors`` is a `LazyFold`, folded only
+    if something asks)."""
 
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     head: tuple[torch.Tensor, torch.Tensor | None] | None
@@ -99,12 +100,12 @@ class Folded:
 
     @property
     def nbytes(self) -> int:
-        """Bytes its slot holds (float32), plus its head."""
-        total = (sum(t.numel() for t in self.own.values()) if self.own is not None
-                 else sum(a.numel() + b.numel() for a, b in self.factors.values()))
+        """Bytes its slot holds, plus its head."""
+        total = (sum(t.nbytes for t in self.own.values()) if self.own is not None
+                 else sum(a.nbytes + b.nbytes for a, b in self.factors.values()))
         if self.head is not None:
-            total += self.head[0].numel() + (self.head[1].numel() if self.head[1] is not None else 0)
-        return 4 * total
+            total += sum(t.nbytes for t in self.head if t is not None)
+        return total
 
 
 def own_bytes(adapter: WaraAdapter) -> int:
@@ -146,7 +147,7 @@ def prepare(engine, name: str, adapter: WaraAdapter) -> Folded:
                                            f"base {engine.base_model!r}: {why}")
         head = _head(engine, adapter)
         folded = _pack_own(engine, adapter, head) if _serves_own(engine, adapter) else Folded(
-            adapter.folded_all(), head, adapter.labels)
+            _cast(adapter.folded_all(), engine.dtype), head, adapter.labels)
         if folded.rank > engine.max_rank:
             raise IncompatibleAdapterError(
                 f"folded rank {folded.rank} exceeds the server's max_rank {engine.max_rank}; raise max_rank")
@@ -156,6 +157,11 @@ def prepare(engine, name: str, adapter: WaraAdapter) -> Folded:
         raise type(e)(f"adapter {name!r}: {e}") from None
     check_folded(name, folded)
     return folded
+
+
+def _cast(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> dict:
+    """Folded factors (float32, folded from the adapter's own dtype) as the slots hold them."""
+    return {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in factors.items()}
 
 
 def _head(engine, adapter: WaraAdapter) -> tuple[torch.Tensor, torch.Tensor | None] | None:
