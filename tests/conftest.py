@@ -8,6 +8,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the GPU kernels on the CPU; it must be chosen before anything
+    # imports triton (peft does, when test modules are collected), not only in test_native.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message="Sparse")  # ptwt's sparse boundary matrices
 
 
